@@ -1,0 +1,167 @@
+// Argument checks at the op boundary for the C++ kernels. They mirror lowbit/_checks.py
+// word for word, so every backend rejects a bad call with the same ValueError naming the op,
+// the argument and the constraint. Kernels trust their inputs after these.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <optional>
+#include <sstream>
+#include <string>
+
+namespace lowbit {
+
+inline std::string dtype_name(c10::ScalarType t) {
+  switch (t) {
+    case c10::ScalarType::Float: return "float32";
+    case c10::ScalarType::Half: return "float16";
+    case c10::ScalarType::BFloat16: return "bfloat16";
+    case c10::ScalarType::Char: return "int8";
+    case c10::ScalarType::Byte: return "uint8";
+    case c10::ScalarType::Int: return "int32";
+    case c10::ScalarType::Long: return "int64";
+    default: return std::string(c10::toString(t));
+  }
+}
+
+inline std::string shape_str(const at::Tensor& t) {
+  std::ostringstream os;
+  os << "[";
+  for (int64_t i = 0; i < t.dim(); ++i) os << (i ? ", " : "") << t.size(i);
+  os << "]";
+  return os.str();
+}
+
+#define LOWBIT_FAIL(op, ...) TORCH_CHECK_VALUE(false, "lowbit.", op, ": ", __VA_ARGS__)
+
+inline bool is_float_dtype(c10::ScalarType t) {
+  return t == c10::ScalarType::Float || t == c10::ScalarType::Half || t == c10::ScalarType::BFloat16;
+}
+
+inline void check_dtype(const char* op, const char* name, const at::Tensor& t, c10::ScalarType want) {
+  if (t.scalar_type() != want)
+    LOWBIT_FAIL(op, name, " must have dtype ", dtype_name(want), ", got ", dtype_name(t.scalar_type()));
+}
+
+inline void check_float_dtype(const char* op, const char* name, const at::Tensor& t) {
+  if (!is_float_dtype(t.scalar_type()))
+    LOWBIT_FAIL(op, name, " must have dtype float32, float16, bfloat16, got ", dtype_name(t.scalar_type()));
+}
+
+inline void check_dim(const char* op, const char* name, const at::Tensor& t, int64_t dim) {
+  if (t.dim() != dim) LOWBIT_FAIL(op, name, " must be ", dim, "-D, got shape ", shape_str(t));
+}
+
+inline void check_same_device(const char* op, const char* name, const at::Tensor& t, const char* ref_name,
+                              const at::Tensor& ref) {
+  if (t.device() != ref.device())
+    LOWBIT_FAIL(op, name, " is on ", t.device().str(), " but ", ref_name, " is on ", ref.device().str(),
+                "; all tensors must be on one device");
+}
+
+inline void check_nonempty(const char* op, const char* name, const at::Tensor& t) {
+  if (t.numel() == 0) LOWBIT_FAIL(op, name, " must not have a zero-sized dimension, got shape ", shape_str(t));
+}
+
+// A scale is a scalar ([] or [1]) or one value per row/column ([length]).
+inline void check_scale_vector(const char* op, const char* name, const at::Tensor& s, int64_t length,
+                               const char* length_name) {
+  check_dtype(op, name, s, c10::ScalarType::Float);
+  if (s.dim() == 0 || (s.dim() == 1 && (s.size(0) == 1 || s.size(0) == length))) return;
+  LOWBIT_FAIL(op, name, " must have shape [", length_name, "]=[", length, "] or be a scalar ([] or [1]), got ",
+              shape_str(s));
+}
+
+inline void check_bias(const char* op, const std::optional<at::Tensor>& bias, int64_t N, const char* ref_name,
+                       const at::Tensor& ref) {
+  if (!bias.has_value()) return;
+  check_float_dtype(op, "bias", *bias);
+  check_dim(op, "bias", *bias, 1);
+  if (bias->size(0) != N) LOWBIT_FAIL(op, "bias must have shape [N]=[", N, "], got ", shape_str(*bias));
+  check_same_device(op, "bias", *bias, ref_name, ref);
+}
+
+inline c10::ScalarType check_out_dtype(const char* op, std::optional<c10::ScalarType> out_dtype) {
+  if (!out_dtype.has_value()) return c10::ScalarType::Float;
+  if (!is_float_dtype(*out_dtype))
+    LOWBIT_FAIL(op, "out_dtype must be float32, float16 or bfloat16, got ", c10::toString(*out_dtype));
+  return *out_dtype;
+}
+
+// K * 128 * 128 < 2^31: int32 accumulation of int8 products can never overflow.
+constexpr int64_t kInt8MaxK = (int64_t(1) << 31) / (128 * 128) - 1;
+
+// ---------------------------------------------------------------------------- INT8
+inline void check_int8_mm(const char* op, const at::Tensor& a, const at::Tensor& b) {
+  check_dtype(op, "a", a, c10::ScalarType::Char);
+  check_dim(op, "a", a, 2);
+  check_dtype(op, "b", b, c10::ScalarType::Char);
+  check_dim(op, "b", b, 2);
+  check_same_device(op, "b", b, "a", a);
+  if (a.size(1) != b.size(1))
+    LOWBIT_FAIL(op, "a is [M, K]=", shape_str(a), " and b is [N, K]=", shape_str(b), ": their K must match");
+  check_nonempty(op, "a", a);
+  check_nonempty(op, "b", b);
+  if (a.size(1) > kInt8MaxK)
+    LOWBIT_FAIL(op, "K=", a.size(1), " exceeds ", kInt8MaxK, ", beyond which int32 accumulation could overflow");
+}
+
+inline c10::ScalarType check_int8_scaled_mm(const char* op, const at::Tensor& a, const at::Tensor& b,
+                                            const at::Tensor& scale_a, const at::Tensor& scale_b,
+                                            const std::optional<at::Tensor>& bias,
+                                            std::optional<c10::ScalarType> out_dtype) {
+  check_int8_mm(op, a, b);
+  check_scale_vector(op, "scale_a", scale_a, a.size(0), "M");
+  check_scale_vector(op, "scale_b", scale_b, b.size(0), "N");
+  check_same_device(op, "scale_a", scale_a, "a", a);
+  check_same_device(op, "scale_b", scale_b, "a", a);
+  check_bias(op, bias, b.size(0), "a", a);
+  return check_out_dtype(op, out_dtype);
+}
+
+inline void check_int8_weight_only_mm(const char* op, const at::Tensor& x, const at::Tensor& w,
+                                      const at::Tensor& scale, const std::optional<at::Tensor>& bias) {
+  check_float_dtype(op, "x", x);
+  check_dim(op, "x", x, 2);
+  check_dtype(op, "w", w, c10::ScalarType::Char);
+  check_dim(op, "w", w, 2);
+  check_same_device(op, "w", w, "x", x);
+  if (x.size(1) != w.size(1))
+    LOWBIT_FAIL(op, "x is [M, K]=", shape_str(x), " and w is [N, K]=", shape_str(w), ": their K must match");
+  check_nonempty(op, "x", x);
+  check_nonempty(op, "w", w);
+  check_float_dtype(op, "scale", scale);
+  check_dim(op, "scale", scale, 1);
+  if (scale.size(0) != w.size(0))
+    LOWBIT_FAIL(op, "scale must have shape [N]=[", w.size(0), "], got ", shape_str(scale));
+  check_same_device(op, "scale", scale, "x", x);
+  check_bias(op, bias, w.size(0), "x", x);
+}
+
+inline void check_int8_quantize_dynamic(const char* op, const at::Tensor& x) {
+  check_float_dtype(op, "x", x);
+  if (x.dim() < 1) LOWBIT_FAIL(op, "x must have at least 1 dimension(s), got shape ", shape_str(x));
+  check_nonempty(op, "x", x);
+}
+
+inline void check_int8_quantize_static(const char* op, const at::Tensor& x, const at::Tensor& scale) {
+  check_int8_quantize_dynamic(op, x);
+  check_dtype(op, "scale", scale, c10::ScalarType::Float);
+  check_same_device(op, "scale", scale, "x", x);
+  bool ok = scale.numel() == 1 && scale.dim() <= 1;
+  if (!ok && scale.dim() == x.dim() - 1) {
+    ok = true;
+    for (int64_t i = 0; i < scale.dim(); ++i) ok = ok && scale.size(i) == x.size(i);
+  }
+  if (!ok) {
+    std::ostringstream rows;
+    rows << "[";
+    for (int64_t i = 0; i + 1 < x.dim(); ++i) rows << (i ? ", " : "") << x.size(i);
+    rows << "]";
+    LOWBIT_FAIL(op, "scale must be a scalar ([] or [1]) or have shape x.shape[:-1]=", rows.str(),
+                " (one scale per row of ", x.numel() / x.size(-1), "), got ", shape_str(scale));
+  }
+}
+
+}  // namespace lowbit

@@ -1,0 +1,23 @@
+"""lowbit: low-bit inference kernels for PyTorch.
+
+    import lowbit
+    lowbit.quantize(model, "int8")        # swap nn.Linear layers for int8 kernels
+    print(lowbit.summary(model))
+
+Ops live in ``torch.ops.lowbit.*`` (typed wrappers in :mod:`lowbit.ops`); backends and the
+rule that picks one in :mod:`lowbit.backends`.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from . import _ops  # noqa: F401  (schemas and fake kernels first)
+from . import _extension  # noqa: F401  (then the compiled kernels, if built)
+from . import backends as backends_module
+from .backends import register_implementations as _register_implementations
+
+_register_implementations()
+
+from . import ops  # noqa: E402,F401
+from .backends import backends, use  # noqa: E402,F401

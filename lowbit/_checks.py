@@ -1,0 +1,143 @@
+"""Argument checks at the op boundary, shared by the fake kernels and the Python backends.
+
+The C++ kernels apply the same checks (csrc/include/lowbit/checks.h) with the same
+messages, so every backend rejects a bad call with a ValueError that names the op, the
+argument and the constraint. Kernels then trust their inputs.
+
+Each check returns the sizes the caller needs (M, N, ...), so shape logic lives here once.
+"""
+
+from __future__ import annotations
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+OUT_DTYPES = FLOAT_DTYPES
+
+# K * 128 * 128 must stay below 2**31 so that int32 accumulation of int8 products can never
+# overflow, whatever the values: this is what makes the int8 kernels exact.
+INT8_MAX_K = (2**31 - 1) // (128 * 128)
+
+
+class LowbitArgumentError(ValueError):
+    """A lowbit op was called with an argument that breaks its contract."""
+
+
+def fail(op: str, message: str):
+    raise LowbitArgumentError(f"lowbit.{op}: {message}")
+
+
+def _shape(t: torch.Tensor) -> list[int]:
+    return list(t.shape)
+
+
+def tensor(op: str, name: str, t, *, dtypes=None, dim=None, min_dim=None):
+    if not isinstance(t, torch.Tensor):
+        fail(op, f"{name} must be a Tensor, got {type(t).__name__}")
+    if dtypes is not None and t.dtype not in dtypes:
+        allowed = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        fail(op, f"{name} must have dtype {allowed}, got {str(t.dtype).replace('torch.', '')}")
+    if dim is not None and t.dim() != dim:
+        fail(op, f"{name} must be {dim}-D, got shape {_shape(t)}")
+    if min_dim is not None and t.dim() < min_dim:
+        fail(op, f"{name} must have at least {min_dim} dimension(s), got shape {_shape(t)}")
+
+
+def same_device(op: str, **tensors):
+    items = [(n, t) for n, t in tensors.items() if t is not None]
+    first_name, first = items[0]
+    for name, t in items[1:]:
+        if t.device != first.device:
+            fail(op, f"{name} is on {t.device} but {first_name} is on {first.device}; all tensors must be on one device")
+
+
+def nonempty(op: str, name: str, t: torch.Tensor):
+    if t.numel() == 0:
+        fail(op, f"{name} must not have a zero-sized dimension, got shape {_shape(t)}")
+
+
+def scale_vector(op: str, name: str, s, length: int, length_name: str, *, dtypes=(torch.float32,)):
+    """A scale is a scalar (shape [] or [1]) or one value per row/column (shape [length])."""
+    tensor(op, name, s, dtypes=dtypes)
+    if s.dim() == 0 or (s.dim() == 1 and s.shape[0] in (1, length)):
+        return
+    fail(op, f"{name} must have shape [{length_name}]=[{length}] or be a scalar ([] or [1]), got {_shape(s)}")
+
+
+def out_dtype_arg(op: str, out_dtype):
+    if out_dtype is None:
+        return torch.float32
+    if out_dtype not in OUT_DTYPES:
+        fail(op, f"out_dtype must be float32, float16 or bfloat16, got {out_dtype}")
+    return out_dtype
+
+
+def int8_k(op: str, K: int):
+    if K > INT8_MAX_K:
+        fail(op, f"K={K} exceeds {INT8_MAX_K}, beyond which int32 accumulation could overflow")
+
+
+# --------------------------------------------------------------------------- INT8
+def int8_quantize_dynamic(op, x, per_row=True):
+    tensor(op, "x", x, dtypes=FLOAT_DTYPES, min_dim=1)
+    nonempty(op, "x", x)
+
+
+def int8_quantize_static(op, x, scale):
+    tensor(op, "x", x, dtypes=FLOAT_DTYPES, min_dim=1)
+    nonempty(op, "x", x)
+    rows = x.numel() // x.shape[-1]
+    tensor(op, "scale", scale, dtypes=(torch.float32,))
+    same_device(op, x=x, scale=scale)
+    ok = scale.numel() == 1 and scale.dim() <= 1
+    ok = ok or tuple(scale.shape) == tuple(x.shape[:-1])
+    if not ok:
+        fail(op, f"scale must be a scalar ([] or [1]) or have shape x.shape[:-1]={list(x.shape[:-1])} "
+                 f"(one scale per row of {rows}), got {_shape(scale)}")
+
+
+def int8_mm(op, a, b):
+    tensor(op, "a", a, dtypes=(torch.int8,), dim=2)
+    tensor(op, "b", b, dtypes=(torch.int8,), dim=2)
+    same_device(op, a=a, b=b)
+    if a.shape[1] != b.shape[1]:
+        fail(op, f"a is [M, K]={_shape(a)} and b is [N, K]={_shape(b)}: their K must match")
+    nonempty(op, "a", a)
+    nonempty(op, "b", b)
+    int8_k(op, a.shape[1])
+    return a.shape[0], b.shape[0]
+
+
+def bias_arg(op, bias, N, device_ref, ref_name):
+    if bias is None:
+        return
+    tensor(op, "bias", bias, dtypes=FLOAT_DTYPES, dim=1)
+    if bias.shape[0] != N:
+        fail(op, f"bias must have shape [N]=[{N}], got {_shape(bias)}")
+    same_device(op, **{ref_name: device_ref, "bias": bias})
+
+
+def int8_scaled_mm(op, a, b, scale_a, scale_b, bias=None, out_dtype=None):
+    M, N = int8_mm(op, a, b)
+    scale_vector(op, "scale_a", scale_a, M, "M")
+    scale_vector(op, "scale_b", scale_b, N, "N")
+    same_device(op, a=a, scale_a=scale_a, scale_b=scale_b)
+    bias_arg(op, bias, N, a, "a")
+    return M, N, out_dtype_arg(op, out_dtype)
+
+
+def int8_weight_only_mm(op, x, w, scale, bias=None):
+    tensor(op, "x", x, dtypes=FLOAT_DTYPES, dim=2)
+    tensor(op, "w", w, dtypes=(torch.int8,), dim=2)
+    same_device(op, x=x, w=w)
+    if x.shape[1] != w.shape[1]:
+        fail(op, f"x is [M, K]={_shape(x)} and w is [N, K]={_shape(w)}: their K must match")
+    nonempty(op, "x", x)
+    nonempty(op, "w", w)
+    N = w.shape[0]
+    tensor(op, "scale", scale, dtypes=FLOAT_DTYPES, dim=1)
+    if scale.shape[0] != N:
+        fail(op, f"scale must have shape [N]=[{N}], got {_shape(scale)}")
+    same_device(op, x=x, scale=scale)
+    bias_arg(op, bias, N, x, "x")
+    return x.shape[0], N

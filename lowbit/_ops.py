@@ -1,0 +1,84 @@
+"""Every lowbit op schema, defined once, beside its fake (meta) kernel.
+
+This file is the registry. C++ and Triton code only *implement* the ops declared here:
+
+* ``csrc/cpu/<family>.cpp`` registers CPU kernels with ``TORCH_LIBRARY_IMPL(lowbit, CPU, m)``.
+* ``csrc/cuda/<family>.cu`` registers CUDA C++ kernels for the ``_cuda_<op>`` twin of each op
+  (same schema, generated below from the same string). They are reached through the CUDA
+  router in :mod:`lowbit.backends`, which picks CUDA C++, Triton or the reference per the
+  documented selection rule (docs/ops.md, "Backend selection").
+* Where a backend is missing (extension not built, no Triton) :mod:`lowbit.backends`
+  registers the pure-torch reference so that every op always has a kernel.
+
+The fake kernels validate arguments with the same checks as the real kernels
+(:mod:`lowbit._checks`), so a bad call fails identically under ``torch.compile``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import _checks
+
+LIB = torch.library.Library("lowbit", "FRAGMENT")
+
+#: public op name -> schema (arguments and returns, without the name)
+SCHEMAS: dict[str, str] = {}
+
+CUDA_TWIN_PREFIX = "_cuda_"
+
+
+def _define(name: str, schema: str, *, cuda_twin: bool = True):
+    """Declare ``lowbit::<name>`` (and its CUDA C++ twin) and return a decorator for its fake."""
+    SCHEMAS[name] = schema
+    LIB.define(name + schema)
+    if cuda_twin:
+        LIB.define(CUDA_TWIN_PREFIX + name + schema)
+
+    def register_fake(fn):
+        torch.library.register_fake(f"lowbit::{name}", fn, lib=LIB)
+        if cuda_twin:
+            torch.library.register_fake(f"lowbit::{CUDA_TWIN_PREFIX}{name}", fn, lib=LIB)
+        return fn
+
+    return register_fake
+
+
+# --------------------------------------------------------------------------- INT8
+@_define("int8_quantize_dynamic", "(Tensor x, bool per_row=True) -> (Tensor q, Tensor scale)")
+def _int8_quantize_dynamic_fake(x, per_row=True):
+    _checks.int8_quantize_dynamic("int8_quantize_dynamic", x)
+    scale_shape = x.shape[:-1] if per_row else ()
+    return x.new_empty(x.shape, dtype=torch.int8), x.new_empty(scale_shape, dtype=torch.float32)
+
+
+@_define("int8_quantize_static", "(Tensor x, Tensor scale) -> Tensor")
+def _int8_quantize_static_fake(x, scale):
+    _checks.int8_quantize_static("int8_quantize_static", x, scale)
+    return x.new_empty(x.shape, dtype=torch.int8)
+
+
+@_define("int8_mm", "(Tensor a, Tensor b) -> Tensor")
+def _int8_mm_fake(a, b):
+    M, N = _checks.int8_mm("int8_mm", a, b)
+    return a.new_empty((M, N), dtype=torch.int32)
+
+
+@_define(
+    "int8_scaled_mm",
+    "(Tensor a, Tensor b, Tensor scale_a, Tensor scale_b, Tensor? bias=None, ScalarType? out_dtype=None) -> Tensor",
+)
+def _int8_scaled_mm_fake(a, b, scale_a, scale_b, bias=None, out_dtype=None):
+    M, N, out_dtype = _checks.int8_scaled_mm("int8_scaled_mm", a, b, scale_a, scale_b, bias, out_dtype)
+    return a.new_empty((M, N), dtype=out_dtype)
+
+
+@_define("int8_weight_only_mm", "(Tensor x, Tensor w, Tensor scale, Tensor? bias=None) -> Tensor")
+def _int8_weight_only_mm_fake(x, w, scale, bias=None):
+    M, N = _checks.int8_weight_only_mm("int8_weight_only_mm", x, w, scale, bias)
+    return x.new_empty((M, N), dtype=x.dtype)
+
+
+def op_names() -> list[str]:
+    """The public ops, in registration order."""
+    return list(SCHEMAS)

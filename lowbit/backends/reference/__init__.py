@@ -1,0 +1,7 @@
+"""Pure-torch reference implementations: the spec of every op and the test oracle.
+
+They favour clarity over speed, run on any device, and define the exact numerics that the
+optimized kernels must reproduce (see docs/ops.md).
+"""
+
+from . import int8  # noqa: F401

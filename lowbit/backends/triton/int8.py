@@ -1,0 +1,3 @@
+"""INT8 family, Triton kernels (placeholder until the kernels land)."""
+
+KERNELS = {}
