@@ -57,6 +57,9 @@ def int8_scaled_mm(a, b, scale_a, scale_b, bias=None, out_dtype=None):
 
 
 def int8_weight_only_mm(x, w, scale, bias=None):
+    # Contiguous first: BLAS picks a different summation order for a transposed operand, and
+    # the result must not depend on the layout of the inputs.
+    x, w = x.contiguous(), w.contiguous()
     y = (x.to(torch.float32) @ w.to(torch.float32).T) * scale.to(torch.float32)
     if bias is not None:
         y = y + bias.to(torch.float32)

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Installs everything lowbit needs on a fresh machine and builds the extension, CUDA sources
+# included whenever torch is a CUDA build and nvcc is found (CUDA_HOME, default /usr/local/cuda).
+#   MAX_JOBS                parallel compile jobs (default: all cores)
+#   TORCH_CUDA_ARCH_LIST    CUDA targets (default: 8.0;8.9;9.0a)
+#   LOWBIT_BUILD_CUDA=0     CPU-only build
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+export CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}"
+export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
+PY="${PYTHON:-python3}"
+
+# Keep a torch that is already there (a GPU machine brings its own); otherwise take the
+# CUDA 13.0 build of torch 2.14.1, so that the CUDA sources are compiled and linked too.
+if ! "$PY" -c "import torch, sys; v = tuple(int(x) for x in torch.__version__.split('+')[0].split('.')[:2]); sys.exit(v < (2, 6))" 2>/dev/null; then
+    "$PY" -m pip install --quiet "torch==2.14.1"
+fi
+"$PY" -m pip install --quiet ninja "nvidia-cutlass==4.2.0.0" numpy tqdm \
+    pytest pytest-benchmark hypothesis transformers
+# --no-build-isolation: an isolated build would install a second torch to build against.
+"$PY" -m pip install --quiet --no-build-isolation -e .
+"$PY" -c "import lowbit, lowbit._extension as e; print('lowbit', lowbit.__version__, '-', e.build_description())"
