@@ -141,3 +141,33 @@ def int8_weight_only_mm(op, x, w, scale, bias=None):
     same_device(op, x=x, scale=scale)
     bias_arg(op, bias, N, x, "x")
     return x.shape[0], N
+
+
+# --------------------------------------------------------------------------- INT4
+INT4_GROUP_SIZES = (32, 64, 128)
+
+
+def int4_weight_only_mm(op, x, packed_w, scale, zero, group_size, bias=None):
+    tensor(op, "x", x, dtypes=FLOAT_DTYPES, dim=2)
+    tensor(op, "packed_w", packed_w, dtypes=(torch.uint8,), dim=2)
+    same_device(op, x=x, packed_w=packed_w)
+    nonempty(op, "x", x)
+    nonempty(op, "packed_w", packed_w)
+    K, N = x.shape[1], packed_w.shape[0]
+    if group_size not in INT4_GROUP_SIZES and group_size != K:
+        fail(op, f"group_size must be 32, 64, 128 or K={K} (per channel), got {group_size}")
+    row_bytes = (K + 31) // 32 * 16
+    if packed_w.shape[1] != row_bytes:
+        fail(op, f"packed_w must have shape [N, ceil(K/32)*16]=[{N}, {row_bytes}] for K={K}, got {_shape(packed_w)}")
+    groups = (K + group_size - 1) // group_size
+    tensor(op, "scale", scale, dtypes=FLOAT_DTYPES, dim=2)
+    if tuple(scale.shape) != (N, groups):
+        fail(op, f"scale must have shape [N, ceil(K/group_size)]=[{N}, {groups}], got {_shape(scale)}")
+    same_device(op, x=x, scale=scale)
+    if zero is not None:
+        tensor(op, "zero", zero, dtypes=(scale.dtype,), dim=2)
+        if tuple(zero.shape) != (N, groups):
+            fail(op, f"zero must have shape [N, ceil(K/group_size)]=[{N}, {groups}], got {_shape(zero)}")
+        same_device(op, x=x, zero=zero)
+    bias_arg(op, bias, N, x, "x")
+    return x.shape[0], N

@@ -79,6 +79,16 @@ def _int8_weight_only_mm_fake(x, w, scale, bias=None):
     return x.new_empty((M, N), dtype=x.dtype)
 
 
+# --------------------------------------------------------------------------- INT4
+@_define(
+    "int4_weight_only_mm",
+    "(Tensor x, Tensor packed_w, Tensor scale, Tensor? zero, int group_size, Tensor? bias=None) -> Tensor",
+)
+def _int4_weight_only_mm_fake(x, packed_w, scale, zero, group_size, bias=None):
+    M, N = _checks.int4_weight_only_mm("int4_weight_only_mm", x, packed_w, scale, zero, group_size, bias)
+    return x.new_empty((M, N), dtype=x.dtype)
+
+
 def op_names() -> list[str]:
     """The public ops, in registration order."""
     return list(SCHEMAS)

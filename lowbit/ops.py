@@ -61,3 +61,20 @@ def int8_weight_only_mm(
     is float32; the output has `x`'s dtype.
     """
     return _lowbit.int8_weight_only_mm(x, w, scale, bias)
+
+
+# --------------------------------------------------------------------------- INT4
+def int4_weight_only_mm(
+    x: torch.Tensor,
+    packed_w: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor | None,
+    group_size: int,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """W4A16 GEMM: ``x @ dequantize(w).T + bias`` with group-wise int4 weights, dequantized in the kernel.
+
+    `packed_w`, `scale`, `zero` follow lowbit/formats/int4.py (``zero=None``: symmetric);
+    `x` float32/float16/bfloat16 [M, K]; accumulation float32; output in `x.dtype`.
+    """
+    return _lowbit.int4_weight_only_mm(x, packed_w, scale, zero, group_size, bias)

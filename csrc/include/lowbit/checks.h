@@ -164,4 +164,39 @@ inline void check_int8_quantize_static(const char* op, const at::Tensor& x, cons
   }
 }
 
+// ---------------------------------------------------------------------------- INT4
+// Format: lowbit/formats/int4.py (nibbles in blocks of 32 along K; scale/zero [N, groups]).
+inline void check_int4_weight_only_mm(const char* op, const at::Tensor& x, const at::Tensor& packed_w,
+                                      const at::Tensor& scale, const std::optional<at::Tensor>& zero,
+                                      int64_t group_size, const std::optional<at::Tensor>& bias) {
+  check_float_dtype(op, "x", x);
+  check_dim(op, "x", x, 2);
+  check_dtype(op, "packed_w", packed_w, c10::ScalarType::Byte);
+  check_dim(op, "packed_w", packed_w, 2);
+  check_same_device(op, "packed_w", packed_w, "x", x);
+  check_nonempty(op, "x", x);
+  check_nonempty(op, "packed_w", packed_w);
+  const int64_t K = x.size(1), N = packed_w.size(0);
+  if (group_size != 32 && group_size != 64 && group_size != 128 && group_size != K)
+    LOWBIT_FAIL(op, "group_size must be 32, 64, 128 or K=", K, " (per channel), got ", group_size);
+  const int64_t row_bytes = (K + 31) / 32 * 16;
+  if (packed_w.size(1) != row_bytes)
+    LOWBIT_FAIL(op, "packed_w must have shape [N, ceil(K/32)*16]=[", N, ", ", row_bytes, "] for K=", K, ", got ",
+                shape_str(packed_w));
+  const int64_t groups = (K + group_size - 1) / group_size;
+  check_float_dtype(op, "scale", scale);
+  check_dim(op, "scale", scale, 2);
+  if (scale.size(0) != N || scale.size(1) != groups)
+    LOWBIT_FAIL(op, "scale must have shape [N, ceil(K/group_size)]=[", N, ", ", groups, "], got ", shape_str(scale));
+  check_same_device(op, "scale", scale, "x", x);
+  if (zero.has_value()) {
+    check_dtype(op, "zero", *zero, scale.scalar_type());
+    check_dim(op, "zero", *zero, 2);
+    if (zero->size(0) != N || zero->size(1) != groups)
+      LOWBIT_FAIL(op, "zero must have shape [N, ceil(K/group_size)]=[", N, ", ", groups, "], got ", shape_str(*zero));
+    check_same_device(op, "zero", *zero, "x", x);
+  }
+  check_bias(op, bias, N, "x", x);
+}
+
 }  // namespace lowbit
