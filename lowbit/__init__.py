@@ -14,10 +14,12 @@ __version__ = "0.1.0"
 
 from . import _ops  # noqa: F401  (schemas and fake kernels first)
 from . import _extension  # noqa: F401  (then the compiled kernels, if built)
-from . import backends as backends_module
-from .backends import register_implementations as _register_implementations
+from . import backends  # noqa: E402  (callable: lowbit.backends() lists them; lowbit.backends.use(...) forces one)
 
-_register_implementations()
+backends.register_implementations()
 
 from . import ops  # noqa: E402,F401
-from .backends import backends, use  # noqa: E402,F401
+
+from . import nn  # noqa: E402,F401
+from .api import last_report, quantize, summary  # noqa: E402,F401
+from .configs import PRESETS, Int8Config  # noqa: E402,F401

@@ -28,7 +28,9 @@ import contextlib
 import functools
 import importlib
 import os
+import sys
 import threading
+import types
 from dataclasses import dataclass
 
 import torch
@@ -252,3 +254,13 @@ def kernel_table() -> list[dict]:
             "reference": "yes",
         })
     return rows
+
+
+class _CallableModule(types.ModuleType):
+    """`lowbit.backends()` lists the backends; `lowbit.backends.use(...)` etc. stay module attributes."""
+
+    def __call__(self) -> dict[str, BackendStatus]:
+        return backends()
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -1,0 +1,107 @@
+"""Quantization configs: one versioned dataclass per scheme, a handler per config type, presets.
+
+A config says *what* to do to a layer; its handler (registered by the family's module file,
+e.g. :mod:`lowbit.nn.int8`) does it::
+
+    @register_handler(Int8Config)
+    def _int8(linear: nn.Linear, config: Int8Config) -> nn.Module: ...
+
+A handler returns the replacement module, or raises :class:`Unsupported` with a reason that
+:func:`lowbit.quantize` logs and records. Adding a family = a config class here, its presets in
+:data:`PRESETS`, and a handler next to its module.
+
+``VERSION`` is bumped whenever a field changes meaning, so a saved config (:meth:`Config.to_dict`)
+can be recognised and migrated instead of silently reinterpreted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Callable, ClassVar
+
+from torch import nn
+
+
+class Unsupported(ValueError):
+    """This layer cannot be converted by this config; the message says why."""
+
+
+@dataclass(frozen=True)
+class Config:
+    """Base of every quantization config."""
+
+    VERSION: ClassVar[int] = 1
+
+    def to_dict(self) -> dict:
+        return {"type": type(self).__name__, "version": self.VERSION, **dataclasses.asdict(self)}
+
+    @staticmethod
+    def from_dict(d: dict) -> Config:
+        d = dict(d)
+        name, version = d.pop("type"), d.pop("version")
+        cls = _CONFIG_TYPES.get(name)
+        if cls is None:
+            raise ValueError(f"lowbit.configs: unknown config type {name!r}; known: {sorted(_CONFIG_TYPES)}")
+        if version != cls.VERSION:
+            raise ValueError(f"lowbit.configs: {name} version {version} cannot be read by this lowbit "
+                             f"(which writes version {cls.VERSION})")
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class Int8Config(Config):
+    """Symmetric int8 weights, one scale per output channel (:mod:`lowbit.formats.int8`).
+
+    ``weight_only=False``: W8A8, activations quantized per token at run time, int8 x int8 GEMM
+    (compute-bound layers, large batches). ``weight_only=True``: float activations times int8
+    weights dequantized in the kernel (memory-bound decoding; no activation error).
+    """
+
+    VERSION: ClassVar[int] = 1
+    weight_only: bool = False
+
+
+_CONFIG_TYPES: dict[str, type[Config]] = {c.__name__: c for c in (Int8Config,)}
+
+Handler = Callable[[nn.Linear, Config], nn.Module]
+_HANDLERS: dict[type, Handler] = {}
+
+
+def register_handler(config_type: type[Config]):
+    """Decorator: `fn(linear, config) -> module` converts layers for configs of `config_type`."""
+
+    def decorate(fn: Handler) -> Handler:
+        _HANDLERS[config_type] = fn
+        _CONFIG_TYPES.setdefault(config_type.__name__, config_type)
+        return fn
+
+    return decorate
+
+
+def handler_for(config: Config) -> Handler:
+    for cls in type(config).__mro__:
+        if cls in _HANDLERS:
+            return _HANDLERS[cls]
+    raise TypeError(f"lowbit: no handler registered for {type(config).__name__} "
+                    f"(registered: {sorted(c.__name__ for c in _HANDLERS)}); import lowbit.nn first")
+
+
+PRESETS: dict[str, Config] = {
+    "int8": Int8Config(),
+    "int8-weight": Int8Config(weight_only=True),
+}
+
+
+def resolve(config_or_name: Config | str) -> Config:
+    """A config object as is, or the preset of that name."""
+    if isinstance(config_or_name, Config):
+        return config_or_name
+    if isinstance(config_or_name, str):
+        try:
+            return PRESETS[config_or_name]
+        except KeyError:
+            raise ValueError(f"lowbit: unknown preset {config_or_name!r}; available presets: "
+                             f"{', '.join(sorted(PRESETS))}") from None
+    raise TypeError(f"lowbit: config must be a lowbit.configs.Config or a preset name, "
+                    f"got {type(config_or_name).__name__}")

@@ -1,0 +1,11 @@
+"""Weight formats: how each family lays out its quantized weights, defined once.
+
+The quantizer that produces a format, the kernels that consume it and the module that stores
+it all import it from here (one file per family: ``lowbit/formats/<family>.py``), so a layout
+or an overhead figure can never disagree between them.
+"""
+
+from __future__ import annotations
+
+from . import int8  # noqa: F401
+from .int8 import Int8Weight  # noqa: F401
