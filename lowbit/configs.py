@@ -62,7 +62,24 @@ class Int8Config(Config):
     weight_only: bool = False
 
 
-_CONFIG_TYPES: dict[str, type[Config]] = {c.__name__: c for c in (Int8Config,)}
+@dataclass(frozen=True)
+class Int4Config(Config):
+    """Group-wise int4 weights, float activations (W4A16; :mod:`lowbit.formats.int4`).
+
+    ``group_size``: 32, 64, 128, or ``None`` for one group per output channel (group = K).
+    ``symmetric=False`` stores a zero point per group (better for skewed groups).
+    ``clip_search=True`` picks each group's clipping ratio to minimize its reconstruction error.
+    ``scale_dtype``: float32/float16/bfloat16 for scales and zeros; None = the layer's dtype.
+    """
+
+    VERSION: ClassVar[int] = 1
+    group_size: int | None = 128
+    symmetric: bool = False
+    clip_search: bool = False
+    scale_dtype: str | None = None
+
+
+_CONFIG_TYPES: dict[str, type[Config]] = {c.__name__: c for c in (Int8Config, Int4Config)}
 
 Handler = Callable[[nn.Linear, Config], nn.Module]
 _HANDLERS: dict[type, Handler] = {}
@@ -90,6 +107,9 @@ def handler_for(config: Config) -> Handler:
 PRESETS: dict[str, Config] = {
     "int8": Int8Config(),
     "int8-weight": Int8Config(weight_only=True),
+    "int4": Int4Config(group_size=128, symmetric=False),
+    "int4-g64": Int4Config(group_size=64, symmetric=False),
+    "int4-g32": Int4Config(group_size=32, symmetric=False),
 }
 
 

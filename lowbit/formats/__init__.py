@@ -7,5 +7,6 @@ or an overhead figure can never disagree between them.
 
 from __future__ import annotations
 
-from . import int8  # noqa: F401
+from . import int4, int8  # noqa: F401
 from .int8 import Int8Weight  # noqa: F401
+from .int4 import Int4Weight  # noqa: F401
