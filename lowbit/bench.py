@@ -1,0 +1,678 @@
+"""Benchmark harness shared by ``lowbit bench`` and ``pytest benchmarks --benchmark-only``.
+
+What a result means
+-------------------
+Every candidate (a lowbit op or a baseline from torch) computes the same GEMM problem
+``y[M, N] = x[M, K] @ w[N, K].T`` in its own formats. For each we report
+
+* the median time of one call;
+* achieved GOP/s = 2*M*N*K / t, and GB/s = the bytes the problem must move at least
+  (weights incl. scales + activations + outputs, in the candidate's own dtypes) / t.
+  Intermediates a candidate creates (a quantized copy of x, say) are its own cost and are
+  not counted as traffic;
+* % of roofline = achieved / min(peak, bandwidth * intensity), with bandwidth and peaks
+  measured in the same run (``measure_roofline``). On CPU, weights that fit in the
+  last-level cache can legitimately exceed 100% of the DRAM roofline;
+* the speed ratio against the strongest baseline (and the control, fp32 on CPU / bf16 on
+  GPU) of the same run. All candidates of a shape are timed in rounds: each round calls
+  every candidate once (rotating the order), and a ratio is the median over rounds of the
+  per-round ratio. On a shared, noisy machine that cancels most of the drift that two
+  separately measured medians would carry;
+* rel.err of the output against fp32 ``F.linear`` with the unquantized weight (float
+  outputs) or against the exact integer product (raw int8 -> int32 ops, must be 0).
+
+Families of candidates register in ``FAMILIES`` (``int8`` here); ``lowbit bench --ops``
+takes its choices from it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import math
+import os
+import platform
+import re
+import statistics
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+# --------------------------------------------------------------------------- problems
+
+
+@dataclass(frozen=True)
+class Shape:
+    m: int
+    n: int
+    k: int
+
+    @property
+    def flops(self) -> int:
+        # One multiply and one add per (m, n, k): the convention every GEMM benchmark uses,
+        # for integer ops too (then the unit is "OP/s").
+        return 2 * self.m * self.n * self.k
+
+    def __str__(self) -> str:
+        return f"M={self.m} N={self.n} K={self.k}"
+
+
+def parse_nk(text: str) -> tuple[int, int]:
+    """'11008x4096' -> (N, K): output features x input features, the nn.Linear weight shape."""
+    m = re.fullmatch(r"\s*(\d+)\s*[xX*]\s*(\d+)\s*", text)
+    if not m or int(m.group(1)) <= 0 or int(m.group(2)) <= 0:
+        raise ValueError(f"shape must look like NxK with positive integers (e.g. 4096x11008), got {text!r}")
+    return int(m.group(1)), int(m.group(2))
+
+
+@dataclass(frozen=True)
+class Traffic:
+    """Minimum bytes a GEMM must move, split so the accounting can be read and tested."""
+
+    weight: int
+    activation: int
+    output: int
+
+    @property
+    def total(self) -> int:
+        return self.weight + self.activation + self.output
+
+
+def gemm_traffic(shape: Shape, *, weight_bits: float, act_bytes: int, out_bytes: int,
+                 scale_bytes: int = 0, scales: int | None = None) -> Traffic:
+    """Bytes for weights (packed at `weight_bits` per element, plus `scales` scale values of
+    `scale_bytes` each, default one per output channel), activations and outputs."""
+    scales = shape.n if scales is None else scales
+    weight = math.ceil(shape.n * shape.k * weight_bits / 8) + scales * scale_bytes
+    return Traffic(weight=weight, activation=shape.m * shape.k * act_bytes, output=shape.m * shape.n * out_bytes)
+
+
+# --------------------------------------------------------------------------- roofline
+
+
+@dataclass
+class Roofline:
+    """Memory bandwidth and compute peaks of this device, measured in this run."""
+
+    bandwidth_gbs: float
+    peak_gops: dict[str, float]  # compute class ("float", "int8") -> GOP/s
+    how: dict[str, str] = field(default_factory=dict)
+
+    def bound_gops(self, compute: str, flops: int, nbytes: int) -> float:
+        intensity = flops / nbytes  # OP per byte
+        return min(self.peak_gops[compute], self.bandwidth_gbs * intensity)
+
+    def percent(self, compute: str, flops: int, nbytes: int, seconds: float) -> float:
+        achieved = flops / seconds / 1e9
+        return 100.0 * achieved / self.bound_gops(compute, flops, nbytes)
+
+
+# --------------------------------------------------------------------------- timing
+
+
+class CpuTimer:
+    """Wall time of `inner` back-to-back calls, per call."""
+
+    device = torch.device("cpu")
+
+    def sync(self):
+        pass
+
+    def __call__(self, fn: Callable[[], Any], inner: int) -> float:
+        t0 = time.perf_counter()
+        for _ in range(inner):
+            fn()
+        return (time.perf_counter() - t0) / inner
+
+
+class CudaTimer:
+    """CUDA events bracket the calls, so launch queueing is included but host sync is not."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def sync(self):
+        torch.cuda.synchronize(self.device)
+
+    def __call__(self, fn: Callable[[], Any], inner: int) -> float:
+        start = torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize(self.device)
+        start.record()
+        for _ in range(inner):
+            fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3 / inner
+
+
+def timer_for(device: torch.device):
+    return CudaTimer(device) if device.type == "cuda" else CpuTimer()
+
+
+@dataclass
+class TimingPlan:
+    warmup: int = 2
+    reps: int = 11            # rounds
+    min_reps: int = 3         # a slow candidate still gets this many samples
+    budget_s: float = 5.0     # per candidate per shape, after warm-up
+    min_sample_s: float = 2e-3  # short calls are repeated inside one sample so the clock resolves them
+
+    @classmethod
+    def quick(cls) -> "TimingPlan":
+        return cls(warmup=1, reps=3, min_reps=1, budget_s=1.5, min_sample_s=1e-3)
+
+
+def plan_reps(t_call: float, plan: TimingPlan) -> tuple[int, int, bool]:
+    """(samples, calls per sample, slow?) for a candidate whose warm call took `t_call` s."""
+    inner = max(1, math.ceil(plan.min_sample_s / max(t_call, 1e-9)))
+    reps = plan.reps
+    slow = t_call * inner * reps > plan.budget_s
+    if slow:
+        reps = max(plan.min_reps, int(plan.budget_s // (t_call * inner)))
+    return min(reps, plan.reps), inner, slow
+
+
+def time_interleaved(fns: dict[str, Callable[[], Any]], timer, plan: TimingPlan) -> tuple[dict[str, list], dict[str, bool]]:
+    """Time every function in rounds; samples[name][r] is its time in round r, or None where a
+    slow candidate sat the round out. Returns (samples, slow)."""
+    names = list(fns)
+    reps, inner, slow = {}, {}, {}
+    for name in names:
+        fn = fns[name]
+        t0 = time.perf_counter()
+        for _ in range(max(1, plan.warmup)):
+            fn()
+        timer.sync()
+        t_call = (time.perf_counter() - t0) / max(1, plan.warmup)
+        reps[name], inner[name], slow[name] = plan_reps(t_call, plan)
+    samples: dict[str, list] = {n: [] for n in names}
+    for r in range(plan.reps):
+        # Rotate the order so no candidate always runs right after the same neighbour
+        # (cache state, frequency ramps).
+        order = names[r % len(names):] + names[:r % len(names)] if names else []
+        for name in order:
+            taken = sum(s is not None for s in samples[name])
+            samples[name].append(timer(fns[name], inner[name]) if taken < reps[name] else None)
+    return samples, slow
+
+
+def median_time(samples: Sequence[float | None]) -> float | None:
+    vals = [s for s in samples if s is not None]
+    return statistics.median(vals) if vals else None
+
+
+def paired_ratio(base: Sequence[float | None], cand: Sequence[float | None]) -> float | None:
+    """Median over the rounds both ran of t_base / t_cand (> 1: the candidate is faster)."""
+    vals = [b / c for b, c in zip(base, cand) if b is not None and c is not None and c > 0]
+    return statistics.median(vals) if vals else None
+
+
+def strongest(samples: dict[str, list], names: Iterable[str]) -> str | None:
+    """The name with the lowest median time among `names` (those that produced samples)."""
+    best, best_t = None, math.inf
+    for n in names:
+        t = median_time(samples.get(n, []))
+        if t is not None and t < best_t:
+            best, best_t = n, t
+    return best
+
+
+# --------------------------------------------------------------------------- candidates
+
+
+@dataclass
+class Inputs:
+    """Inputs shared by all candidates of one (shape, device): built once, in the formats
+    each family needs, from the same float x and w so outputs can be compared."""
+
+    shape: Shape
+    device: torch.device
+    x: torch.Tensor          # float32 [M, K]
+    w: torch.Tensor          # float32 [N, K]
+    cache: dict = field(default_factory=dict)
+
+    def get(self, key: str, make: Callable[[], Any]):
+        if key not in self.cache:
+            self.cache[key] = make()
+        return self.cache[key]
+
+    # int8 formats (symmetric, per output channel for w, per token for x)
+    @property
+    def wq(self):
+        return self.get("wq", lambda: _sym_int8(self.w))[0]
+
+    @property
+    def w_scale(self):
+        return self.get("wq", lambda: _sym_int8(self.w))[1]
+
+    @property
+    def xq(self):
+        return self.get("xq", lambda: _sym_int8(self.x))[0]
+
+    @property
+    def x_scale(self):
+        return self.get("xq", lambda: _sym_int8(self.x))[1]
+
+    def y_ref(self) -> torch.Tensor:
+        return self.get("y_ref", lambda: F.linear(self.x.double(), self.w.double()))
+
+    def acc_ref(self) -> torch.Tensor:
+        # Exact: |sum| <= 127*127*K < 2**53 for any K a GEMM here can have.
+        return self.get("acc_ref", lambda: self.xq.double() @ self.wq.double().T)
+
+
+def _sym_int8(t: torch.Tensor):
+    # Same formula as the lowbit spec (reference/int8.py), written out so the baselines get
+    # identical int8 inputs even when lowbit is not importable.
+    amax = t.abs().amax(dim=-1).float()
+    scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+    q = torch.clamp(torch.round(t.float() / scale[:, None]), -127, 127).to(torch.int8)
+    return q, scale
+
+
+def make_inputs(shape: Shape, device: torch.device, seed: int = 0) -> Inputs:
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    x = torch.randn(shape.m, shape.k, generator=g).to(device)
+    w = (torch.randn(shape.n, shape.k, generator=g) / math.sqrt(shape.k)).to(device)
+    return Inputs(shape, device, x, w)
+
+
+@dataclass
+class Candidate:
+    name: str
+    family: str
+    role: str                 # "baseline" or "lowbit"
+    act: str                  # activation dtype as the caller sees it
+    compute: str              # roofline peak that applies: "float" or "int8"
+    check: str                # "float": vs fp32 F.linear; "int": vs the exact int product
+    build: Callable[[Inputs], Callable[[], torch.Tensor]]
+    traffic: Callable[[Shape], Traffic]
+    devices: tuple[str, ...] = ("cpu", "cuda")
+
+
+def _bf16(inp: Inputs, key: str, t_fn):
+    return inp.get(key, lambda: t_fn().to(torch.bfloat16).contiguous())
+
+
+def _need(cond: bool, why: str):
+    if not cond:
+        raise RuntimeError(why)
+
+
+def _quantize_dynamic_linear(inp: Inputs):
+    try:
+        from torch.ao.quantization import quantize_dynamic
+    except ImportError as e:  # removed from newer torch releases
+        raise RuntimeError(f"torch.ao.quantization unavailable ({e})") from None
+    lin = torch.nn.Linear(inp.shape.k, inp.shape.n, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(inp.w.cpu())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # deprecation notices, once per build
+        q = quantize_dynamic(torch.nn.Sequential(lin), {torch.nn.Linear}, dtype=torch.qint8)
+    x = inp.x
+    return lambda: q(x)
+
+
+def _lowbit_ops():
+    import lowbit.ops as ops  # lazily: the harness itself must import without the package's kernels
+    return ops
+
+
+def _int8_candidates() -> list[Candidate]:
+    t_f32 = lambda s: gemm_traffic(s, weight_bits=32, act_bytes=4, out_bytes=4)  # noqa: E731
+    t_bf16 = lambda s: gemm_traffic(s, weight_bits=16, act_bytes=2, out_bytes=2)  # noqa: E731
+    t_w8_f32 = lambda s: gemm_traffic(s, weight_bits=8, scale_bytes=4, act_bytes=4, out_bytes=4)  # noqa: E731
+    t_w8_bf16 = lambda s: gemm_traffic(s, weight_bits=8, scale_bytes=2, act_bytes=2, out_bytes=2)  # noqa: E731
+    t_w8_bf16_s32 = lambda s: gemm_traffic(s, weight_bits=8, scale_bytes=4, act_bytes=2, out_bytes=2)  # noqa: E731
+    t_raw = lambda s: gemm_traffic(s, weight_bits=8, act_bytes=1, out_bytes=4)  # noqa: E731
+    # quantize_dynamic's default qconfig quantizes the weight per tensor: one scale.
+    t_qd = lambda s: gemm_traffic(s, weight_bits=8, scale_bytes=4, scales=1, act_bytes=4, out_bytes=4)  # noqa: E731
+
+    def fp32_linear(inp):
+        x, w = inp.x, inp.w
+        return lambda: F.linear(x, w)
+
+    def bf16_linear(inp):
+        x, w = _bf16(inp, "x16", lambda: inp.x), _bf16(inp, "w16", lambda: inp.w)
+        return lambda: F.linear(x, w)
+
+    def weight_int8pack(inp):
+        _need(hasattr(torch, "_weight_int8pack_mm"), "torch._weight_int8pack_mm not in this torch")
+        x = _bf16(inp, "x16", lambda: inp.x)
+        wq, s = inp.wq, inp.w_scale.to(torch.bfloat16)  # it requires scales in the activation dtype
+        return lambda: torch._weight_int8pack_mm(x, wq, s)
+
+    def int_mm(inp):
+        _need(hasattr(torch, "_int_mm"), "torch._int_mm not in this torch")
+        a, bt = inp.xq, inp.wq.t()  # [K, N] view of the [N, K] weight: no copy
+        return lambda: torch._int_mm(a, bt)
+
+    def qdynamic(inp):
+        _need(inp.device.type == "cpu", "CPU only")
+        return _quantize_dynamic_linear(inp)
+
+    def lb_weight_only(dtype):
+        def build(inp):
+            ops = _lowbit_ops()
+            x = inp.x if dtype == torch.float32 else _bf16(inp, "x16", lambda: inp.x)
+            wq, s = inp.wq, inp.w_scale
+            return lambda: ops.int8_weight_only_mm(x, wq, s)
+        return build
+
+    def lb_w8a8(inp):
+        ops = _lowbit_ops()
+        x, wq, s = inp.x, inp.wq, inp.w_scale
+
+        def run():
+            q, sx = ops.int8_quantize_dynamic(x)
+            return ops.int8_scaled_mm(q, wq, sx, s)
+        return run
+
+    def lb_int8_mm(inp):
+        ops = _lowbit_ops()
+        a, b = inp.xq, inp.wq
+        return lambda: ops.int8_mm(a, b)
+
+    C = Candidate
+    return [
+        C("fp32 F.linear", "int8", "baseline", "float32", "float", "float", fp32_linear, t_f32, ("cpu",)),
+        C("bf16 F.linear", "int8", "baseline", "bfloat16", "float", "float", bf16_linear, t_bf16),
+        C("torch._weight_int8pack_mm", "int8", "baseline", "bfloat16", "float", "float", weight_int8pack, t_w8_bf16),
+        C("torch._int_mm (raw)", "int8", "baseline", "int8", "int8", "int", int_mm, t_raw),
+        C("quantize_dynamic qint8", "int8", "baseline", "float32", "int8", "float", qdynamic, t_qd, ("cpu",)),
+        C("int8_weight_only_mm", "int8", "lowbit", "float32", "float", "float", lb_weight_only(torch.float32), t_w8_f32),
+        C("int8_weight_only_mm", "int8", "lowbit", "bfloat16", "float", "float", lb_weight_only(torch.bfloat16), t_w8_bf16_s32),
+        C("w8a8 (quantize_dynamic+scaled_mm)", "int8", "lowbit", "float32", "int8", "float", lb_w8a8, t_w8_f32),
+        C("int8_mm (raw)", "int8", "lowbit", "int8", "int8", "int", lb_int8_mm, t_raw),
+    ]
+
+
+FAMILIES: dict[str, Callable[[], list[Candidate]]] = {"int8": _int8_candidates}
+
+
+def candidates(families: Sequence[str], device: torch.device) -> list[Candidate]:
+    out = []
+    for fam in families:
+        out += [c for c in FAMILIES[fam]() if device.type in c.devices]
+    return out
+
+
+def candidate_id(c: Candidate) -> str:
+    return f"{c.role}:{c.name}[{c.act}]"
+
+
+def control_name(device: torch.device) -> str:
+    """The plain-float row every other row is also compared to."""
+    return "fp32 F.linear" if device.type == "cpu" else "bf16 F.linear"
+
+
+# --------------------------------------------------------------------------- measurement
+
+
+def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
+    d = (y.double() - ref).norm()
+    r = ref.norm()
+    return float(d / r) if r > 0 else float(d)
+
+
+def measure_roofline(device: torch.device, quick: bool = False) -> Roofline:
+    """Bandwidth from reading a tensor far larger than the caches; peaks from large GEMMs
+    (the best the machine's own libraries reach, which is what a kernel can be held to)."""
+    timer = timer_for(device)
+    reps = 3 if quick else 5
+
+    def best_of(fn):
+        fn()
+        timer.sync()
+        return min(timer(fn, 1) for _ in range(reps))
+
+    with torch.inference_mode():
+        if device.type == "cpu":
+            big = torch.ones((32 if quick else 64) * 2**20, dtype=torch.float32)  # 128/256 MiB
+            t = best_of(lambda: big.sum())
+            bw = big.numel() * 4 / t / 1e9
+            how = {"bandwidth": f"sum over {big.numel() * 4 >> 20} MiB fp32 (read)"}
+            del big
+        else:
+            big = torch.empty(2**28, dtype=torch.uint8, device=device)  # 256 MiB
+            dst = torch.empty_like(big)
+            t = best_of(lambda: dst.copy_(big))
+            bw = 2 * big.numel() / t / 1e9
+            how = {"bandwidth": "device copy of 256 MiB (read + write)"}
+            del big, dst
+        peaks = {}
+        if device.type == "cpu":
+            m, n, k = (256, 1024, 1024) if quick else (512, 2048, 2048)
+            a, b = torch.randn(m, k), torch.randn(n, k)
+            t = best_of(lambda: F.linear(a, b))
+            peaks["float"] = 2 * m * n * k / t / 1e9
+            how["float"] = f"fp32 F.linear {m}x{n}x{k}"
+            try:
+                inp = Inputs(Shape(m, n, k), device, a, b)
+                fn = _quantize_dynamic_linear(inp)
+                t = best_of(fn)
+                peaks["int8"] = 2 * m * n * k / t / 1e9
+                how["int8"] = f"quantize_dynamic qint8 Linear {m}x{n}x{k} (fbgemm/onednn)"
+            except Exception as e:  # noqa: BLE001 - fall back to the float peak, and say so
+                peaks["int8"] = peaks["float"]
+                how["int8"] = f"= float peak (int8 GEMM unavailable: {e})"
+        else:
+            s = 8192 if not quick else 4096
+            a = torch.randn(s, s, device=device, dtype=torch.bfloat16)
+            t = best_of(lambda: a @ a)
+            peaks["float"] = 2 * s**3 / t / 1e9
+            how["float"] = f"bf16 mm {s}^3"
+            ai = torch.randint(-127, 127, (s, s), device=device, dtype=torch.int8)
+            try:
+                t = best_of(lambda: torch._int_mm(ai, ai))
+                peaks["int8"] = 2 * s**3 / t / 1e9
+                how["int8"] = f"torch._int_mm {s}^3"
+            except Exception as e:  # noqa: BLE001
+                peaks["int8"] = peaks["float"]
+                how["int8"] = f"= float peak (torch._int_mm failed: {e})"
+    return Roofline(bandwidth_gbs=bw, peak_gops=peaks, how=how)
+
+
+@dataclass
+class Row:
+    family: str
+    impl: str
+    role: str
+    act: str
+    m: int
+    n: int
+    k: int
+    ms: float | None = None
+    gops: float | None = None
+    gbs: float | None = None
+    roofline_pct: float | None = None
+    vs_control: float | None = None
+    vs_best: float | None = None
+    rel_err: float | None = None
+    samples: int = 0
+    slow: bool = False
+    error: str | None = None
+    best_baseline: str | None = None
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def summarize(shape: Shape, cands: Sequence[Candidate], samples: dict[str, list], slow: dict[str, bool],
+              errors: dict[str, str], rel_errs: dict[str, float], roof: Roofline | None,
+              control: str) -> list[Row]:
+    """Turn per-round samples into rows (pure: unit-tested with fake timings)."""
+    ids = [candidate_id(c) for c in cands]
+    baselines = [candidate_id(c) for c in cands if c.role == "baseline"]
+    best = strongest(samples, baselines)
+    ctrl = next((candidate_id(c) for c in cands if c.role == "baseline" and c.name == control), None)
+    rows = []
+    for c, cid in zip(cands, ids):
+        row = Row(c.family, c.name, c.role, c.act, shape.m, shape.n, shape.k,
+                  error=errors.get(cid), best_baseline=best)
+        t = median_time(samples.get(cid, []))
+        if t is not None:
+            nbytes = c.traffic(shape).total
+            row.ms = t * 1e3
+            row.gops = shape.flops / t / 1e9
+            row.gbs = nbytes / t / 1e9
+            row.roofline_pct = roof.percent(c.compute, shape.flops, nbytes, t) if roof else None
+            row.samples = sum(s is not None for s in samples[cid])
+            row.slow = slow.get(cid, False)
+            if best is not None:
+                row.vs_best = paired_ratio(samples[best], samples[cid])
+            if ctrl is not None and ctrl in samples:
+                row.vs_control = paired_ratio(samples[ctrl], samples[cid])
+        row.rel_err = rel_errs.get(cid)
+        rows.append(row)
+    return rows
+
+
+def run_shape(shape: Shape, cands: Sequence[Candidate], device: torch.device, plan: TimingPlan,
+              roof: Roofline | None) -> list[Row]:
+    inp = make_inputs(shape, device)
+    fns, errors, rel_errs = {}, {}, {}
+    with torch.inference_mode():
+        for c in cands:
+            cid = candidate_id(c)
+            try:
+                fn = c.build(inp)
+                y = fn()
+                if isinstance(y, tuple):
+                    y = y[0]
+                ref = inp.acc_ref() if c.check == "int" else inp.y_ref()
+                rel_errs[cid] = rel_err(y, ref)
+                fns[cid] = fn
+            except Exception as e:  # noqa: BLE001 - a failing candidate becomes a row saying why
+                errors[cid] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:160]
+        inp.cache.pop("y_ref", None)
+        inp.cache.pop("acc_ref", None)
+        samples, slow = time_interleaved(fns, timer_for(device), plan)
+    return summarize(shape, cands, samples, slow, errors, rel_errs, roof, control_name(device))
+
+
+# --------------------------------------------------------------------------- reporting
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def device_meta(device: torch.device) -> dict:
+    meta = {
+        "device": device.type,
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "date": datetime.date.today().isoformat(),
+        # Other processes share the CPU: a load above the core count means every number of the
+        # run is suspect, so the result file says what the load was.
+        "load_start": _loadavg(),
+    }
+    if device.type == "cuda":
+        p = torch.cuda.get_device_properties(device)
+        meta["gpu"] = p.name
+        meta["capability"] = f"sm_{p.major}{p.minor}"
+    return meta
+
+
+def _loadavg() -> float | None:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (OSError, AttributeError):
+        return None
+
+
+def device_slug(meta: dict) -> str:
+    """File-name stem for a results file: <device>_<date>, e.g. cpu-amd-epyc-2c_2026-11-23."""
+    if meta["device"] == "cuda":
+        name = meta.get("gpu", "cuda")
+    else:
+        name = f"cpu-{meta['cpu']}-{meta['cores']}c"
+    name = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+    return f"{name}_{meta['date']}"
+
+
+COLUMNS = ("op", "impl", "act", "M", "N", "K", "ms", "GOP/s", "GB/s", "%roof", "vs ctrl", "vs best", "rel.err", "note")
+
+
+def _fmt(v, spec: str) -> str:
+    return "—" if v is None else format(v, spec)
+
+
+def row_cells(r: Row) -> list[str]:
+    note = r.error or ""
+    if r.slow:
+        note = (note + " " if note else "") + f"slow: {r.samples} samples"
+    if r.role == "lowbit":
+        impl = f"lowbit {r.impl}"
+    else:
+        impl = r.impl + (" *" if r.best_baseline and candidate_id_row(r) == r.best_baseline else "")
+    return [r.family, impl, r.act, str(r.m), str(r.n), str(r.k), _fmt(r.ms, ".3f"), _fmt(r.gops, ".1f"),
+            _fmt(r.gbs, ".1f"), _fmt(r.roofline_pct, ".0f"),
+            _fmt(r.vs_control, ".2f") + ("x" if r.vs_control is not None else ""),
+            _fmt(r.vs_best, ".2f") + ("x" if r.vs_best is not None else ""),
+            _fmt(r.rel_err, ".2g"), note]
+
+
+def candidate_id_row(r: Row) -> str:
+    return f"{r.role}:{r.impl}[{r.act}]"
+
+
+def format_table(rows: Sequence[Row]) -> str:
+    cells = [list(COLUMNS)] + [row_cells(r) for r in rows]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(COLUMNS))]
+    right = {"M", "N", "K", "ms", "GOP/s", "GB/s", "%roof", "vs ctrl", "vs best", "rel.err"}
+    lines = []
+    for j, c in enumerate(cells):
+        parts = [c[i].rjust(widths[i]) if COLUMNS[i] in right else c[i].ljust(widths[i]) for i in range(len(c))]
+        lines.append("  ".join(parts).rstrip())
+        if j == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def format_markdown(rows: Sequence[Row], meta: dict, roof: Roofline | None, control: str) -> str:
+    dev = meta.get("gpu") or f"{meta['cpu']}, {meta['cores']} cores ({meta['threads']} threads)"
+    out = [f"# lowbit bench: {dev}", "",
+           f"- device: {meta['device']}{' ' + meta['capability'] if 'capability' in meta else ''}; "
+           f"CPU {meta['cpu']}, {meta['cores']} cores; torch {meta['torch']}; lowbit {meta.get('lowbit', '?')}; "
+           f"{meta['date']}; 1-min load average {meta.get('load_start')} at start, {meta.get('load_end')} at end "
+           f"({meta['cores']} cores: a higher load means other processes took CPU time from this run)"]
+    if roof:
+        out.append(f"- roofline: bandwidth {roof.bandwidth_gbs:.1f} GB/s ({roof.how.get('bandwidth')}); peaks "
+                   + ", ".join(f"{k} {v:.0f} GOP/s ({roof.how.get(k)})" for k, v in roof.peak_gops.items()))
+    out += [f"- vs ctrl = speed over {control}; vs best = speed over the fastest baseline of the same shape "
+            "(marked *); both are medians of per-round ratios, all candidates timed in interleaved rounds",
+            "- rel.err: against fp32 F.linear with the float weight (float outputs) or the exact integer "
+            "product (raw int8 ops)", ""]
+    out.append("| " + " | ".join(COLUMNS) + " |")
+    out.append("|" + "|".join("---" for _ in COLUMNS) + "|")
+    for r in rows:
+        out.append("| " + " | ".join(c.replace("|", "/") for c in row_cells(r)) + " |")
+    return "\n".join(out) + "\n"

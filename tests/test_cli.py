@@ -1,0 +1,140 @@
+"""The `lowbit` command, run as a user runs it: a separate process, exit codes, output."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from lowbit import cli
+
+BACKENDS = ("cpu", "cuda", "triton", "reference")
+
+
+def run(*args, timeout=120):
+    # `python -m lowbit` is the console script's entry point without depending on PATH.
+    return subprocess.run([sys.executable, "-m", "lowbit", *args], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "LOWBIT_DEBUG": ""})
+
+
+def test_info_lists_every_backend_and_op():
+    p = run("info")
+    assert p.returncode == 0, p.stderr
+    for name in BACKENDS:
+        assert f"\n  {name} " in p.stdout
+    assert "int8_weight_only_mm" in p.stdout
+    assert torch.__version__ in p.stdout
+
+
+def test_info_json():
+    p = run("info", "--json")
+    assert p.returncode == 0, p.stderr
+    d = json.loads(p.stdout)
+    assert set(BACKENDS) <= set(d["backends"])
+    assert all(isinstance(b["available"], bool) and b["reason"] for b in d["backends"].values())
+    assert {r["op"] for r in d["kernels"]} >= {"int8_mm", "int8_scaled_mm", "int8_weight_only_mm"}
+    assert d["cpu"]["flags"]["avx2"] in (True, False)
+
+
+def test_bad_argument_exits_2():
+    p = run("bench", "--m", "0")
+    assert p.returncode == 2
+    assert "--m: expected a positive integer" in p.stderr
+
+
+@pytest.mark.parametrize("args", [("bench", "--shapes", "4096"), ("bench", "--ops", "nope"), ("nope",),
+                                  ("info", "--bogus"), ("demo", "--reps", "x")])
+def test_bad_arguments_exit_2_in_process(args, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(list(args))
+    assert e.value.code == 2
+    assert "error:" in capsys.readouterr().err
+
+
+def test_bench_quick_prints_table_with_ratio_column(tmp_path):
+    md, js = tmp_path / "r.md", tmp_path / "r.json"
+    p = run("bench", "--quick", "--ops", "int8", "--m", "1", "--shapes", "256x256", "--markdown", str(md),
+            "--json", str(js))
+    assert p.returncode == 0, p.stderr
+    header = next(line for line in p.stdout.splitlines() if line.startswith("op "))
+    for col in ("impl", "ms", "GOP/s", "GB/s", "%roof", "vs best"):
+        assert col in header
+    assert "lowbit int8_weight_only_mm" in p.stdout and "quantize_dynamic qint8" in p.stdout
+    rows = json.loads(js.read_text())["rows"]
+    assert any(r["role"] == "lowbit" and r["vs_best"] is not None for r in rows)
+    assert all((r["m"], r["n"], r["k"]) == (1, 256, 256) for r in rows)
+    text = md.read_text()
+    assert text.startswith("# lowbit bench: ") and torch.__version__ in text and "| vs best |" in text
+
+
+def test_runtime_failure_is_one_line_and_exit_1(tmp_path, capsys):
+    # An unwritable output is caught before the (long) run starts.
+    rc = cli.main(["bench", "--quick", "--m", "1", "--shapes", "64x64", "--markdown", str(tmp_path / "no" / "x.md")])
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert err.strip().count("\n") == 0 and err.startswith("lowbit: error: cannot write")
+
+
+def test_cuda_kernel_rows_name_their_op_and_verified_status(monkeypatch):
+    import types
+
+    from lowbit.backends import verified
+
+    fake = types.ModuleType("lowbit.cuda_resources")
+    fake.kernel_resources = lambda so: [
+        {"kernel": "_Z1aIL1EE", "arch": "sm_90", "registers": 168, "stack": 0, "local": 0, "shared": 0},
+        {"kernel": "_Z1b", "arch": "sm_80", "registers": 40, "stack": 0, "local": 0, "shared": 0},
+    ]
+    names = {"_Z1aIL1EE": "void lowbit::int8_scaled_mm_kernel<1>()", "_Z1b": "void mystery_kernel()"}
+    fake.demangle = names.__getitem__
+    monkeypatch.setitem(sys.modules, "lowbit.cuda_resources", fake)
+    monkeypatch.setattr(cli, "_so_path", lambda: "/fake/_C.so")
+    monkeypatch.setitem(verified.VERIFIED, ("cuda", "int8_scaled_mm"), [
+        {"capability": (9, 0), "device": "NVIDIA H100", "date": "2026-01-01", "torch": "2.11", "evidence": "x"}])
+    d = cli._cuda_kernel_resources()
+    a, b = d["kernels"]
+    # "int8_scaled_mm" contains "int8_mm" as a substring only loosely: the longer op must win.
+    assert (a["op"], a["registers"], a["kernel"]) == ("int8_scaled_mm", 168, names["_Z1aIL1EE"])
+    assert "passed on NVIDIA H100" in a["verified"]
+    assert b["op"] is None and b["verified"] == "unknown op"
+    assert "int8_scaled_mm_kernel" in cli.format_info({**cli.info_data(False), "cuda_kernels": d,
+                                                        "triton_aot": {"status": "x", "kernels": []}})
+
+
+def test_demo_accounting_helpers():
+    lin = torch.nn.Linear(64, 32)
+    model = torch.nn.Sequential(lin, torch.nn.LayerNorm(32))
+
+    class Packed(torch.nn.Module):  # what a 4-bit layer with fp16 group scales would hold
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("qweight", torch.zeros(32, 32, dtype=torch.uint8))
+            self.register_buffer("scales", torch.zeros(32, 2, dtype=torch.float16))
+            self.bias = torch.nn.Parameter(torch.zeros(32))
+
+    q = torch.nn.Sequential(Packed(), torch.nn.LayerNorm(32))
+    assert cli.linear_bits_per_weight(model, model) == 32.0
+    assert cli.linear_bits_per_weight(model, q) == pytest.approx(8 * (32 * 32 + 32 * 2 * 2) / (32 * 64))
+    assert cli.model_nbytes(model) == 4 * (32 * 64 + 32 + 32 + 32)
+    ref = torch.ones(100)
+    assert cli.sqnr_db(ref, ref) == float("inf")
+    assert cli.sqnr_db(ref, ref * 1.1) == pytest.approx(20.0)
+
+
+def test_demo_report_runs_a_preset_end_to_end():
+    from lowbit.configs import PRESETS
+
+    name = next(iter(PRESETS))
+    # The demo's own path with a smaller Llama, so the test costs seconds even on a busy machine.
+    tiny = {**cli.DEMO_CONFIG, "hidden_size": 128, "num_hidden_layers": 2, "intermediate_size": 256, "vocab_size": 256}
+    with open(os.devnull, "w") as devnull:
+        rows, text = cli.demo_report(reps=2, presets=[name], stream=devnull, config=tiny)
+    assert [r["scheme"] for r in rows] == ["float32", name]
+    q = rows[1]
+    assert q["error"] is None, q["error"]
+    assert q["bits"] < 16 and q["bytes"] < rows[0]["bytes"]
+    assert 10 < q["sqnr"] < 200  # quantized: not bit-identical, not garbage
+    assert q["latency_ms"] > 0 and q["speedup"] > 0
+    assert "SQNR dB" in text and name in text
