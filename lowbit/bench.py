@@ -393,7 +393,66 @@ def _int8_candidates() -> list[Candidate]:
     ]
 
 
-FAMILIES: dict[str, Callable[[], list[Candidate]]] = {"int8": _int8_candidates}
+def _int4_weight(inp: Inputs, group_size: int = 128):
+    from lowbit.formats import int4 as fmt  # lazily, as for the ops
+    return inp.get(f"w4g{group_size}", lambda: fmt.quantize_weight(inp.w, group_size, symmetric=False,
+                                                                   scale_dtype=torch.float32))
+
+
+def _int4_candidates() -> list[Candidate]:
+    """W4A16, group 128, asymmetric: lowbit against torch's own int4 CPU/GPU kernels."""
+    t_f32 = lambda s: gemm_traffic(s, weight_bits=32, act_bytes=4, out_bytes=4)  # noqa: E731
+    t_bf16 = lambda s: gemm_traffic(s, weight_bits=16, act_bytes=2, out_bytes=2)  # noqa: E731
+    # scale + zero per group of 128, as 2 x 4 bytes (lowbit) or 2 x 2 bytes (torch, bf16)
+    t_w4 = lambda act_bytes, sz_bytes: (lambda s: gemm_traffic(  # noqa: E731
+        s, weight_bits=4 + 8 * sz_bytes / 128, act_bytes=act_bytes, out_bytes=act_bytes))
+
+    def fp32_linear(inp):
+        x, w = inp.x, inp.w
+        return lambda: F.linear(x, w)
+
+    def bf16_linear(inp):
+        x, w = _bf16(inp, "x16", lambda: inp.x), _bf16(inp, "w16", lambda: inp.w)
+        return lambda: F.linear(x, w)
+
+    def torch_int4pack(inp):
+        from lowbit.formats import int4 as fmt
+        w4 = _int4_weight(inp)
+        codes = fmt.unpack(w4.packed, inp.shape.k).to(torch.int32)
+        # torch's convention: w = (u - 8) * scale + zero, with [K/group, N, 2] bf16 scales_and_zeros
+        zero = (8 - w4.zero) * w4.scale
+        sz = torch.stack([w4.scale.T, zero.T], dim=-1).contiguous().to(torch.bfloat16)
+        x = _bf16(inp, "x16", lambda: inp.x)
+        if inp.device.type == "cpu":
+            _need(hasattr(torch, "_weight_int4pack_mm_for_cpu"), "torch._weight_int4pack_mm_for_cpu not in this torch")
+            packed = torch._convert_weight_to_int4pack_for_cpu(codes, 1)
+            return lambda: torch._weight_int4pack_mm_for_cpu(x, packed, 128, sz)
+        # The CUDA kernel takes uint8 [N, K/2] with the even column in the high nibble.
+        packed = torch._convert_weight_to_int4pack((codes[:, ::2] << 4 | codes[:, 1::2]).to(torch.uint8), 8)
+        return lambda: torch._weight_int4pack_mm(x, packed, 128, sz)
+
+    def lb_int4(dtype):
+        def build(inp):
+            ops = _lowbit_ops()
+            w4 = _int4_weight(inp)
+            x = inp.x if dtype == torch.float32 else _bf16(inp, "x16", lambda: inp.x)
+            return lambda: ops.int4_weight_only_mm(x, w4.packed, w4.scale, w4.zero, 128)
+        return build
+
+    C = Candidate
+    return [
+        C("fp32 F.linear", "int4", "baseline", "float32", "float", "float", fp32_linear, t_f32, ("cpu",)),
+        C("bf16 F.linear", "int4", "baseline", "bfloat16", "float", "float", bf16_linear, t_bf16),
+        C("torch._weight_int4pack_mm g128", "int4", "baseline", "bfloat16", "float", "float", torch_int4pack,
+          t_w4(2, 2)),
+        C("int4_weight_only_mm g128", "int4", "lowbit", "float32", "float", "float", lb_int4(torch.float32),
+          t_w4(4, 4)),
+        C("int4_weight_only_mm g128", "int4", "lowbit", "bfloat16", "float", "float", lb_int4(torch.bfloat16),
+          t_w4(2, 4)),
+    ]
+
+
+FAMILIES: dict[str, Callable[[], list[Candidate]]] = {"int8": _int8_candidates, "int4": _int4_candidates}
 
 
 def candidates(families: Sequence[str], device: torch.device) -> list[Candidate]:
