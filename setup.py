@@ -95,7 +95,7 @@ def extension():
         "--expt-relaxed-constexpr",
         "--expt-extended-lambda",
         "-lineinfo",
-        # Registers and spills per kernel land in the build log; tests/test_cuda_resources.py
+        # Registers and spills per kernel land in the build log; tests/test_cuda_build.py
         # reads the same numbers back from the built .so with cuobjdump.
         "-Xptxas=-v",
         "-DLOWBIT_WITH_CUDA=1",

@@ -30,7 +30,9 @@ def int8_quantize_dynamic(x: torch.Tensor, per_row: bool = True):
         amax = x32.abs().amax(dim=-1)
     else:
         amax = x32.abs().amax()
-    scale = torch.where(amax > 0, amax / QMAX, torch.ones_like(amax))
+    # tensor / tensor: on CUDA, tensor / python-scalar is computed as a multiply by the
+    # reciprocal, which is not the IEEE division the spec (and every kernel) uses.
+    scale = torch.where(amax > 0, amax / torch.full_like(amax, QMAX), torch.ones_like(amax))
     q = int8_quantize_static(x, scale)
     return q, scale
 
