@@ -171,3 +171,93 @@ def int4_weight_only_mm(op, x, packed_w, scale, zero, group_size, bias=None):
         same_device(op, x=x, zero=zero)
     bias_arg(op, bias, N, x, "x")
     return x.shape[0], N
+
+
+# --------------------------------------------------------------------------- FP8
+FP8_FORMATS = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
+FP8_DTYPES = tuple(FP8_FORMATS.values())
+# Scales come in blocks of 128 along K (and along N for 128x128 weight blocks), DeepSeek-style.
+FP8_BLOCK = 128
+FP8_GRANULARITIES = ("tensor", "row", "block1x128", "block128x128")
+
+
+def _cdiv(a: int, b: int) -> int:
+    return (a + b - 1) // b
+
+
+def fp8_format(op, format):
+    if format not in FP8_FORMATS:
+        fail(op, f"format must be 'e4m3' or 'e5m2', got '{format}'")
+
+
+def fp8_quantize_dynamic(op, x, format="e4m3", granularity="row", saturate=True):
+    tensor(op, "x", x, dtypes=FLOAT_DTYPES, min_dim=1)
+    nonempty(op, "x", x)
+    fp8_format(op, format)
+    if granularity not in FP8_GRANULARITIES:
+        fail(op, f"granularity must be 'tensor', 'row', 'block1x128' or 'block128x128', got '{granularity}'")
+    if granularity == "block128x128" and x.dim() != 2:
+        fail(op, f"x must be 2-D for granularity 'block128x128', got shape {_shape(x)}")
+
+
+def fp8_quantize_static(op, x, scale, format="e4m3", saturate=True):
+    tensor(op, "x", x, dtypes=FLOAT_DTYPES, min_dim=1)
+    nonempty(op, "x", x)
+    fp8_format(op, format)
+    tensor(op, "scale", scale, dtypes=(torch.float32,))
+    same_device(op, x=x, scale=scale)
+    rows = list(x.shape[:-1])
+    blocks = rows + [_cdiv(x.shape[-1], FP8_BLOCK)]
+    if (scale.numel() == 1 and scale.dim() <= 1) or _shape(scale) in (rows, blocks):
+        return
+    fail(op, f"scale must be a scalar ([] or [1]), have shape x.shape[:-1]={rows} (per row) or "
+             f"x.shape[:-1]+[ceil(K/128)]={blocks} (per 1x128 block), got {_shape(scale)}")
+
+
+def fp8_operand(op, name, t):
+    tensor(op, name, t, dtypes=FP8_DTYPES, dim=2)
+
+
+def _fp8_mm_shapes(op, a, b, a_name="a", b_name="b"):
+    same_device(op, **{a_name: a, b_name: b})
+    if a.shape[1] != b.shape[1]:
+        fail(op, f"{a_name} is [M, K]={_shape(a)} and {b_name} is [N, K]={_shape(b)}: their K must match")
+    nonempty(op, a_name, a)
+    nonempty(op, b_name, b)
+    return a.shape[0], b.shape[0], a.shape[1]
+
+
+def fp8_scaled_mm(op, a, b, scale_a, scale_b, bias=None, out_dtype=None):
+    fp8_operand(op, "a", a)
+    fp8_operand(op, "b", b)
+    M, N, K = _fp8_mm_shapes(op, a, b)
+    tensor(op, "scale_a", scale_a, dtypes=(torch.float32,))
+    tensor(op, "scale_b", scale_b, dtypes=(torch.float32,))
+    same_device(op, a=a, scale_a=scale_a, scale_b=scale_b)
+    kb = _cdiv(K, FP8_BLOCK)
+    if scale_a.dim() == 2 or scale_b.dim() == 2:
+        # Block scaling: both operands, or the scale shapes would be ambiguous.
+        if _shape(scale_a) != [M, kb]:
+            fail(op, f"scale_a must have shape [M, ceil(K/128)]=[{M}, {kb}] for block scaling, got {_shape(scale_a)}")
+        if _shape(scale_b) != [_cdiv(N, FP8_BLOCK), kb]:
+            fail(op, f"scale_b must have shape [ceil(N/128), ceil(K/128)]=[{_cdiv(N, FP8_BLOCK)}, {kb}] "
+                     f"for block scaling, got {_shape(scale_b)}")
+    else:
+        scale_vector(op, "scale_a", scale_a, M, "M")
+        scale_vector(op, "scale_b", scale_b, N, "N")
+    bias_arg(op, bias, N, a, "a")
+    return M, N, out_dtype_arg(op, out_dtype)
+
+
+def fp8_weight_only_mm(op, x, w, scale, bias=None):
+    tensor(op, "x", x, dtypes=FLOAT_DTYPES, dim=2)
+    fp8_operand(op, "w", w)
+    M, N, K = _fp8_mm_shapes(op, x, w, "x", "w")
+    tensor(op, "scale", scale, dtypes=(torch.float32,))
+    same_device(op, x=x, scale=scale)
+    blocks = [_cdiv(N, FP8_BLOCK), _cdiv(K, FP8_BLOCK)]
+    if not ((scale.numel() == 1 and scale.dim() <= 1) or _shape(scale) in ([N], blocks)):
+        fail(op, f"scale must be a scalar ([] or [1]), have shape [N]=[{N}] (per channel) or "
+                 f"[ceil(N/128), ceil(K/128)]={blocks} (per 128x128 block), got {_shape(scale)}")
+    bias_arg(op, bias, N, x, "x")
+    return M, N

@@ -89,6 +89,50 @@ def _int4_weight_only_mm_fake(x, packed_w, scale, zero, group_size, bias=None):
     return x.new_empty((M, N), dtype=x.dtype)
 
 
+# --------------------------------------------------------------------------- FP8
+def _fp8_scale_shape(x, granularity):
+    K = x.shape[-1]
+    kb = (K + _checks.FP8_BLOCK - 1) // _checks.FP8_BLOCK
+    if granularity == "tensor":
+        return ()
+    if granularity == "row":
+        return tuple(x.shape[:-1])
+    if granularity == "block1x128":
+        return (*x.shape[:-1], kb)
+    return ((x.shape[0] + _checks.FP8_BLOCK - 1) // _checks.FP8_BLOCK, kb)
+
+
+@_define(
+    "fp8_quantize_dynamic",
+    "(Tensor x, str format=\"e4m3\", str granularity=\"row\", bool saturate=True) -> (Tensor q, Tensor scale)",
+)
+def _fp8_quantize_dynamic_fake(x, format="e4m3", granularity="row", saturate=True):
+    _checks.fp8_quantize_dynamic("fp8_quantize_dynamic", x, format, granularity, saturate)
+    q = x.new_empty(x.shape, dtype=_checks.FP8_FORMATS[format])
+    return q, x.new_empty(_fp8_scale_shape(x, granularity), dtype=torch.float32)
+
+
+@_define("fp8_quantize_static", "(Tensor x, Tensor scale, str format=\"e4m3\", bool saturate=True) -> Tensor")
+def _fp8_quantize_static_fake(x, scale, format="e4m3", saturate=True):
+    _checks.fp8_quantize_static("fp8_quantize_static", x, scale, format, saturate)
+    return x.new_empty(x.shape, dtype=_checks.FP8_FORMATS[format])
+
+
+@_define(
+    "fp8_scaled_mm",
+    "(Tensor a, Tensor b, Tensor scale_a, Tensor scale_b, Tensor? bias=None, ScalarType? out_dtype=None) -> Tensor",
+)
+def _fp8_scaled_mm_fake(a, b, scale_a, scale_b, bias=None, out_dtype=None):
+    M, N, out_dtype = _checks.fp8_scaled_mm("fp8_scaled_mm", a, b, scale_a, scale_b, bias, out_dtype)
+    return a.new_empty((M, N), dtype=out_dtype)
+
+
+@_define("fp8_weight_only_mm", "(Tensor x, Tensor w, Tensor scale, Tensor? bias=None) -> Tensor")
+def _fp8_weight_only_mm_fake(x, w, scale, bias=None):
+    M, N = _checks.fp8_weight_only_mm("fp8_weight_only_mm", x, w, scale, bias)
+    return x.new_empty((M, N), dtype=x.dtype)
+
+
 def op_names() -> list[str]:
     """The public ops, in registration order."""
     return list(SCHEMAS)

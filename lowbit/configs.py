@@ -79,7 +79,25 @@ class Int4Config(Config):
     scale_dtype: str | None = None
 
 
-_CONFIG_TYPES: dict[str, type[Config]] = {c.__name__: c for c in (Int8Config, Int4Config)}
+@dataclass(frozen=True)
+class FP8Config(Config):
+    """FP8 weights (:mod:`lowbit.formats.fp8`), activations quantized to fp8 at run time.
+
+    ``format``: ``"e4m3"`` (precision, max 448) or ``"e5m2"`` (range, max 57344).
+    ``granularity``: ``"row"`` (per output channel; activations per token), ``"tensor"``, or
+    ``"block"`` (128x128 weight tiles, 1x128 activation blocks; DeepSeek-V3 style).
+    ``weight_only=True``: float activations times fp8 weights decoded in the kernel.
+    Activation scales are dynamic (amax per token / block / tensor); static calibrated scales
+    are set per layer on :class:`lowbit.nn.FP8Linear`.
+    """
+
+    VERSION: ClassVar[int] = 1
+    format: str = "e4m3"
+    granularity: str = "row"
+    weight_only: bool = False
+
+
+_CONFIG_TYPES: dict[str, type[Config]] = {c.__name__: c for c in (Int8Config, Int4Config, FP8Config)}
 
 Handler = Callable[[nn.Linear, Config], nn.Module]
 _HANDLERS: dict[type, Handler] = {}
@@ -110,6 +128,10 @@ PRESETS: dict[str, Config] = {
     "int4": Int4Config(group_size=128, symmetric=False),
     "int4-g64": Int4Config(group_size=64, symmetric=False),
     "int4-g32": Int4Config(group_size=32, symmetric=False),
+    "fp8": FP8Config(format="e4m3", granularity="row"),
+    "fp8-e5m2": FP8Config(format="e5m2", granularity="row"),
+    "fp8-block": FP8Config(format="e4m3", granularity="block"),
+    "fp8-weight": FP8Config(format="e4m3", granularity="row", weight_only=True),
 }
 
 

@@ -78,3 +78,54 @@ def int4_weight_only_mm(
     `x` float32/float16/bfloat16 [M, K]; accumulation float32; output in `x.dtype`.
     """
     return _lowbit.int4_weight_only_mm(x, packed_w, scale, zero, group_size, bias)
+
+
+# --------------------------------------------------------------------------- FP8
+def fp8_quantize_dynamic(
+    x: torch.Tensor, format: str = "e4m3", granularity: str = "row", saturate: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """FP8 quantization with scales from `x` itself: ``x ~= q * scale`` (scale = amax / fmax).
+
+    `format`: ``"e4m3"`` (torch.float8_e4m3fn, max 448) or ``"e5m2"`` (torch.float8_e5m2, max
+    57344). `granularity` and the float32 scale's shape: ``"tensor"`` ``[]``; ``"row"``
+    ``x.shape[:-1]`` (per token / per output channel); ``"block1x128"`` ``x.shape[:-1] +
+    [ceil(K/128)]`` (activations, DeepSeek-style); ``"block128x128"`` ``[ceil(R/128),
+    ceil(K/128)]`` for a 2-D `x` (weights). Round to nearest even; out-of-range values saturate
+    to +-max unless ``saturate=False`` (then e4m3 gives NaN and e5m2 inf); NaN stays NaN; all-zero
+    groups get scale 1.
+    """
+    return _lowbit.fp8_quantize_dynamic(x, format, granularity, saturate)
+
+
+def fp8_quantize_static(x: torch.Tensor, scale: torch.Tensor, format: str = "e4m3", saturate: bool = True) -> torch.Tensor:
+    """FP8 quantization with a given (calibrated) float32 scale: scalar, per row, or per 1x128 block."""
+    return _lowbit.fp8_quantize_static(x, scale, format, saturate)
+
+
+def fp8_scaled_mm(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    scale_a: torch.Tensor,
+    scale_b: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """FP8 GEMM ``dequant(a) @ dequant(b).T + bias`` with float32 accumulation.
+
+    `a` [M, K] and `b` [N, K] are float8_e4m3fn or float8_e5m2 (each either). Scales (float32)
+    select the granularity: ``scale_a`` scalar or [M] with ``scale_b`` scalar or [N]; or block
+    scaling with ``scale_a`` [M, ceil(K/128)] and ``scale_b`` [ceil(N/128), ceil(K/128)].
+    Output ``out_dtype``: float32 (default), float16 or bfloat16.
+    """
+    return _lowbit.fp8_scaled_mm(a, b, scale_a, scale_b, bias, out_dtype)
+
+
+def fp8_weight_only_mm(
+    x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Weight-only FP8 GEMM: float `x` [M, K] times fp8 `w` [N, K] decoded in the kernel.
+
+    `scale` float32: scalar, [N] (per channel) or [ceil(N/128), ceil(K/128)] (128x128 blocks).
+    Accumulation float32; output in `x.dtype`.
+    """
+    return _lowbit.fp8_weight_only_mm(x, w, scale, bias)

@@ -7,6 +7,7 @@ or an overhead figure can never disagree between them.
 
 from __future__ import annotations
 
-from . import int4, int8  # noqa: F401
+from . import fp8, int4, int8  # noqa: F401
 from .int8 import Int8Weight  # noqa: F401
 from .int4 import Int4Weight  # noqa: F401
+from .fp8 import Fp8Weight  # noqa: F401

@@ -10,3 +10,4 @@ from __future__ import annotations
 from .base import QuantizedLinear, check_float_linear, check_parent  # noqa: F401
 from .int8 import Int8Linear, Int8WeightOnlyLinear  # noqa: F401
 from .int4 import Int4Linear  # noqa: F401
+from .fp8 import FP8Linear  # noqa: F401

@@ -199,4 +199,162 @@ inline void check_int4_weight_only_mm(const char* op, const at::Tensor& x, const
   check_bias(op, bias, N, "x", x);
 }
 
+// ---------------------------------------------------------------------------- FP8
+// Messages mirror lowbit/_checks.py (fp8_*); dtype names as Python prints them.
+inline std::string fp8_dtype_name(c10::ScalarType t) {
+  switch (t) {
+    case c10::ScalarType::Float8_e4m3fn: return "float8_e4m3fn";
+    case c10::ScalarType::Float8_e5m2: return "float8_e5m2";
+    case c10::ScalarType::Double: return "float64";
+    case c10::ScalarType::Short: return "int16";
+    case c10::ScalarType::Bool: return "bool";
+    default: return dtype_name(t);
+  }
+}
+
+// Python prints a dtype argument as torch.<name>.
+inline c10::ScalarType check_fp8_out_dtype(const char* op, std::optional<c10::ScalarType> out_dtype) {
+  if (!out_dtype.has_value()) return c10::ScalarType::Float;
+  if (!is_float_dtype(*out_dtype))
+    LOWBIT_FAIL(op, "out_dtype must be float32, float16 or bfloat16, got torch.", fp8_dtype_name(*out_dtype));
+  return *out_dtype;
+}
+
+inline bool is_fp8_dtype(c10::ScalarType t) {
+  return t == c10::ScalarType::Float8_e4m3fn || t == c10::ScalarType::Float8_e5m2;
+}
+
+constexpr int64_t kFp8Block = 128;
+
+inline int64_t fp8_cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+inline void check_fp8_float_input(const char* op, const char* name, const at::Tensor& t) {
+  if (!is_float_dtype(t.scalar_type()))
+    LOWBIT_FAIL(op, name, " must have dtype float32, float16, bfloat16, got ", fp8_dtype_name(t.scalar_type()));
+}
+
+inline void check_fp8_scale_dtype(const char* op, const char* name, const at::Tensor& t) {
+  if (t.scalar_type() != c10::ScalarType::Float)
+    LOWBIT_FAIL(op, name, " must have dtype float32, got ", fp8_dtype_name(t.scalar_type()));
+}
+
+inline void check_fp8_operand(const char* op, const char* name, const at::Tensor& t) {
+  if (!is_fp8_dtype(t.scalar_type()))
+    LOWBIT_FAIL(op, name, " must have dtype float8_e4m3fn, float8_e5m2, got ", fp8_dtype_name(t.scalar_type()));
+  check_dim(op, name, t, 2);
+}
+
+// Returns true for e4m3, false for e5m2.
+inline bool check_fp8_format(const char* op, const std::string& format) {
+  if (format == "e4m3") return true;
+  if (format == "e5m2") return false;
+  LOWBIT_FAIL(op, "format must be 'e4m3' or 'e5m2', got '", format, "'");
+  return false;  // unreachable
+}
+
+inline std::string fp8_shape_list(const std::vector<int64_t>& v) {
+  std::ostringstream os;
+  os << "[";
+  for (size_t i = 0; i < v.size(); ++i) os << (i ? ", " : "") << v[i];
+  os << "]";
+  return os.str();
+}
+
+inline bool fp8_shape_is(const at::Tensor& t, const std::vector<int64_t>& v) {
+  if (t.dim() != static_cast<int64_t>(v.size())) return false;
+  for (size_t i = 0; i < v.size(); ++i)
+    if (t.size(static_cast<int64_t>(i)) != v[i]) return false;
+  return true;
+}
+
+inline bool fp8_is_scalar(const at::Tensor& s) { return s.numel() == 1 && s.dim() <= 1; }
+
+inline void check_fp8_x(const char* op, const at::Tensor& x) {
+  check_fp8_float_input(op, "x", x);
+  if (x.dim() < 1) LOWBIT_FAIL(op, "x must have at least 1 dimension(s), got shape ", shape_str(x));
+  check_nonempty(op, "x", x);
+}
+
+inline void check_fp8_quantize_dynamic(const char* op, const at::Tensor& x, const std::string& format,
+                                       const std::string& granularity) {
+  check_fp8_x(op, x);
+  check_fp8_format(op, format);
+  if (granularity != "tensor" && granularity != "row" && granularity != "block1x128" &&
+      granularity != "block128x128")
+    LOWBIT_FAIL(op, "granularity must be 'tensor', 'row', 'block1x128' or 'block128x128', got '", granularity, "'");
+  if (granularity == "block128x128" && x.dim() != 2)
+    LOWBIT_FAIL(op, "x must be 2-D for granularity 'block128x128', got shape ", shape_str(x));
+}
+
+inline void check_fp8_quantize_static(const char* op, const at::Tensor& x, const at::Tensor& scale,
+                                      const std::string& format) {
+  check_fp8_x(op, x);
+  check_fp8_format(op, format);
+  check_fp8_scale_dtype(op, "scale", scale);
+  check_same_device(op, "scale", scale, "x", x);
+  std::vector<int64_t> rows(x.sizes().begin(), x.sizes().end() - 1);
+  std::vector<int64_t> blocks = rows;
+  blocks.push_back(fp8_cdiv(x.size(-1), kFp8Block));
+  if (fp8_is_scalar(scale) || fp8_shape_is(scale, rows) || fp8_shape_is(scale, blocks)) return;
+  LOWBIT_FAIL(op, "scale must be a scalar ([] or [1]), have shape x.shape[:-1]=", fp8_shape_list(rows),
+              " (per row) or x.shape[:-1]+[ceil(K/128)]=", fp8_shape_list(blocks), " (per 1x128 block), got ",
+              shape_str(scale));
+}
+
+inline void check_fp8_mm_shapes(const char* op, const at::Tensor& a, const at::Tensor& b, const char* a_name,
+                                const char* b_name) {
+  check_same_device(op, b_name, b, a_name, a);
+  if (a.size(1) != b.size(1))
+    LOWBIT_FAIL(op, a_name, " is [M, K]=", shape_str(a), " and ", b_name, " is [N, K]=", shape_str(b),
+                ": their K must match");
+  check_nonempty(op, a_name, a);
+  check_nonempty(op, b_name, b);
+}
+
+// Returns the output dtype; `block` tells whether the scales are per 1x128 / 128x128 block.
+inline c10::ScalarType check_fp8_scaled_mm(const char* op, const at::Tensor& a, const at::Tensor& b,
+                                           const at::Tensor& scale_a, const at::Tensor& scale_b,
+                                           const std::optional<at::Tensor>& bias,
+                                           std::optional<c10::ScalarType> out_dtype, bool* block) {
+  check_fp8_operand(op, "a", a);
+  check_fp8_operand(op, "b", b);
+  check_fp8_mm_shapes(op, a, b, "a", "b");
+  const int64_t M = a.size(0), N = b.size(0), K = a.size(1), kb = fp8_cdiv(K, kFp8Block);
+  check_fp8_scale_dtype(op, "scale_a", scale_a);
+  check_fp8_scale_dtype(op, "scale_b", scale_b);
+  check_same_device(op, "scale_a", scale_a, "a", a);
+  check_same_device(op, "scale_b", scale_b, "a", a);
+  *block = scale_a.dim() == 2 || scale_b.dim() == 2;
+  if (*block) {
+    if (!fp8_shape_is(scale_a, {M, kb}))
+      LOWBIT_FAIL(op, "scale_a must have shape [M, ceil(K/128)]=[", M, ", ", kb, "] for block scaling, got ",
+                  shape_str(scale_a));
+    if (!fp8_shape_is(scale_b, {fp8_cdiv(N, kFp8Block), kb}))
+      LOWBIT_FAIL(op, "scale_b must have shape [ceil(N/128), ceil(K/128)]=[", fp8_cdiv(N, kFp8Block), ", ", kb,
+                  "] for block scaling, got ", shape_str(scale_b));
+  } else {
+    check_scale_vector(op, "scale_a", scale_a, M, "M");
+    check_scale_vector(op, "scale_b", scale_b, N, "N");
+  }
+  check_bias(op, bias, N, "a", a);
+  return check_fp8_out_dtype(op, out_dtype);
+}
+
+inline void check_fp8_weight_only_mm(const char* op, const at::Tensor& x, const at::Tensor& w,
+                                     const at::Tensor& scale, const std::optional<at::Tensor>& bias) {
+  check_fp8_float_input(op, "x", x);
+  check_dim(op, "x", x, 2);
+  check_fp8_operand(op, "w", w);
+  check_fp8_mm_shapes(op, x, w, "x", "w");
+  const int64_t N = w.size(0), K = w.size(1);
+  check_fp8_scale_dtype(op, "scale", scale);
+  check_same_device(op, "scale", scale, "x", x);
+  const std::vector<int64_t> blocks{fp8_cdiv(N, kFp8Block), fp8_cdiv(K, kFp8Block)};
+  if (!(fp8_is_scalar(scale) || fp8_shape_is(scale, {N}) || fp8_shape_is(scale, blocks)))
+    LOWBIT_FAIL(op, "scale must be a scalar ([] or [1]), have shape [N]=[", N,
+                "] (per channel) or [ceil(N/128), ceil(K/128)]=", fp8_shape_list(blocks),
+                " (per 128x128 block), got ", shape_str(scale));
+  check_bias(op, bias, N, "x", x);
+}
+
 }  // namespace lowbit

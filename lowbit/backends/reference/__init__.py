@@ -4,4 +4,4 @@ They favour clarity over speed, run on any device, and define the exact numerics
 optimized kernels must reproduce (see docs/ops.md).
 """
 
-from . import int4, int8  # noqa: F401
+from . import fp8, int4, int8  # noqa: F401
