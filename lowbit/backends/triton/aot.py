@@ -41,6 +41,7 @@ import time
 import triton
 
 from . import int8
+from . import int4
 
 TARGETS = (80, 89, 90)
 
@@ -201,9 +202,50 @@ def _int8_entries():
 AOT_KERNELS: list[AotKernel] = []
 AOT_KERNELS += _int8_entries()
 
+
+# ============================================================================ INT4
+# As the JIT specialises a launch from lowbit.backends.triton.int4.int4_weight_only_mm: x is
+# handed over as for the INT8 GEMMs (K-contiguous, aligned, K padded to 16); packed_w rows are
+# byte-contiguous and aligned, their length ceil(K/32)*16 a multiple of 16; group_size is a
+# multiple of 32 (per channel becomes ceil(K/32)*32); scale and zero are contiguous [N, G], so
+# their column stride is 1 and their row stride G is aligned only when G is (G = 1 per channel
+# is specialised to 1, like any stride of 1). Variants cover every x dtype, scales in each
+# float dtype, zero or symmetric, bias or not, odd N, per channel.
+def _int4_entries():
+    entries = []
+
+    def weight_only(x_ty, s_ty, zero, bias_ty, layout=""):
+        ieee = x_ty == "*fp32"
+        fn = int4._int4_weight_only_mm_fp32 if ieee else int4._int4_weight_only_mm_tc
+        unit = ("stride_xk", "stride_wk", "stride_cn", "stride_sg") + (("stride_bias",) if bias_ty else ())
+        aligned = ("x_ptr", "w_ptr", "c_ptr", "scale_ptr", "zero_ptr", "K", "KB", "group_size",
+                   "stride_xm", "stride_wn") + (("bias_ptr",) if bias_ty else ())
+        if layout == "per-channel":
+            unit += ("stride_sn",)
+        if layout != "odd-N":
+            aligned += ("N", "stride_cm")
+        sig, ones, al = _spec(fn, {"x_ptr": x_ty, "w_ptr": "*u8", "c_ptr": x_ty, "scale_ptr": s_ty,
+                                   "zero_ptr": s_ty, "bias_ptr": bias_ty or s_ty}, unit=unit, aligned=aligned)
+        name = (f"int4_weight_only_mm[{x_ty[1:]},scale={s_ty[1:]},{'zero' if zero else 'sym'},"
+                f"bias={bias_ty[1:] if bias_ty else 'none'}]" + (f"[{layout}]" if layout else ""))
+        configs = int4.weight_only_fp32_configs if ieee else int4.weight_only_configs
+        entries.append(AotKernel(name, fn, sig, {**ones, "HAS_ZERO": zero, "HAS_BIAS": bias_ty is not None,
+                                                 "IEEE": ieee}, _configs(configs), aligned=al, gemm=True,
+                                 tensor_cores=not ieee))
+
+    weight_only("*fp16", "*fp16", True, "*fp16")
+    weight_only("*bf16", "*bf16", False, None, "odd-N")
+    weight_only("*bf16", "*fp32", True, None, "per-channel")
+    weight_only("*fp32", "*fp32", True, "*fp32", "odd-N")
+    return entries
+
+
+AOT_KERNELS += _int4_entries()
+
 # @triton.jit functions that are only ever called from kernels (inlined into them), so they
 # are compiled as part of the kernels that use them.
 DEVICE_FUNCTIONS = [int8._tile_offsets, int8._dot_k_loop]
+DEVICE_FUNCTIONS += [int4._per_byte]
 
 
 # ============================================================================ completeness
