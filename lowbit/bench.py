@@ -452,7 +452,68 @@ def _int4_candidates() -> list[Candidate]:
     ]
 
 
-FAMILIES: dict[str, Callable[[], list[Candidate]]] = {"int8": _int8_candidates, "int4": _int4_candidates}
+def _fp8_weight(inp: Inputs, fmt_name: str = "e4m3"):
+    from lowbit.formats import fp8 as fmt
+    return inp.get(f"w8f{fmt_name}", lambda: fmt.quantize_weight(inp.w, fmt_name, "row"))
+
+
+def _fp8_candidates() -> list[Candidate]:
+    """FP8 E4M3, per-channel weights: weight-only and W8A8 (dynamic per-token activations)."""
+    t_f32 = lambda s: gemm_traffic(s, weight_bits=32, act_bytes=4, out_bytes=4)  # noqa: E731
+    t_w8 = lambda act_bytes: (lambda s: gemm_traffic(  # noqa: E731
+        s, weight_bits=8, scale_bytes=4, act_bytes=act_bytes, out_bytes=act_bytes))
+
+    def fp32_linear(inp):
+        x, w = inp.x, inp.w
+        return lambda: F.linear(x, w)
+
+    def bf16_linear(inp):
+        x, w = _bf16(inp, "x16", lambda: inp.x), _bf16(inp, "w16", lambda: inp.w)
+        return lambda: F.linear(x, w)
+
+    def scaled_mm(inp):
+        _need(inp.device.type == "cuda" and hasattr(torch, "_scaled_mm"), "torch._scaled_mm needs a CUDA GPU")
+        w8 = _fp8_weight(inp)
+        xq, sx = _lowbit_ops().fp8_quantize_dynamic(inp.x, "e4m3", "row")
+        wt, sw = w8.qweight.t(), w8.scale.reshape(1, -1)
+        return lambda: torch._scaled_mm(xq, wt, scale_a=sx.reshape(-1, 1), scale_b=sw, out_dtype=torch.bfloat16)
+
+    def lb_weight_only(dtype):
+        def build(inp):
+            ops = _lowbit_ops()
+            w8 = _fp8_weight(inp)
+            x = inp.x if dtype == torch.float32 else _bf16(inp, "x16", lambda: inp.x)
+            return lambda: ops.fp8_weight_only_mm(x, w8.qweight, w8.scale)
+        return build
+
+    def lb_scaled(inp):
+        ops = _lowbit_ops()
+        w8 = _fp8_weight(inp)
+        x = inp.x
+
+        def run():
+            q, sx = ops.fp8_quantize_dynamic(x, "e4m3", "row")
+            return ops.fp8_scaled_mm(q, w8.qweight, sx, w8.scale)
+        return run
+
+    C = Candidate
+    return [
+        C("fp32 F.linear", "fp8", "baseline", "float32", "float", "float", fp32_linear, t_f32, ("cpu",)),
+        C("bf16 F.linear", "fp8", "baseline", "bfloat16", "float", "float", bf16_linear,
+          lambda s: gemm_traffic(s, weight_bits=16, act_bytes=2, out_bytes=2)),
+        C("torch._scaled_mm e4m3 row", "fp8", "baseline", "float32", "float", "float", scaled_mm, t_w8(4), ("cuda",)),
+        C("fp8_weight_only_mm e4m3", "fp8", "lowbit", "float32", "float", "float", lb_weight_only(torch.float32), t_w8(4)),
+        C("fp8_weight_only_mm e4m3", "fp8", "lowbit", "bfloat16", "float", "float", lb_weight_only(torch.bfloat16),
+          t_w8(2)),
+        C("fp8 w8a8 (quantize+scaled_mm)", "fp8", "lowbit", "float32", "float", "float", lb_scaled, t_w8(4)),
+    ]
+
+
+FAMILIES: dict[str, Callable[[], list[Candidate]]] = {
+    "int8": _int8_candidates,
+    "int4": _int4_candidates,
+    "fp8": _fp8_candidates,
+}
 
 
 def candidates(families: Sequence[str], device: torch.device) -> list[Candidate]:
