@@ -111,6 +111,7 @@ KERNEL_OPS: tuple[tuple[str, str], ...] = (
     ("int8_amax", "int8_quantize_dynamic"),
     ("int8_wo_", "int8_weight_only_mm"),
     ("int8_gemm_simt", "int8_mm, int8_scaled_mm"),
+    ("int4_wo_", "int4_weight_only_mm"),
     ("cutlass::Kernel", "int8_mm, int8_scaled_mm"),
 )
 

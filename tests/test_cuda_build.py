@@ -277,3 +277,224 @@ def test_gemv_lanes_tile_k_without_gaps(layout_maps):
     starts = sorted(k for _, _, k in layout_maps["gemv"])
     # 3 steps x 32 lanes x 16 weights: k = 0, 16, 32, ... with no gap or overlap.
     assert starts == list(range(0, 3 * 32 * 16, 16))
+
+
+# ============================================================================= INT4
+# Every kernel the INT4 .cu must contain, and the SASS opcode the tensor-core one must use.
+INT4_KERNELS = ["int4_wo_gemv_kernel", "int4_wo_mma_kernel", "int4_wo_simt_f32_kernel"]
+
+
+@needs_cuda_build
+@pytest.mark.parametrize("family", INT4_KERNELS)
+def test_int4_kernels_present_for_every_arch(resources, family):
+    for arch in expected_archs():
+        names = [r["kernel"] for r in resources if r["arch"] == arch]
+        assert any(family in n for n in names), f"{family} missing from the {arch} SASS"
+
+
+@needs_cuda_build
+def test_int4_kernels_use_their_instructions():
+    so = cuda_resources.extension_path()
+    if cuda_resources.cuobjdump_path() is None:
+        pytest.skip("cuobjdump not found")
+    funcs = _sass_by_function(so)
+    # mma.sync m16n8k16 is HMMA.16816; the GEMV must not have been turned into something else
+    # either: its weight loads are 128-bit (LDG.E.128).
+    expect = {"int4_wo_mma_kernel": ["HMMA.16816", "LDGSTS", "LDSM"], "int4_wo_gemv_kernel": ["LDG.E.128"]}
+    for arch in expected_archs():
+        for family, opcodes in expect.items():
+            bodies = [body for (a, n), body in funcs.items() if a == arch and family in n]
+            assert bodies, f"{family} not found in the {arch} SASS"
+            for body in bodies:
+                for opcode in opcodes:
+                    assert opcode in body, f"{family} on {arch} has no {opcode} instruction"
+
+
+@needs_cuda_build
+def test_int4_twin_has_a_cuda_kernel():
+    qualified = f"lowbit::{_ops.CUDA_TWIN_PREFIX}int4_weight_only_mm"
+    assert _extension.has_kernel(qualified, "CUDA"), f"{qualified} has no CUDA kernel registered"
+
+
+# ----------------------------------------------------------------------------- int4_layout.h
+INT4_PROBE = r"""
+#include <cstdio>
+#include <vector>
+#include "lowbit/int4_layout.h"
+using namespace lowbit::int4_layout;
+static uint32_t le32(const uint8_t* p) { return p[0] | p[1] << 8 | p[2] << 16 | uint32_t(p[3]) << 24; }
+static uint32_t le16(const uint8_t* p) { return p[0] | p[1] << 8; }
+int main(int argc, char** argv) {
+  // stdin: N K, then the packed bytes of an [N, row_bytes(K)] tensor.
+  long long N, K;
+  if (std::scanf("%lld %lld", &N, &K) != 2) return 1;
+  const long long rb = row_bytes(K);
+  std::vector<uint8_t> w(N * rb);
+  for (auto& v : w) { unsigned b; if (std::scanf("%u", &b) != 1) return 1; v = uint8_t(b); }
+  std::printf("rb %lld %lld\n", rb, num_blocks(K));
+  for (long long n = 0; n < N; ++n) {
+    const uint8_t* row = &w[n * rb];
+    for (long long k = 0; k < K; ++k) std::printf("code %lld %lld %d\n", n, k, code_at(row, k));
+    for (long long b = 0; b < num_blocks(K); ++b) {
+      const uint8_t* blk = row + b * kBlockBytes;
+      for (int wi = 0; wi < 4; ++wi)  // GEMV: four 32-bit words of a 128-bit load
+        for (int h = 0; h < 2; ++h)
+          for (int e = 0; e < 4; ++e)
+            std::printf("gemv %lld %lld %d\n", n, b * kBlock + gemv::col_in_block(wi, e, h),
+                        int(code_byte_to_float(nibbles(le32(blk + 4 * wi), h), e)));
+      for (int lane = 0; lane < 32; ++lane) {  // tensor core: lanes whose fragment column is this row
+        if (mma::b_n(lane) != n % 8) continue;
+        const uint32_t word = mma::b_word(le16(blk + mma::b_pair_offset(lane, 0)), le16(blk + mma::b_pair_offset(lane, 1)));
+        for (int h = 0; h < 2; ++h)
+          for (int i = 0; i < 4; ++i)
+            std::printf("mma %lld %lld %d\n", n, b * kBlock + mma::b_col(lane, i, h),
+                        int(code_byte_to_float(nibbles(word, h), i)));
+      }
+      for (int t = 0; t < tiled::kThreads32; ++t) {  // fp32 tiled: threads whose weight row is this row
+        if (tiled::w_row32(t) != n % tiled::kBN) continue;
+        const uint32_t word = le32(blk + tiled::w_byte32(t));
+        for (int h = 0; h < 2; ++h)
+          for (int e = 0; e < 4; ++e)
+            std::printf("f32 %lld %lld %d\n", n, b * kBlock + tiled::w_col32(t, e, h),
+                        int(code_byte_to_float(nibbles(word, h), e)));
+      }
+    }
+  }
+  // Magic-number decode of every code in every byte position, and the zero subtraction.
+  for (uint32_t u = 0; u < 16; ++u)
+    for (int i = 0; i < 4; ++i) std::printf("magic %u %d %.9g\n", u, i, code_byte_to_float(u << (8 * i), i));
+  // Fragment maps.
+  for (int lane = 0; lane < 32; ++lane) {
+    for (int r = 0; r < 2; ++r)
+      for (int e = 0; e < 2; ++e) std::printf("bfrag %d %d %d %d %d\n", lane, r, e, mma::b_k(lane, r, e), mma::b_n(lane));
+    for (int c = 0; c < 4; ++c) std::printf("cfrag %d %d %d %d\n", lane, c, mma::c_m(lane, c), mma::c_n(lane, c));
+    std::printf("afrag %d %d %d\n", lane, mma::a_row(lane), mma::a_col(lane));
+  }
+  // Shared-memory maps.
+  for (int r = 0; r < gemv::kMaxRows; ++r)
+    for (int c = 0; c < gemv::kChunk; ++c) std::printf("xidx %d %d %d\n", r, c, gemv::x_index(r, c));
+  for (int i = 0; i < tiled::kXChunks; ++i) std::printf("xchunk %d %d %d\n", i, tiled::x_chunk(i).row, tiled::x_chunk(i).col);
+  for (int t = 0; t < tiled::kThreads32; ++t) {
+    std::printf("xrun32 %d %d %d\n", t, tiled::x_run32(t).row, tiled::x_run32(t).col);
+    for (int i = 0; i < 4; ++i)
+      for (int j = 0; j < 4; ++j) std::printf("out32 %d %d %d\n", t, tiled::out_row32(t, i), tiled::out_col32(t, j));
+  }
+  // Groups: for (K, group_size) pairs, the group of each block.
+  const long long cases[][2] = {{100, 100}, {4100, 4100}, {96, 32}, {100, 32}, {200, 64}, {300, 128}, {4096, 128}, {64, 64}};
+  for (const auto& c : cases)
+    for (long long b = 0; b < num_blocks(c[0]); ++b)
+      std::printf("group %lld %lld %lld %lld\n", c[0], c[1], b, group_of_block(b, blocks_per_group(c[1], c[0])));
+  std::printf("const %d %d %d %d %d %d\n", gemv::kChunk, gemv::kMaxRows, gemv::kXFloats, tiled::kBM, tiled::kBN,
+              tiled::kXChunks);
+  return 0;
+}
+"""
+
+INT4_SHAPES = [(3, 100), (9, 32), (2, 4100), (65, 64)]  # partial blocks, exact blocks, > 1 chunk, > 1 tile row
+
+
+@pytest.fixture(scope="module")
+def int4_probe(tmp_path_factory):
+    cxx = shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++") or shutil.which("clang++")
+    if cxx is None:
+        pytest.skip("no host C++ compiler")
+    d = tmp_path_factory.mktemp("int4_layout")
+    src, exe = d / "probe.cpp", d / "probe"
+    src.write_text(INT4_PROBE)
+    subprocess.run([cxx, "-std=c++17", "-O1", "-I", os.path.join(ROOT, "csrc", "include"), str(src), "-o", str(exe)],
+                   check=True, capture_output=True, text=True)
+
+    def run(packed):
+        N, rb = packed.shape
+        K = run.K
+        stdin = f"{N} {K}\n" + " ".join(str(int(v)) for v in packed.flatten().tolist()) + "\n"
+        out: dict[str, list[tuple]] = {}
+        for line in subprocess.run([str(exe)], input=stdin, check=True, capture_output=True,
+                                   text=True).stdout.splitlines():
+            key, *vals = line.split()
+            out.setdefault(key, []).append(tuple(float(v) if "." in v else int(v) for v in vals))
+        return out
+
+    return run
+
+
+@pytest.mark.parametrize("N,K", INT4_SHAPES)
+def test_int4_layout_decodes_like_the_python_format(int4_probe, N, K):
+    import torch
+
+    from lowbit.formats import int4 as fmt
+
+    g = torch.Generator().manual_seed(N * 10007 + K)
+    codes = torch.randint(0, 16, (N, K), generator=g, dtype=torch.uint8)
+    packed = fmt.pack(codes)
+    int4_probe.K = K
+    out = int4_probe(packed)
+    assert out["rb"] == [(packed.shape[1], fmt.padded_k(K) // 32)]
+    expected = {(n, k): int(codes[n, k]) for n in range(N) for k in range(K)}
+    assert {(n, k): c for n, k, c in out["code"]} == expected
+    # Each kernel's decode path reaches every real column of every row exactly once with the
+    # right code; padding columns (k >= K) decode to 0, which the kernels pair with x = 0.
+    for path in ("gemv", "mma", "f32"):
+        seen = Counter((n, k) for n, k, _ in out[path])
+        assert seen == Counter({(n, k): 1 for n in range(N) for k in range(fmt.padded_k(K))}), path
+        got = {(n, k): c for n, k, c in out[path]}
+        assert {key: got[key] for key in expected} == expected, path
+        assert all(c == 0 for (n, k), c in got.items() if k >= K), path
+
+
+@pytest.fixture(scope="module")
+def int4_maps(int4_probe):
+    import torch
+
+    int4_probe.K = 1
+    return int4_probe(torch.zeros((1, 16), dtype=torch.uint8))
+
+
+def test_int4_magic_number_decode_is_exact(int4_maps):
+    assert sorted(int4_maps["magic"]) == sorted((u, i, float(u)) for u in range(16) for i in range(4))
+
+
+def test_int4_mma_fragment_maps_match_the_ptx_layout(int4_maps):
+    # PTX ISA, mma.m16n8k16 (f16/bf16): B element (row k, col n) of lane = 4 * groupID + tid
+    # sits in b{r}.{e} with k = 2 * tid + e + 8 * r and n = groupID; each (k, n) held by one lane.
+    b = {(lane, r, e): (k, n) for lane, r, e, k, n in int4_maps["bfrag"]}
+    assert b == {(lane, r, e): (2 * (lane % 4) + e + 8 * r, lane // 4)
+                 for lane in range(32) for r in range(2) for e in range(2)}
+    assert sorted(b.values()) == [(k, n) for k in range(16) for n in range(8)]
+    # C/D: c{0,1} at row groupID, c{2,3} at row groupID + 8; column 2 * tid + (c % 2).
+    c = {(lane, i): (m, n) for lane, i, m, n in int4_maps["cfrag"]}
+    assert c == {(lane, i): (lane // 4 + 8 * (i // 2), 2 * (lane % 4) + i % 2) for lane in range(32) for i in range(4)}
+    # ldmatrix.x4: lanes 8j..8j+7 address the rows of matrix j, and the A fragment's a{j} is
+    # (rows 0-7 | 8-15) x (k 0-7 | 8-15) in the order j = 0: (0, 0), 1: (8, 0), 2: (0, 8), 3: (8, 8).
+    a = {lane: (row, col) for lane, row, col in int4_maps["afrag"]}
+    for j, (r0, c0) in enumerate([(0, 0), (8, 0), (0, 8), (8, 8)]):
+        assert [a[lane] for lane in range(8 * j, 8 * j + 8)] == [(r0 + i, c0) for i in range(8)]
+
+
+def test_int4_gemv_staging_is_injective_and_conflict_free(int4_maps):
+    chunk, max_rows, floats, *_ = int4_maps["const"][0]
+    idx = {(r, c): i for r, c, i in int4_maps["xidx"]}
+    assert len(set(idx.values())) == len(idx) == max_rows * chunk
+    assert all(0 <= i < floats for i in idx.values())
+    for r in range(max_rows):
+        for j in range(32):  # one read step: lane l reads column j of block l -> 32 distinct banks
+            assert len({idx[(r, 32 * lane + j)] % 32 for lane in range(32)}) == 32
+        for c0 in range(0, chunk, 32):  # staging: 32 consecutive columns by 32 lanes -> 32 banks
+            assert len({idx[(r, c)] % 32 for c in range(c0, c0 + 32)}) == 32
+
+
+def test_int4_tile_maps_cover_each_cell_once(int4_maps):
+    *_, bm, bn, x_chunks = int4_maps["const"][0]
+    assert _covered_once(int4_maps["xchunk"], bm, 32, 8) and len(int4_maps["xchunk"]) == x_chunks
+    assert _covered_once(int4_maps["xrun32"], bm, 32, 8)
+    owners = Counter((r, c) for _, r, c in int4_maps["out32"])
+    assert owners == Counter({(r, c): 1 for r in range(bm) for c in range(bn)})
+
+
+def test_int4_group_of_each_block_holds_its_columns(int4_maps):
+    seen = set()
+    for K, gs, b, g in int4_maps["group"]:
+        seen.add((K, gs))
+        cols = range(32 * b, min(32 * b + 32, K))
+        assert {k // gs for k in cols} == {g}, (K, gs, b, g)
+    assert len(seen) == 8
