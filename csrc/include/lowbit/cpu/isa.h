@@ -1,0 +1,54 @@
+// Which CPU kernels may run here, decided once at runtime, plus small portability helpers.
+//
+// The extension is compiled for the baseline x86-64 ISA (setup.py adds no -mavx2), so a wheel
+// built here loads on any x86-64 CPU. The AVX2/FMA/F16C kernels carry a per-function target
+// attribute (LOWBIT_AVX2) and are only called after has_avx2() said yes; everything else, the
+// scalar fallbacks included, is plain baseline code.
+#pragma once
+
+#include <cstdlib>
+#include <cstring>
+
+#if (defined(__GNUC__) || defined(__clang__)) && (defined(__x86_64__) || defined(__i386__))
+#define LOWBIT_HAVE_AVX2_KERNELS 1
+// A function attribute rather than `#pragma GCC target`: clang accepts it too, and it keeps the
+// AVX2 code confined to the functions that are dispatched to at runtime.
+#define LOWBIT_AVX2 __attribute__((target("avx2,fma,f16c")))
+#else
+#define LOWBIT_HAVE_AVX2_KERNELS 0
+#endif
+
+namespace lowbit::cpu {
+
+// True when the CPU and the OS (saved ymm state) support AVX2, FMA and F16C.
+// LOWBIT_CPU_ISA=scalar forces the portable kernels, so tests can cover them on an AVX2 machine.
+inline bool has_avx2() {
+  static const bool value = [] {
+    const char* forced = std::getenv("LOWBIT_CPU_ISA");
+    if (forced != nullptr && std::strcmp(forced, "scalar") == 0) return false;
+#if LOWBIT_HAVE_AVX2_KERNELS
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+#else
+    return false;
+#endif
+  }();
+  return value;
+}
+
+// GCC contracts a*b+c into one FMA by default (-ffp-contract=fast, even in -std=c++20 mode and
+// even through intrinsics). The reference rounds after every multiply and add, so epilogues that
+// must match it bit for bit pass intermediate values through this empty asm, which the compiler
+// cannot see through.
+inline void fp_barrier(float& v) {
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+  asm("" : "+x"(v));
+#elif defined(__GNUC__) && defined(__aarch64__)
+  asm("" : "+w"(v));
+#else
+  volatile float t = v;
+  v = t;
+#endif
+}
+
+}  // namespace lowbit::cpu
