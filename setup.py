@@ -72,7 +72,9 @@ def extension():
     cpp_sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
     include_dirs = [os.path.join(ROOT, "csrc", "include")]
-    cxx_flags = ["-O3", cxx_std(), "-fvisibility=hidden", "-DLOWBIT_NAMESPACE=lowbit"]
+    # -fopenmp: at::parallel_for is a header template that is only parallel when compiled with
+    # OpenMP (torch's CPU backend); without it every CPU kernel here silently runs on one thread.
+    cxx_flags = ["-O3", cxx_std(), "-fvisibility=hidden", "-DLOWBIT_NAMESPACE=lowbit", "-fopenmp"]
     macros = []
     if not build_cuda:
         return CppExtension(
@@ -80,6 +82,7 @@ def extension():
             cpp_sources,
             include_dirs=include_dirs,
             extra_compile_args={"cxx": cxx_flags},
+            extra_link_args=["-fopenmp"],
             define_macros=macros,
         ), False, reason, []
 
@@ -106,6 +109,7 @@ def extension():
         cpp_sources + cuda_sources,
         include_dirs=include_dirs + cutlass + nvidia_wheel_include_dirs(),
         extra_compile_args={"cxx": cxx_flags + ["-DLOWBIT_WITH_CUDA=1"], "nvcc": nvcc_flags},
+        extra_link_args=["-fopenmp"],
         define_macros=macros,
     ), True, reason, archs
 

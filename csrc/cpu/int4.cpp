@@ -1,0 +1,406 @@
+// INT4 family, CPU kernels: weight-only GEMM with group-wise int4 weights (format:
+// lowbit/formats/int4.py, spec: lowbit/backends/reference/int4.py).
+//
+// Numerics: no activation quantization. float(u) - zero is rounded once as in the reference
+// (exact for integer zeros); the scale multiplies either each weight (as the reference does)
+// or, for one row of x, a group's partial sum; everything accumulates in fp32. Results agree
+// with the reference within fp32 accumulation error.
+// The float weight is never materialized whole: small M decodes nibbles in registers for every
+// 4 rows of x; large M dequantizes one L2-sized tile at a time (each weight once) and runs an
+// FMA microkernel over it. Each call opens exactly one at::parallel_for (over output channels;
+// x and the output are converted inside or serially): handing the tiles to MKL sgemm instead,
+// from inside the parallel region or between parallel dequantizations, ran 3-9x slower than
+// F.linear at M = 256 on this 2-core machine, every extra thread team costing milliseconds.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <optional>
+#include <vector>
+
+#include "lowbit/checks.h"
+
+namespace lowbit {
+namespace {
+
+constexpr int64_t kBlock = 32;       // columns per packed block (16 bytes)
+constexpr int64_t kBlockBytes = 16;
+// Up to this many rows of x, decoding the nibbles in registers beats dequantizing into a tile
+// first; beyond, the small-M kernel would decode each weight once per 4 rows (measured: equal
+// at M = 8, tile 1.1-1.9x faster at M = 16).
+constexpr int64_t kSmallM = 4;
+// Large-M tiles: kTileN x kTileK fp32 = 192 KiB per thread, resident in L2 while every row of x
+// streams over it; kTileN is a multiple of the microkernel's 3 weight rows.
+constexpr int64_t kTileN = 48;
+constexpr int64_t kTileK = 1024;
+
+enum class ScaleKind { kFloat, kHalf, kBFloat16 };
+
+ScaleKind scale_kind(c10::ScalarType t) {
+  return t == c10::ScalarType::Half ? ScaleKind::kHalf
+         : t == c10::ScalarType::BFloat16 ? ScaleKind::kBFloat16 : ScaleKind::kFloat;
+}
+
+// Everything the kernels need, as raw pointers into contiguous tensors owned by the caller.
+struct Problem {
+  int64_t M, N, K, Kp, nblocks, groups, blocks_per_group;
+  const uint8_t* w;       // [N, Kp / 2]
+  const void* scale;      // [N, groups], ScaleKind
+  const void* zero;       // [N, groups] or nullptr (symmetric: 8)
+  ScaleKind kind;
+  const float* bias;      // [N] fp32 or nullptr
+  void* out;              // [M, N] in out_type (x's dtype)
+  c10::ScalarType out_type;
+  float* partial;         // [M, N] fp32 sums over earlier K-tiles (large M); aliases out for fp32
+};
+
+// The final rounding to x's dtype happens here, inside the one parallel region: a separate
+// conversion op would open a second region, and on a loaded machine each costs milliseconds.
+// Defined before the AVX2 pragma, so any out-of-line copy of c10's conversions stays portable.
+inline void store_out(const Problem& p, int64_t i, float v) {
+  switch (p.out_type) {
+    case c10::ScalarType::Half: static_cast<c10::Half*>(p.out)[i] = c10::Half(v); break;
+    case c10::ScalarType::BFloat16: static_cast<c10::BFloat16*>(p.out)[i] = c10::BFloat16(v); break;
+    default: static_cast<float*>(p.out)[i] = v; break;
+  }
+}
+
+// A group's first block and one past its last. group_size is a multiple of 32 except when it is
+// K itself, and then there is a single group spanning every block (padding included).
+inline int64_t group_end(const Problem& p, int64_t g) { return std::min(p.nblocks, (g + 1) * p.blocks_per_group); }
+
+// ----------------------------------------------------------------------------- portable path
+float load_scalar_generic(const void* ptr, ScaleKind kind, int64_t i) {
+  switch (kind) {
+    case ScaleKind::kHalf: return static_cast<float>(static_cast<const c10::Half*>(ptr)[i]);
+    case ScaleKind::kBFloat16: return static_cast<float>(static_cast<const c10::BFloat16*>(ptr)[i]);
+    default: return static_cast<const float*>(ptr)[i];
+  }
+}
+
+inline uint8_t code_at(const uint8_t* row, int64_t k) {
+  const uint8_t byte = row[k / kBlock * kBlockBytes + k % kBlockBytes];
+  return (k % kBlock) < kBlockBytes ? (byte & 0x0F) : (byte >> 4);
+}
+
+// Runs where AVX2/FMA are missing (and when LOWBIT_CPU_ISA=scalar, so tests can reach it).
+void mm_scalar(const Problem& p, const float* x) {
+  at::parallel_for(0, p.N, 16, [&](int64_t n0, int64_t n1) {
+    std::vector<float> wrow(p.K);
+    for (int64_t n = n0; n < n1; ++n) {
+      const uint8_t* row = p.w + n * (p.Kp / 2);
+      for (int64_t k = 0; k < p.K; ++k) {
+        const int64_t g = k / (p.blocks_per_group * kBlock);
+        const float s = load_scalar_generic(p.scale, p.kind, n * p.groups + g);
+        const float z = p.zero ? load_scalar_generic(p.zero, p.kind, n * p.groups + g) : 8.0f;
+        wrow[k] = (static_cast<float>(code_at(row, k)) - z) * s;
+      }
+      for (int64_t m = 0; m < p.M; ++m) {
+        const float* xr = x + m * p.Kp;
+        float acc = 0.0f;
+        for (int64_t k = 0; k < p.K; ++k) acc += xr[k] * wrow[k];
+        store_out(p, m * p.N + n, p.bias ? acc + p.bias[n] : acc);
+      }
+    }
+  });
+}
+
+// Column (within a 32-block) that lane `lane` of decoded vector j holds; see small_m_tile.
+inline int x_perm_column(int j, int lane) { return lane < 4 ? 4 * lane + j : 16 + 4 * (lane - 4) + j; }
+
+// ----------------------------------------------------------------------------- AVX2 path
+// Only functions defined below are compiled for AVX2. No torch/c10 function is defined here:
+// an out-of-line copy of one, compiled under this target, could be picked by the linker for the
+// whole library and run on a machine without AVX2 (those defined above may still be inlined).
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+
+__attribute__((always_inline)) inline float load_scalar_avx2(const void* ptr, ScaleKind kind, int64_t i) {
+  if (kind == ScaleKind::kFloat) return static_cast<const float*>(ptr)[i];
+  const uint16_t bits = static_cast<const uint16_t*>(ptr)[i];
+  if (kind == ScaleKind::kHalf) return _cvtsh_ss(bits);
+  const uint32_t wide = static_cast<uint32_t>(bits) << 16;
+  float f;
+  std::memcpy(&f, &wide, sizeof f);
+  return f;
+}
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+// Small M. A block's 16 bytes are broadcast to both 128-bit lanes and read as dwords d0..d3,
+// each holding 8 nibbles. Vector j takes nibble 2j of d0..d3 (low nibbles: columns 4l + j) in
+// lanes 0-3 and nibble 2j+1 (high nibbles: columns 16 + 4l + j) in lanes 4-7: one variable
+// shift and one AND per 8 weights, no shuffle. x is permuted once per call into that order
+// (x_to_fp32), so the weights never are.
+template <int MR, int NR>
+void small_m_tile(const Problem& p, const float* xp, int64_t m0, int64_t n0) {
+  // One row of x: decoding is the whole cost, so the scale multiplies a group's partial sum
+  // once instead of every weight. Several rows: the FMAs dominate and per-group partial sums
+  // would need twice the registers, so each weight is scaled as in the reference.
+  constexpr bool kScalePerGroup = MR == 1;
+  const int64_t row_bytes = p.Kp / 2;
+  const __m256i mask = _mm256_set1_epi32(0x0F);
+  const __m256i shift[4] = {_mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4), _mm256_setr_epi32(8, 8, 8, 8, 12, 12, 12, 12),
+                            _mm256_setr_epi32(16, 16, 16, 16, 20, 20, 20, 20),
+                            _mm256_setr_epi32(24, 24, 24, 24, 28, 28, 28, 28)};
+  __m256 acc[NR][MR];
+  for (int r = 0; r < NR; ++r)
+    for (int m = 0; m < MR; ++m) acc[r][m] = _mm256_setzero_ps();
+  const uint8_t* w = p.w + n0 * row_bytes;
+  const float* x = xp + m0 * p.Kp;
+  for (int64_t g = 0; g < p.groups; ++g) {
+    __m256 zv[NR], sv[NR], part[NR][MR];
+    for (int r = 0; r < NR; ++r) {
+      const int64_t i = (n0 + r) * p.groups + g;
+      sv[r] = _mm256_set1_ps(load_scalar_avx2(p.scale, p.kind, i));
+      zv[r] = _mm256_set1_ps(p.zero ? load_scalar_avx2(p.zero, p.kind, i) : 8.0f);
+      for (int m = 0; m < MR; ++m) part[r][m] = _mm256_setzero_ps();
+    }
+    const int64_t b1 = group_end(p, g);
+    for (int64_t b = g * p.blocks_per_group; b < b1; ++b) {
+      for (int r = 0; r < NR; ++r) {
+        const __m256i v = _mm256_broadcastsi128_si256(
+            _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + r * row_bytes + b * kBlockBytes)));
+#pragma GCC unroll 4
+        for (int j = 0; j < 4; ++j) {
+          const __m256i u = _mm256_and_si256(_mm256_srlv_epi32(v, shift[j]), mask);
+          // float(u) - zero: one rounding, as in the reference (exact for an integer zero).
+          const __m256 d = _mm256_sub_ps(_mm256_cvtepi32_ps(u), zv[r]);
+          for (int m = 0; m < MR; ++m) {
+            const __m256 xv = _mm256_loadu_ps(x + m * p.Kp + b * kBlock + 8 * j);
+            if constexpr (kScalePerGroup) part[r][m] = _mm256_fmadd_ps(d, xv, part[r][m]);
+            else acc[r][m] = _mm256_fmadd_ps(_mm256_mul_ps(d, sv[r]), xv, acc[r][m]);
+          }
+        }
+      }
+    }
+    if constexpr (kScalePerGroup)
+      for (int r = 0; r < NR; ++r)
+        for (int m = 0; m < MR; ++m) acc[r][m] = _mm256_fmadd_ps(part[r][m], sv[r], acc[r][m]);
+  }
+  for (int r = 0; r < NR; ++r) {
+    const float bias = p.bias ? p.bias[n0 + r] : 0.0f;
+    for (int m = 0; m < MR; ++m) store_out(p, (m0 + m) * p.N + n0 + r, hsum(acc[r][m]) + bias);
+  }
+}
+
+template <int MR>
+void small_m_rows(const Problem& p, const float* xp, int64_t m0, int64_t n0, int64_t n1) {
+  // Several weight rows per pass give the FMAs independent chains and share each x load.
+  constexpr int NR = MR == 1 ? 4 : 2;
+  int64_t n = n0;
+  for (; n + NR <= n1; n += NR) small_m_tile<MR, NR>(p, xp, m0, n);
+  for (; n < n1; ++n) small_m_tile<MR, 1>(p, xp, m0, n);
+}
+
+void small_m_avx2(const Problem& p, const float* xp) {
+  // Work items of 4 output channels, the M = 1 tile; with more rows a weight row pair decoded
+  // once serves 4 rows of x from 8 accumulators.
+  at::parallel_for(0, (p.N + 3) / 4, 1, [&](int64_t c0, int64_t c1) {
+    const int64_t n0 = c0 * 4, n1 = std::min(p.N, c1 * 4);
+    int64_t m = 0;
+    for (; m + 4 <= p.M; m += 4) small_m_rows<4>(p, xp, m, n0, n1);
+    switch (p.M - m) {
+      case 3: small_m_rows<3>(p, xp, m, n0, n1); break;
+      case 2: small_m_rows<2>(p, xp, m, n0, n1); break;
+      case 1: small_m_rows<1>(p, xp, m, n0, n1); break;
+      default: break;
+    }
+  });
+}
+
+// Large M: dequantize rows [n0, n0 + rows) x blocks [b0, b1) into `tile` (row stride kTileK),
+// in the same permuted column order as x (see small_m_tile), with the reference's roundings.
+void dequant_tile_avx2(const Problem& p, int64_t n0, int64_t rows, int64_t b0, int64_t b1, float* tile) {
+  const int64_t row_bytes = p.Kp / 2;
+  const __m256i mask = _mm256_set1_epi32(0x0F);
+  const __m256i shift[4] = {_mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4), _mm256_setr_epi32(8, 8, 8, 8, 12, 12, 12, 12),
+                            _mm256_setr_epi32(16, 16, 16, 16, 20, 20, 20, 20),
+                            _mm256_setr_epi32(24, 24, 24, 24, 28, 28, 28, 28)};
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t n = n0 + r;
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t i = n * p.groups + b / p.blocks_per_group;
+      const __m256 sv = _mm256_set1_ps(load_scalar_avx2(p.scale, p.kind, i));
+      const __m256 zv = _mm256_set1_ps(p.zero ? load_scalar_avx2(p.zero, p.kind, i) : 8.0f);
+      const __m256i v = _mm256_broadcastsi128_si256(
+          _mm_loadu_si128(reinterpret_cast<const __m128i*>(p.w + n * row_bytes + b * kBlockBytes)));
+      float* dst = tile + r * kTileK + (b - b0) * kBlock;
+      for (int j = 0; j < 4; ++j) {
+        const __m256i u = _mm256_and_si256(_mm256_srlv_epi32(v, shift[j]), mask);
+        _mm256_storeu_ps(dst + 8 * j, _mm256_mul_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(u), zv), sv));
+      }
+    }
+  }
+}
+
+// MR rows of x times NR dequantized weight rows over `len` columns (a multiple of 32), as dot
+// products: 12 accumulators for 7 loads per 12 FMAs keep the FMA pipes, not the loads, busy.
+// The partial sums are added to what earlier K-tiles left in out (first: store instead).
+template <int MR, int NR>
+void dot_tile(const Problem& p, const float* x, const float* w, int64_t len, int64_t m0, int64_t n0, bool first,
+              bool last) {
+  __m256 acc[MR][NR];
+  for (int m = 0; m < MR; ++m)
+    for (int r = 0; r < NR; ++r) acc[m][r] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < len; k += 8) {
+    __m256 wv[NR];
+    for (int r = 0; r < NR; ++r) wv[r] = _mm256_loadu_ps(w + r * kTileK + k);
+    for (int m = 0; m < MR; ++m) {
+      const __m256 xv = _mm256_loadu_ps(x + m * p.Kp + k);
+      for (int r = 0; r < NR; ++r) acc[m][r] = _mm256_fmadd_ps(xv, wv[r], acc[m][r]);
+    }
+  }
+  for (int m = 0; m < MR; ++m)
+    for (int r = 0; r < NR; ++r) {
+      const int64_t i = (m0 + m) * p.N + n0 + r;
+      float v = hsum(acc[m][r]);
+      if (!first) v = p.partial[i] + v;
+      if (!last) {
+        p.partial[i] = v;
+      } else {
+        store_out(p, i, p.bias ? v + p.bias[n0 + r] : v);
+      }
+    }
+}
+
+template <int MR>
+void dot_rows(const Problem& p, const float* x, const float* tile, int64_t rows, int64_t len, int64_t m0,
+              int64_t n0, bool first, bool last) {
+  int64_t r = 0;
+  for (; r + 3 <= rows; r += 3) dot_tile<MR, 3>(p, x, tile + r * kTileK, len, m0, n0 + r, first, last);
+  if (rows - r == 2) dot_tile<MR, 2>(p, x, tile + r * kTileK, len, m0, n0 + r, first, last);
+  if (rows - r == 1) dot_tile<MR, 1>(p, x, tile + r * kTileK, len, m0, n0 + r, first, last);
+}
+
+// scratch: one kTileN x kTileK tile per thread, allocated by the caller (outside this target).
+void large_m_avx2(const Problem& p, const float* xp, float* scratch) {
+  const int64_t ntiles = (p.N + kTileN - 1) / kTileN;
+  const int64_t kblocks_per_tile = kTileK / kBlock;
+  at::parallel_for(0, ntiles, 1, [&](int64_t t0, int64_t t1) {
+    float* const tile = scratch + at::get_thread_num() * kTileN * kTileK;
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t n0 = t * kTileN, rows = std::min(kTileN, p.N - n0);
+      for (int64_t b0 = 0; b0 < p.nblocks; b0 += kblocks_per_tile) {
+        const int64_t b1 = std::min(p.nblocks, b0 + kblocks_per_tile);
+        dequant_tile_avx2(p, n0, rows, b0, b1, tile);
+        const int64_t len = (b1 - b0) * kBlock;
+        const bool first = b0 == 0, last = b1 == p.nblocks;
+        const float* x = xp + b0 * kBlock;
+        int64_t m = 0;
+        for (; m + 4 <= p.M; m += 4) dot_rows<4>(p, x + m * p.Kp, tile, rows, len, m, n0, first, last);
+        switch (p.M - m) {
+          case 3: dot_rows<3>(p, x + m * p.Kp, tile, rows, len, m, n0, first, last); break;
+          case 2: dot_rows<2>(p, x + m * p.Kp, tile, rows, len, m, n0, first, last); break;
+          case 1: dot_rows<1>(p, x + m * p.Kp, tile, rows, len, m, n0, first, last); break;
+          default: break;
+        }
+      }
+    }
+  });
+}
+
+#pragma GCC pop_options
+
+bool use_avx2() {
+  static const bool ok = [] {
+    const char* isa = std::getenv("LOWBIT_CPU_ISA");
+    if (isa && std::strcmp(isa, "scalar") == 0) return false;
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+  }();
+  return ok;
+}
+
+// x [M, K] (any float dtype and strides) -> fp32 [M, Kp], zero-padded past K so padding codes
+// meet zeros; `permute` puts each 32-block in the lane order of small_m_tile. Serial on
+// purpose: it is M*K cheap work and a parallel region costs more than that on a busy machine.
+template <typename T>
+void fill_x(const at::Tensor& x, int64_t Kp, bool permute, float* dst) {
+  const int64_t M = x.size(0), K = x.size(1), sm = x.stride(0), sk = x.stride(1);
+  const T* src = x.const_data_ptr<T>();
+  int64_t pos[kBlock];
+  for (int j = 0; j < 4; ++j)
+    for (int lane = 0; lane < 8; ++lane) pos[x_perm_column(j, lane)] = permute ? 8 * j + lane : x_perm_column(j, lane);
+  for (int64_t m = 0; m < M; ++m) {
+    float* row = dst + m * Kp;
+    for (int64_t k = K; k < Kp; ++k) row[k / kBlock * kBlock + pos[k % kBlock]] = 0.0f;
+    for (int64_t k = 0; k < K; ++k) row[k / kBlock * kBlock + pos[k % kBlock]] = static_cast<float>(src[m * sm + k * sk]);
+  }
+}
+
+at::Tensor x_to_fp32(const at::Tensor& x, int64_t Kp, bool permute) {
+  at::Tensor out = at::empty({x.size(0), Kp}, x.options().dtype(at::kFloat));
+  float* dst = out.mutable_data_ptr<float>();
+  switch (x.scalar_type()) {
+    case at::kHalf: fill_x<c10::Half>(x, Kp, permute, dst); break;
+    case at::kBFloat16: fill_x<c10::BFloat16>(x, Kp, permute, dst); break;
+    default: fill_x<float>(x, Kp, permute, dst); break;
+  }
+  return out;
+}
+
+at::Tensor int4_weight_only_mm_cpu(const at::Tensor& x, const at::Tensor& packed_w, const at::Tensor& scale,
+                                   const std::optional<at::Tensor>& zero, int64_t group_size,
+                                   const std::optional<at::Tensor>& bias) {
+  check_int4_weight_only_mm("int4_weight_only_mm", x, packed_w, scale, zero, group_size, bias);
+  const int64_t M = x.size(0), K = x.size(1), N = packed_w.size(0);
+  const at::Tensor w = packed_w.contiguous();
+  const at::Tensor s = scale.contiguous();
+  const at::Tensor z = zero.has_value() ? zero->contiguous() : at::Tensor();
+  const at::Tensor b32 = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
+  at::Tensor out = at::empty({M, N}, x.options());
+
+  Problem p;
+  p.M = M;
+  p.N = N;
+  p.K = K;
+  p.Kp = (K + kBlock - 1) / kBlock * kBlock;
+  p.nblocks = p.Kp / kBlock;
+  p.groups = (K + group_size - 1) / group_size;
+  p.blocks_per_group = group_size % kBlock == 0 ? group_size / kBlock : p.nblocks;
+  p.w = w.const_data_ptr<uint8_t>();
+  p.scale = s.const_data_ptr();
+  p.zero = z.defined() ? z.const_data_ptr() : nullptr;
+  p.kind = scale_kind(s.scalar_type());
+  p.bias = b32.defined() ? b32.const_data_ptr<float>() : nullptr;
+  p.out = out.mutable_data_ptr();
+  p.out_type = out.scalar_type();
+  p.partial = nullptr;
+
+  const bool avx2 = use_avx2();
+  const at::Tensor x32 = x_to_fp32(x, p.Kp, avx2);
+  if (!avx2) {
+    mm_scalar(p, x32.const_data_ptr<float>());
+  } else if (M <= kSmallM) {
+    small_m_avx2(p, x32.const_data_ptr<float>());
+  } else {
+    at::Tensor partial;
+    if (p.nblocks > kTileK / kBlock) {
+      partial = out.scalar_type() == at::kFloat ? out : at::empty({M, N}, x.options().dtype(at::kFloat));
+      p.partial = partial.mutable_data_ptr<float>();
+    }
+    // Indexed by at::get_thread_num(): a call from inside a parallel region runs inline on a
+    // thread whose number may exceed get_num_threads() there.
+    const int64_t slots = std::max<int64_t>(at::get_num_threads(), at::get_thread_num() + 1);
+    at::Tensor scratch = at::empty({slots, kTileN * kTileK}, x.options().dtype(at::kFloat));
+    large_m_avx2(p, x32.const_data_ptr<float>(), scratch.mutable_data_ptr<float>());
+  }
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lowbit, CPU, m) { m.impl("int4_weight_only_mm", &int4_weight_only_mm_cpu); }
+
+}  // namespace lowbit

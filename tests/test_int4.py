@@ -1,0 +1,265 @@
+"""INT4 weight format, quantizer and int4_weight_only_mm (CPU C++ kernel) against the spec.
+
+The kernel is checked against the exact (float64) product of x and the reference's dequantized
+weight, within a rigorous fp32 accumulation bound: it may sum in any order, but never quantizes
+activations and never rounds a weight differently than by fp32 arithmetic.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import lowbit  # noqa: F401
+from lowbit import _extension, ops
+from lowbit.backends.reference import int4 as ref
+from lowbit.formats import int4 as fmt
+
+FLOATS = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def dtype_id(d):
+    return str(d).removeprefix("torch.")
+
+
+def make_weight(N, K, group_size, symmetric, scale_dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(N, K, generator=g) * (1 + torch.rand(N, 1, generator=g) * 3)
+    return fmt.quantize_weight(w, group_size, symmetric, scale_dtype)
+
+
+def int4_bound(x, wdeq, bias, K, out_dtype):
+    """(exact result, worst-case |error|) for fp32 accumulation in any order, rounded to out_dtype.
+
+    K + 4 roundings per output: K - 1 additions, the product, the per-group scale (the M = 1
+    kernel scales a group's sum instead of each weight, which the reference rounded once), the
+    bias. Each costs at most eps32 times the sum of magnitudes. The output rounding adds half an
+    ulp of out_dtype, bounded by out_eps * |result|.
+    """
+    x64, w64 = x.double(), wdeq.double()
+    exact = x64 @ w64.T
+    mag = x64.abs() @ w64.abs().T
+    if bias is not None:
+        exact = exact + bias.double()
+        mag = mag + bias.double().abs()
+    acc = (K + 4) * torch.finfo(torch.float32).eps * mag
+    out = torch.finfo(out_dtype)
+    return exact, acc + out.eps * (exact.abs() + acc) + out.tiny
+
+
+def check_against_exact(x, q, bias=None, zero=None):
+    zero = q.zero if zero is None else zero
+    out = ops.int4_weight_only_mm(x, q.packed, q.scale, zero, q.group_size, bias)
+    N, K = q.out_features, q.in_features
+    assert out.dtype == x.dtype and out.shape == (x.shape[0], N)
+    wdeq = ref.int4_dequantize(q.packed, q.scale, zero, q.group_size, K)
+    exact, bound = int4_bound(x.float(), wdeq, bias, K, x.dtype)
+    err = (out.double() - exact).abs()
+    assert (err <= bound).all(), f"max err {err.max()} at bound {bound.flatten()[err.argmax()]}"
+    return out
+
+
+# ----------------------------------------------------------------------------- format
+@pytest.mark.parametrize("K", [1, 31, 32, 33, 100, 4096 + 64])
+def test_pack_unpack_round_trip(K):
+    codes = torch.randint(0, 16, (7, K), dtype=torch.uint8)
+    packed = fmt.pack(codes)
+    assert packed.shape == (7, fmt.padded_k(K) // 2) and packed.dtype == torch.uint8
+    assert torch.equal(fmt.unpack(packed, K), codes)
+
+
+def test_pack_layout_is_the_documented_one():
+    K = 70
+    codes = torch.randint(0, 16, (3, K), dtype=torch.uint8)
+    packed = fmt.pack(codes)
+    padded = torch.zeros(3, fmt.padded_k(K), dtype=torch.uint8)
+    padded[:, :K] = codes
+    for b in range(fmt.padded_k(K) // 32):
+        for j in range(16):
+            byte = packed[:, 16 * b + j]
+            assert torch.equal(byte & 0x0F, padded[:, 32 * b + j])
+            assert torch.equal(byte >> 4, padded[:, 32 * b + 16 + j])
+
+
+# ----------------------------------------------------------------------------- quantizer
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("group_size", [32, 128, "K"])
+def test_quantizer_codes_in_range_and_sqnr(symmetric, group_size):
+    N, K = 64, 4096 + 64
+    gs = K if group_size == "K" else group_size
+    w = torch.randn(N, K)
+    q = fmt.quantize_weight(w, gs, symmetric)
+    codes = fmt.unpack(q.packed, K)
+    assert int(codes.max()) <= 15
+    assert q.scale.shape == (N, fmt.num_groups(K, gs))
+    if symmetric:
+        assert q.zero is None
+        assert int(codes.min()) >= 1  # q = u - 8 in [-7, 7]: amax / 7 never needs -8
+    else:
+        assert ((q.zero >= 0) & (q.zero <= 15) & (q.zero == q.zero.round())).all()
+    err = fmt.dequantize(q) - w
+    sqnr_db = 10 * torch.log10(w.pow(2).sum() / err.pow(2).sum())
+    # Uniform 4-bit RTN on Gaussian weights: ~20 dB with small groups, less per channel (the
+    # range is set by the outliers of 4160 values). A layout or scale bug lands near 0 dB.
+    floor = 12.0 if group_size == "K" else 16.0
+    assert sqnr_db > floor, float(sqnr_db)
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("group_size", [32, 128])
+@pytest.mark.parametrize("scale_dtype", FLOATS, ids=dtype_id)
+def test_clip_search_never_worse_than_rtn(symmetric, group_size, scale_dtype):
+    torch.manual_seed(1)
+    w = torch.randn(48, 1000)
+    w[torch.rand_like(w) < 0.01] *= 8  # outliers: clipping pays off on some groups
+    rtn = fmt.quantize_weight(w, group_size, symmetric, scale_dtype)
+    clip = fmt.quantize_weight(w, group_size, symmetric, scale_dtype, clip_search=True)
+
+    def group_err(q):
+        e = (fmt.dequantize(q) - w) ** 2
+        return fmt._group_view(e, group_size).nan_to_num(0.0).sum(-1)
+
+    e_rtn, e_clip = group_err(rtn), group_err(clip)
+    # Per group, the search picks the smallest error among candidates that include RTN itself.
+    assert (e_clip <= e_rtn * (1 + 1e-6) + 1e-12).all()
+    assert e_clip.sum() < e_rtn.sum()  # and with outliers it actually helps
+
+
+# ----------------------------------------------------------------------------- kernel
+SHAPES = [  # (N, K, group_size): odd N, partial blocks, partial last groups, several K tiles
+    (33, 128, 32), (129, 128, 64), (31, 384, 128), (129, 384, 32), (33, 4096 + 128, 64),
+    (129, 4096 + 128, 128), (31, 4096 + 128, 32), (65, 100, 100), (34, 4100, 4100), (33, 4096 + 64, 128),
+]
+
+
+@pytest.mark.parametrize("M", [1, 3, 4, 6, 7, 16, 17, 64])
+@pytest.mark.parametrize("N,K,group_size", SHAPES)
+@pytest.mark.parametrize("symmetric", [False, True], ids=["asym", "sym"])
+def test_matches_reference(M, N, K, group_size, symmetric):
+    q = make_weight(N, K, group_size, symmetric)
+    check_against_exact(torch.randn(M, K), q)
+
+
+@pytest.mark.parametrize("M", [1, 5, 17])
+@pytest.mark.parametrize("x_dtype", FLOATS, ids=dtype_id)
+@pytest.mark.parametrize("scale_dtype", FLOATS, ids=dtype_id)
+@pytest.mark.parametrize("bias_dtype", [None, torch.float32, torch.bfloat16], ids=dtype_id)
+def test_dtypes_and_bias(M, x_dtype, scale_dtype, bias_dtype):
+    N, K = 37, 4096 + 64
+    q = make_weight(N, K, 128, symmetric=False, scale_dtype=scale_dtype)
+    bias = None if bias_dtype is None else torch.randn(N).to(bias_dtype)
+    check_against_exact(torch.randn(M, K).to(x_dtype), q, bias)
+
+
+@pytest.mark.parametrize("M", [1, 9])
+def test_fractional_zero_point(M):
+    # A zero that is no integer: float(u) - zero then rounds, exactly as in the reference.
+    q = make_weight(19, 300, 64, symmetric=False)
+    zero = q.zero + torch.rand_like(q.zero)
+    check_against_exact(torch.randn(M, 300), q, zero=zero)
+
+
+@pytest.mark.parametrize("M", [2, 40])
+def test_padding_codes_are_ignored(M):
+    # The format stores 0 in padding columns; a kernel must not depend on it.
+    K = 100  # 28 padding columns in the last block, split over both nibble halves
+    q = make_weight(9, K, K, symmetric=False)
+    dirty = fmt.unpack(q.packed, K)
+    dirty = torch.cat([dirty, torch.full((9, fmt.padded_k(K) - K), 15, dtype=torch.uint8)], 1)
+    dirty_packed = fmt.pack(dirty)
+    assert not torch.equal(dirty_packed, q.packed)
+    x = torch.randn(M, K)
+    clean = ops.int4_weight_only_mm(x, q.packed, q.scale, q.zero, K)
+    torch.testing.assert_close(ops.int4_weight_only_mm(x, dirty_packed, q.scale, q.zero, K), clean, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("M", [3, 24])
+def test_non_contiguous_inputs_equal_contiguous(M):
+    N, K = 21, 384
+    q = make_weight(N, K, 64, symmetric=False)
+    xt = torch.randn(2 * K, M)
+    x = xt[::2].T  # [M, K], column-major with a K stride of 2
+    scale = q.scale.T.contiguous().T  # [N, G] with transposed strides
+    zero = q.zero.T.contiguous().T
+    packed = torch.zeros(N, 2 * q.packed.shape[1], dtype=torch.uint8)
+    packed[:, ::2] = q.packed
+    packed = packed[:, ::2]
+    bias = torch.randn(2 * N)[::2]
+    assert not any(t.is_contiguous() for t in (x, scale, zero, packed, bias))
+    got = ops.int4_weight_only_mm(x, packed, scale, zero, 64, bias)
+    want = ops.int4_weight_only_mm(x.contiguous(), q.packed, q.scale, q.zero, 64, bias.contiguous())
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_portable_path_matches_reference():
+    """The scalar kernel (machines without AVX2) runs when LOWBIT_CPU_ISA=scalar is set at startup."""
+    if os.environ.get("LOWBIT_CPU_ISA") == "scalar":
+        pytest.skip("already running on the portable path")
+    if not _extension.LOADED:
+        pytest.skip("lowbit._C is not built: the CPU op is the reference")
+    env = dict(os.environ, LOWBIT_CPU_ISA="scalar")
+    ids = ["test_matches_reference[asym-33-4224-64-1]", "test_matches_reference[sym-65-100-100-17]",
+           "test_matches_reference[asym-34-4100-4100-64]", "test_matches_reference[asym-31-384-128-7]",
+           "test_dtypes_and_bias[bfloat16-float16-bfloat16-17]", "test_fractional_zero_point[9]",
+           "test_non_contiguous_inputs_equal_contiguous[24]"]
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"] + [f"{__file__}::{i}" for i in ids],
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert f"{len(ids)} passed" in r.stdout, r.stdout[-3000:]
+
+
+# ----------------------------------------------------------------------------- bad inputs
+def _good(M=2, N=5, K=64, gs=32):
+    q = make_weight(N, K, gs, symmetric=False)
+    return dict(x=torch.randn(M, K), packed_w=q.packed, scale=q.scale, zero=q.zero, group_size=gs, bias=None)
+
+
+@pytest.mark.parametrize("change,arg", [
+    (lambda a: a.update(packed_w=a["packed_w"][:, :-1]), "packed_w"),
+    (lambda a: a.update(packed_w=a["packed_w"].to(torch.int8)), "packed_w"),
+    (lambda a: a.update(scale=a["scale"][:, :1]), "scale"),
+    (lambda a: a.update(scale=a["scale"][:-1]), "scale"),
+    (lambda a: a.update(scale=a["scale"].to(torch.int32)), "scale"),
+    (lambda a: a.update(zero=a["zero"].to(torch.float16)), "zero"),
+    (lambda a: a.update(zero=a["zero"][:, :1]), "zero"),
+    (lambda a: a.update(group_size=48), "group_size"),
+    (lambda a: a.update(x=a["x"].to(torch.int32)), "x"),
+    (lambda a: a.update(x=a["x"][0]), "x"),
+    (lambda a: a.update(x=a["x"][:0]), "x"),
+    (lambda a: a.update(bias=torch.randn(4)), "bias"),
+])
+def test_bad_inputs_raise_value_error(change, arg):
+    args = _good()
+    change(args)
+    with pytest.raises(ValueError, match=rf"lowbit\.int4_weight_only_mm: {arg}\b"):
+        ops.int4_weight_only_mm(**args)
+
+
+# ----------------------------------------------------------------------------- torch integration
+def test_opcheck():
+    samples = [_good(M=1), _good(M=7, N=9, K=100, gs=100)]
+    sym = _good(M=3)
+    sym["zero"] = None
+    sym["bias"] = torch.randn(5)
+    samples.append(sym)
+    bf = _good(M=20, K=4096 + 64, gs=128)
+    bf["x"] = bf["x"].bfloat16()
+    samples.append(bf)
+    for s in samples:
+        args = (s["x"], s["packed_w"], s["scale"], s["zero"], s["group_size"], s["bias"])
+        torch.library.opcheck(torch.ops.lowbit.int4_weight_only_mm.default, args)
+
+
+def test_torch_compile_fullgraph():
+    a = _good(M=4, N=6, K=256, gs=64)
+
+    def f(x, w, s, z):
+        return torch.nn.functional.gelu(ops.int4_weight_only_mm(x * 2, w, s, z, 64)) + 1
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    args = (a["x"], a["packed_w"], a["scale"], a["zero"])
+    torch.testing.assert_close(compiled(*args), f(*args), rtol=0, atol=0)
