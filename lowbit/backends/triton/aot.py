@@ -42,6 +42,7 @@ import triton
 
 from . import int8
 from . import int4
+from . import fp8
 
 TARGETS = (80, 89, 90)
 
@@ -246,6 +247,98 @@ AOT_KERNELS += _int4_entries()
 # are compiled as part of the kernels that use them.
 DEVICE_FUNCTIONS = [int8._tile_offsets, int8._dot_k_loop]
 DEVICE_FUNCTIONS += [int4._per_byte]
+
+
+# ============================================================================ FP8
+# As the JIT specialises launches from lowbit.backends.triton.fp8. GEMM operands are handed over
+# as for the INT8 GEMMs (K-contiguous, aligned, K padded to 16). The fp8 weight of
+# fp8_weight_only_mm and the quantize output are bytes (*u8), so those kernels have no fp8 type
+# and compile for sm_80; fp8_scaled_mm's dot takes fp8 operands, which sm_80 must refuse
+# (fp8.MIN_CAPABILITY keeps the op off sm_80 at run time). Variants cover both formats (and
+# mixed pairs), every x / out dtype, each scale granularity, bias or not, odd N.
+def _fp8_entries():
+    entries = []
+
+    def add(name, fn, types, configs, meta, *, unit, aligned, **kw):
+        sig, ones, al = _spec(fn, types, unit=unit, aligned=aligned)
+        entries.append(AotKernel(name, fn, sig, {**ones, **meta}, _configs(configs), aligned=al, **kw))
+
+    def quantize(x_ty, fmt, saturate, dynamic, granularity):
+        # Per row: one group of K columns, scale stride 1 along rows and 0 (aligned) along
+        # groups. block1x128: 128-column groups, scale [rows, KB] (KB unaligned). block128x128:
+        # as block1x128 with 128 rows per scale.
+        unit = ["stride_xk", "stride_qk"]
+        aligned = ["x_ptr", "q_ptr", "scale_ptr", "K", "stride_xr", "stride_qr", "GROUP_K"]
+        if granularity == "row":
+            unit += ["ROWS_PER_SCALE", "stride_sr"]
+            aligned += ["stride_sg"]
+        else:
+            unit += ["stride_sg"] + (["ROWS_PER_SCALE"] if granularity == "block1x128" else [])
+            aligned += [] if granularity == "block1x128" else ["ROWS_PER_SCALE"]
+        add(f"fp8_quantize[{x_ty[1:]},{fmt},{'sat' if saturate else 'nosat'},"
+            f"{'dynamic' if dynamic else 'static'}-{granularity}]", fp8._fp8_quantize_kernel,
+            {"x_ptr": x_ty, "q_ptr": "*u8", "scale_ptr": "*fp32"}, fp8.quantize_configs,
+            {"DYNAMIC": dynamic, "E5M2": fmt == "e5m2", "SATURATE": saturate},
+            unit=tuple(unit), aligned=tuple(aligned))
+
+    quantize("*fp32", "e4m3", True, True, "row")
+    quantize("*bf16", "e5m2", False, False, "block1x128")
+    quantize("*fp16", "e4m3", False, False, "block128x128")
+
+    fp8_ty = {"e4m3": "*fp8e4nv", "e5m2": "*fp8e5"}
+
+    def scaled(fa, fb, out_ty, bias_ty, scales, layout=""):
+        unit = ["stride_ak", "stride_bk", "stride_cn"] + (["stride_bias"] if bias_ty else [])
+        aligned = ["a_ptr", "b_ptr", "c_ptr", "K", "stride_am", "stride_bn", "scale_a_ptr", "scale_b_ptr"]
+        aligned += ["bias_ptr"] if bias_ty else []
+        if scales == "block":  # [M, KB] and [ceil(N/128), KB], contiguous
+            unit += ["stride_sak", "stride_sbk"]
+        elif scales == "row-col":
+            unit += ["stride_sam", "stride_sbn"]
+            aligned += ["stride_sak", "stride_sbk"]
+        else:  # scalars: every scale stride 0
+            aligned += ["stride_sam", "stride_sbn", "stride_sak", "stride_sbk"]
+        if layout != "odd-N":
+            aligned += ["N", "stride_cm"]
+        add(f"fp8_scaled_mm[{fa}x{fb},{out_ty[1:]},bias={bias_ty[1:] if bias_ty else 'none'},{scales}]"
+            + (f"[{layout}]" if layout else ""), fp8._fp8_scaled_mm_kernel,
+            {"a_ptr": fp8_ty[fa], "b_ptr": fp8_ty[fb], "c_ptr": out_ty, "scale_a_ptr": "*fp32",
+             "scale_b_ptr": "*fp32", "bias_ptr": bias_ty or "*fp32"},
+            fp8.scaled_mm_configs, {"BLOCK_SCALES": scales == "block", "HAS_BIAS": bias_ty is not None},
+            unit=tuple(unit), aligned=tuple(aligned), gemm=True, refused=(80,))
+
+    scaled("e4m3", "e4m3", "*fp32", None, "row-col")
+    scaled("e5m2", "e4m3", "*bf16", "*bf16", "block")
+    scaled("e4m3", "e5m2", "*fp16", "*fp32", "scalar", "odd-N")
+
+    def weight_only(x_ty, fmt, scales, bias_ty, layout=""):
+        ieee = x_ty == "*fp32"
+        unit = ["stride_xk", "stride_wk", "stride_cn"] + (["stride_bias"] if bias_ty else [])
+        aligned = ["x_ptr", "w_ptr", "c_ptr", "scale_ptr", "K", "stride_xm", "stride_wn"]
+        aligned += ["bias_ptr"] if bias_ty else []
+        if scales == "block":  # [ceil(N/128), KB], contiguous
+            unit += ["stride_sk"]
+        else:  # per channel: stride 1 along N, 0 along K
+            unit += ["stride_sn"]
+            aligned += ["stride_sk"]
+        if layout != "odd-N":
+            aligned += ["N", "stride_cm"]
+        add(f"fp8_weight_only_mm[{x_ty[1:]},{fmt},{scales},bias={bias_ty[1:] if bias_ty else 'none'}]"
+            + (f"[{layout}]" if layout else ""),
+            fp8._fp8_weight_only_mm_fp32 if ieee else fp8._fp8_weight_only_mm_tc,
+            {"x_ptr": x_ty, "w_ptr": "*u8", "c_ptr": x_ty, "scale_ptr": "*fp32", "bias_ptr": bias_ty or "*fp32"},
+            fp8.weight_only_fp32_configs if ieee else fp8.weight_only_configs,
+            {"E5M2": fmt == "e5m2", "BLOCK_SCALES": scales == "block", "HAS_BIAS": bias_ty is not None,
+             "IEEE": ieee}, unit=tuple(unit), aligned=tuple(aligned), gemm=True, tensor_cores=not ieee)
+
+    weight_only("*fp16", "e4m3", "row", "*fp16")
+    weight_only("*bf16", "e5m2", "block", None, "odd-N")
+    weight_only("*fp32", "e4m3", "block", "*fp32")
+    return entries
+
+
+AOT_KERNELS += _fp8_entries()
+DEVICE_FUNCTIONS += [fp8._encode_fp8, fp8._decode_fp8, fp8._fp8_k_loop]
 
 
 # ============================================================================ completeness
