@@ -112,6 +112,11 @@ KERNEL_OPS: tuple[tuple[str, str], ...] = (
     ("int8_wo_", "int8_weight_only_mm"),
     ("int8_gemm_simt", "int8_mm, int8_scaled_mm"),
     ("int4_wo_", "int4_weight_only_mm"),
+    ("fp8_quantize", "fp8_quantize_dynamic, fp8_quantize_static"),
+    ("fp8_amax", "fp8_quantize_dynamic"),
+    ("fp8_gemv", "fp8_scaled_mm, fp8_weight_only_mm"),
+    ("fp8_mm_wmma", "fp8_scaled_mm, fp8_weight_only_mm"),
+    ("fp8_wo_", "fp8_weight_only_mm"),
     ("cutlass::Kernel", "int8_mm, int8_scaled_mm"),
 )
 

@@ -16,6 +16,7 @@ test and the parser test need only a C++ compiler.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 from collections import Counter
@@ -498,3 +499,44 @@ def test_int4_group_of_each_block_holds_its_columns(int4_maps):
         cols = range(32 * b, min(32 * b + 32, K))
         assert {k // gs for k in cols} == {g}, (K, gs, b, g)
     assert len(seen) == 8
+
+
+# ============================================================================= FP8
+# Every kernel the FP8 .cu must contain, and the SASS each must show: HMMA for the tensor-core
+# tiles (fp8 decoded to f16/bf16 in shared memory), 128-bit weight loads in the small-M kernel.
+FP8_KERNELS = ["fp8_quantize_groups_kernel", "fp8_quantize_flat_kernel", "fp8_amax_kernel", "fp8_gemv_kernel",
+               "fp8_mm_wmma_kernel", "fp8_wo_simt_f32_kernel"]
+
+
+@needs_cuda_build
+@pytest.mark.parametrize("family", FP8_KERNELS)
+def test_fp8_kernels_present_for_every_arch(resources, family):
+    for arch in expected_archs():
+        names = [r["kernel"] for r in resources if r["arch"] == arch]
+        assert any(family in n for n in names), f"{family} missing from the {arch} SASS"
+
+
+@needs_cuda_build
+def test_fp8_kernels_use_their_instructions():
+    so = cuda_resources.extension_path()
+    if cuda_resources.cuobjdump_path() is None:
+        pytest.skip("cuobjdump not found")
+    funcs = _sass_by_function(so)
+    expect = {"fp8_mm_wmma_kernel": "HMMA", "fp8_gemv_kernel": "LDG.E"}
+    for arch in expected_archs():
+        for family, opcode in expect.items():
+            bodies = [body for (a, n), body in funcs.items() if a == arch and family in n]
+            assert bodies, f"{family} not found in the {arch} SASS"
+            for body in bodies:
+                assert opcode in body, f"{family} on {arch} has no {opcode} instruction"
+        # The vectorized small-M variants (template flag kVec = true, mangled "Lb1E") stream
+        # the fp8 weights with 128-bit loads.
+        vec = [body for (a, n), body in funcs.items() if a == arch and re.search(r"fp8_gemv_kernel.*Lb1EEEv", n)]
+        assert vec and all("LDG.E.128" in body for body in vec), f"fp8_gemv_kernel on {arch}: no 128-bit loads"
+
+
+@needs_cuda_build
+@pytest.mark.parametrize("op", [op for op in _ops.op_names() if op.startswith("fp8_")])
+def test_fp8_twin_has_a_cuda_kernel(op):
+    qualified = f"lowbit::{_ops.CUDA_TWIN_PREFIX}{op}"
+    assert _extension.has_kernel(qualified, "CUDA"), f"{qualified} has no CUDA kernel registered"
