@@ -39,6 +39,7 @@
 
 #include "lowbit/checks.h"
 #include "lowbit/cuda/common.cuh"
+#include "lowbit/cuda/host.cuh"
 #include "lowbit/cuda/fp8_tiles.cuh"
 #include "lowbit/fp8.h"
 
@@ -437,36 +438,7 @@ __global__ void __launch_bounds__(simt_tile::kThreads)
 }
 
 // ============================================================================ host side
-template <typename T>
-struct Tag {
-  using type = T;
-};
-
-// torch float dtype -> CUDA element type.
-template <typename F>
-void dispatch_float(c10::ScalarType dtype, F&& f) {
-  switch (dtype) {
-    case c10::ScalarType::Float: f(Tag<float>{}); break;
-    case c10::ScalarType::Half: f(Tag<__half>{}); break;
-    case c10::ScalarType::BFloat16: f(Tag<__nv_bfloat16>{}); break;
-    default: TORCH_CHECK(false, "lowbit: unexpected dtype ", c10::toString(dtype));
-  }
-}
-
-// bf16 WMMA is sm_80+; the build targets nothing older.
-void require_sm80(const char* op) {
-  int device = 0, major = 0, minor = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
-  TORCH_CHECK(major >= 8, "lowbit.", op, ": the CUDA C++ kernels need compute capability 8.0 or newer, this GPU is ",
-              major, ".", minor, "; use lowbit.backends.use(\"triton\") or (\"reference\")");
-}
-
-template <typename T>
-T* ptr(const at::Tensor& t) {
-  return reinterpret_cast<T*>(t.data_ptr());
-}
+using namespace ::lowbit::cuda::host;
 
 bool is_e4m3(c10::ScalarType t) { return t == c10::ScalarType::Float8_e4m3fn; }
 

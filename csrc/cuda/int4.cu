@@ -33,6 +33,7 @@
 
 #include "lowbit/checks.h"
 #include "lowbit/cuda/common.cuh"
+#include "lowbit/cuda/host.cuh"
 #include "lowbit/cuda/int4_mma.cuh"
 #include "lowbit/int4_layout.h"
 
@@ -351,35 +352,7 @@ __global__ void __launch_bounds__(L::tiled::kThreads32)
 }
 
 // ============================================================================ host side
-template <typename T>
-struct Tag {
-  using type = T;
-};
-
-template <typename F>
-void dispatch_float(c10::ScalarType dtype, F&& f) {
-  switch (dtype) {
-    case c10::ScalarType::Float: f(Tag<float>{}); break;
-    case c10::ScalarType::Half: f(Tag<__half>{}); break;
-    case c10::ScalarType::BFloat16: f(Tag<__nv_bfloat16>{}); break;
-    default: TORCH_CHECK(false, "lowbit: unexpected dtype ", c10::toString(dtype));
-  }
-}
-
-// cp.async, ldmatrix and bf16 mma.sync are sm_80+.
-void require_sm80(const char* op) {
-  int device = 0, major = 0, minor = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
-  TORCH_CHECK(major >= 8, "lowbit.", op, ": the CUDA C++ kernels need compute capability 8.0 or newer, this GPU is ",
-              major, ".", minor, "; use lowbit.backends.use(\"triton\") or (\"reference\")");
-}
-
-template <typename T>
-T* ptr(const at::Tensor& t) {
-  return reinterpret_cast<T*>(t.data_ptr());
-}
+using namespace ::lowbit::cuda::host;
 
 ParamKind param_kind(c10::ScalarType t) {
   return t == c10::ScalarType::Half ? ParamKind::kF16 : t == c10::ScalarType::BFloat16 ? ParamKind::kBF16 : ParamKind::kF32;

@@ -28,6 +28,7 @@
 
 #include "lowbit/checks.h"
 #include "lowbit/cuda/common.cuh"
+#include "lowbit/cuda/host.cuh"
 #include "lowbit/cuda/int8_cutlass.cuh"
 #include "lowbit/int8_layout.h"
 
@@ -447,39 +448,10 @@ __global__ void __launch_bounds__(L::tiled::kThreads32)
 }
 
 // ============================================================================ host side
-template <typename T>
-struct Tag {
-  using type = T;
-};
-
-// torch float dtype -> CUDA element type.
-template <typename F>
-void dispatch_float(c10::ScalarType dtype, F&& f) {
-  switch (dtype) {
-    case c10::ScalarType::Float: f(Tag<float>{}); break;
-    case c10::ScalarType::Half: f(Tag<__half>{}); break;
-    case c10::ScalarType::BFloat16: f(Tag<__nv_bfloat16>{}); break;
-    default: TORCH_CHECK(false, "lowbit: unexpected dtype ", c10::toString(dtype));
-  }
-}
-
-// The kernels use cp.async, mma.sync on int8 and bf16 WMMA: all sm_80+.
-void require_sm80(const char* op) {
-  int device = 0, major = 0, minor = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
-  TORCH_CHECK(major >= 8, "lowbit.", op, ": the CUDA C++ kernels need compute capability 8.0 or newer, this GPU is ",
-              major, ".", minor, "; use lowbit.backends.use(\"triton\") or (\"reference\")");
-}
+using namespace ::lowbit::cuda::host;
 
 // A contiguous view can start at any byte; CUTLASS's 16-byte accesses need an aligned base.
 at::Tensor aligned_copy_if_needed(const at::Tensor& t) { return aligned16(t.data_ptr()) ? t : t.clone(); }
-
-template <typename T>
-T* ptr(const at::Tensor& t) {
-  return reinterpret_cast<T*>(t.data_ptr());
-}
 
 void check_cutlass(cutlass::Status status, const char* op, const char* what) {
   TORCH_CHECK(status == cutlass::Status::kSuccess, "lowbit.", op, ": CUTLASS ", what, " failed: ",
