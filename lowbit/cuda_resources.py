@@ -118,6 +118,7 @@ KERNEL_OPS: tuple[tuple[str, str], ...] = (
     ("fp8_mm_wmma", "fp8_scaled_mm, fp8_weight_only_mm"),
     ("fp8_wo_", "fp8_weight_only_mm"),
     ("cutlass::Kernel", "int8_mm, int8_scaled_mm"),
+    ("_ZN7cutlass6Kernel", "int8_mm, int8_scaled_mm"),  # when c++filt gives up on a long name
 )
 
 
