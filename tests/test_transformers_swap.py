@@ -130,3 +130,29 @@ def test_compile_fullgraph(built, arch):
     compiled = torch.compile(q, fullgraph=True, backend="aot_eager")
     with torch.no_grad():
         torch.testing.assert_close(compiled(input_ids=ids).logits, q(input_ids=ids).logits, rtol=0, atol=0)
+
+
+# INT4 (group-wise weight-only). The swap must equal the float model with each weight replaced
+# by its dequantized int4 value. Noise floors: measured on seeds 0-2, group 128 asymmetric gives
+# 11.7-13.1 dB (Llama) and 16.5-16.9 dB (BERT) on these random-init models, group 32 gives
+# 13.9-14.3 / 18.3-18.4 dB: below the 20 dB that trained models are expected to reach, which
+# is why the bounds here only guard against regressions (see the INT4 issue's notes).
+INT4_FLOORS = {("llama", "int4"): 11.0, ("llama", "int4-g32"): 13.0, ("bert", "int4"): 15.5, ("bert", "int4-g32"): 17.5}
+
+
+@pytest.mark.parametrize("arch,preset", list(INT4_FLOORS))
+def test_int4_swap_equals_dequantized_weights(built, arch, preset):
+    from lowbit.nn import Int4Linear
+
+    model, ids, expected = built[arch]
+    quantized = lowbit.quantize(copy.deepcopy(model), preset)
+    swapped = {name: m for name, m in quantized.named_modules() if isinstance(m, Int4Linear)}
+    assert len(swapped) == MODELS[arch][2]
+    emulated = copy.deepcopy(model)
+    for name, m in swapped.items():
+        emulated.get_submodule(name).weight = nn.Parameter(m.dequantize(torch.float32), requires_grad=False)
+    with torch.no_grad():
+        logits = quantized(input_ids=ids).logits
+        reference = emulated(input_ids=ids).logits
+    assert sqnr(reference, logits) >= 60
+    assert sqnr(expected, logits) >= INT4_FLOORS[(arch, preset)]
