@@ -13,8 +13,10 @@
 // an fp16 NaN with the same bits torch produces.
 //
 // GEMM paths:
-// * M <= kGemvMaxM: bound by reading the weight. Rows of fp8 weights are streamed once per tile
-//   of up to 4 rows of x and decoded in registers (never stored as fp32).
+// * M <= 4: rows of fp8 weights are streamed once and decoded in registers (never stored as
+//   fp32), 32 codes at a time. On Zen 3 this is bound by decode instructions, not memory.
+// * 4 < M <= kGemvMaxM: strips of weight rows are decoded once into an L1-resident fp32 buffer
+//   that every row of x reuses; same FMA order and values as the M <= 4 tiles (same bits).
 // * larger M: bound by FLOPs. Blocks of kDecodeRows weight rows are decoded to fp32 (scaled per
 //   block where the scales are per block) and multiplied with at::mm; the full weight is never
 //   materialized in fp32.
@@ -296,6 +298,64 @@ LOWBIT_AVX2_INLINE void decode16(__m128i codes, __m256& lo, __m256& hi) {
   hi = _mm256_cvtph_ps(_mm256_extracti128_si256(h, 1));
 }
 
+// 32 codes -> 32 fp32 in four vectors, in order, the exact values (e4m3 NOT divided by 256).
+// The GEMV is bound by decode instructions, not by memory, so this path is cheaper than two
+// decode16: e4m3 codes that are all normal numbers (nearly always, for scaled weights) become fp32
+// bits with integer ops only (no vcvtph2ps, no NaN fixup); a block of 32 holding a zero,
+// subnormal or NaN takes the fp16 route, which handles every code.
+template <Format F>
+LOWBIT_AVX2 __attribute__((noinline)) void decode32_special(const uint8_t* p, __m256 v[4]) {
+  // vpermq puts codes 0-15 in the low qword of each 128-bit lane so that the in-lane byte unpacks
+  // with zero (each code into the high byte of an fp16) come out in order.
+  const __m256i c = _mm256_permute4x64_epi64(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)), 0xd8);
+  __m256i h[2] = {_mm256_unpacklo_epi8(_mm256_setzero_si256(), c), _mm256_unpackhi_epi8(_mm256_setzero_si256(), c)};
+  for (int t = 0; t < 2; ++t) {
+    if constexpr (F == Format::E4M3) {
+      h[t] = _mm256_and_si256(_mm256_srai_epi16(h[t], 1), _mm256_set1_epi16(int16_t(0xbfff)));
+      const __m256i nan = _mm256_cmpeq_epi16(_mm256_and_si256(h[t], _mm256_set1_epi16(0x7fff)), _mm256_set1_epi16(0x3f80));
+      h[t] = _mm256_or_si256(h[t], _mm256_and_si256(nan, _mm256_set1_epi16(0x4000)));
+    }
+    // e4m3 comes out as value / 256; * 256 is exact (the result is a normal fp32 or NaN).
+    const __m256 unit = _mm256_set1_ps(F == Format::E4M3 ? 256.0f : 1.0f);
+    v[2 * t] = _mm256_mul_ps(_mm256_cvtph_ps(_mm256_castsi256_si128(h[t])), unit);
+    v[2 * t + 1] = _mm256_mul_ps(_mm256_cvtph_ps(_mm256_extracti128_si256(h[t], 1)), unit);
+  }
+}
+
+template <Format F>
+LOWBIT_AVX2_INLINE void decode32(const uint8_t* p, __m256 v[4]) {
+  if constexpr (F == Format::E5M2) {
+    // e5m2 is the high byte of an fp16 (exact for every code, inf and NaN included), and the
+    // fp16 route measured faster than the integer one for it.
+    const __m256i c = _mm256_permute4x64_epi64(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)), 0xd8);
+    const __m256i h0 = _mm256_unpacklo_epi8(_mm256_setzero_si256(), c);
+    const __m256i h1 = _mm256_unpackhi_epi8(_mm256_setzero_si256(), c);
+    v[0] = _mm256_cvtph_ps(_mm256_castsi256_si128(h0));
+    v[1] = _mm256_cvtph_ps(_mm256_extracti128_si256(h0, 1));
+    v[2] = _mm256_cvtph_ps(_mm256_castsi256_si128(h1));
+    v[3] = _mm256_cvtph_ps(_mm256_extracti128_si256(h1, 1));
+    return;
+  }
+  const __m256i c = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  // Normal iff 1 <= exponent field <= 15 and not NaN, i.e. (c & 0x7f) in [8, 126]: shifted by
+  // +1 that is one signed byte compare (127 + 1 wraps negative).
+  const __m256i y = _mm256_add_epi8(_mm256_and_si256(c, _mm256_set1_epi8(0x7f)), _mm256_set1_epi8(1));
+  if (__builtin_expect(_mm256_movemask_epi8(_mm256_cmpgt_epi8(y, _mm256_set1_epi8(8))) != -1, 0)) {
+    decode32_special<F>(p, v);
+    return;
+  }
+  // (sign-extended code) << 20: sign copies in bits 27-31, exponent-mantissa in bits 20-26, right
+  // below where the fp32 exponent's low bits are; keep bit 31 and those, add the bias difference
+  // 127 - 7 (no carry into the sign).
+  const __m256i keep = _mm256_set1_epi32(int(0x87f00000u));
+  const __m256i rebias = _mm256_set1_epi32(120 << 23);
+#pragma GCC unroll 4
+  for (int q = 0; q < 4; ++q) {
+    const __m256i t = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8 * q)));
+    v[q] = _mm256_castsi256_ps(_mm256_add_epi32(_mm256_and_si256(_mm256_slli_epi32(t, 20), keep), rebias));
+  }
+}
+
 LOWBIT_AVX2_INLINE __m128i load_codes(const uint8_t* p, int64_t n) {
   if (n >= 16) return _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
   return avx2::load_partial_i8x16(reinterpret_cast<const int8_t*>(p), n);  // code 0 is +0
@@ -367,7 +427,7 @@ void apply_epilogue(const Epilogue& e, const float* acc, int64_t lda, int64_t m0
 }
 
 constexpr int64_t kGemvMaxM = 16;
-constexpr int64_t kGemvCols = 32;     // weight rows per small-M task
+constexpr int64_t kGemvCols = 36;     // weight rows per small-M task: a multiple of every tile width
 constexpr int64_t kDecodeRows = 256;  // weight rows decoded per at::mm call (large M)
 
 #if LOWBIT_HAVE_AVX2_KERNELS
@@ -377,26 +437,49 @@ constexpr int gemv_nb() {
 }
 
 // c[i, j] = sum_k x[i, k] * decode(w[j, k]) (* block scale) for MB rows of x (zero-padded to a
-// multiple of 16) and NB weight rows; e4m3 results without block scales are 256x too small.
+// multiple of 16) and NB weight rows. noinline with every loop unrolled: inlined into its caller,
+// GCC kept the accumulators on the stack (a store-to-load chain per FMA).
 template <Format F, int MB, int NB, bool BLOCK>
-LOWBIT_AVX2 void gemv_tile(const float* x, int64_t ldx, const uint8_t* w, int64_t K, const float* bscale,
-                           int64_t ldb, float* c, int64_t ldc) {
-  constexpr float kUnit = F == Format::E4M3 ? 256.0f : 1.0f;
+LOWBIT_AVX2 __attribute__((noinline)) void gemv_tile(const float* x, int64_t ldx, const uint8_t* w, int64_t K,
+                                                     const float* bscale, int64_t ldb, float* c, int64_t ldc) {
+  constexpr float kUnit = F == Format::E4M3 ? 256.0f : 1.0f;  // decode16's e4m3 values are / 256
   // Sums start from -0 (the additive identity, unlike +0): a row of -0 products sums to -0 as
   // in an exact IEEE sum, and x's padding is -0 for the same reason.
   __m256 acc[MB][NB];
+#pragma GCC unroll 16
   for (int i = 0; i < MB; ++i)
+#pragma GCC unroll 16
     for (int j = 0; j < NB; ++j) acc[i][j] = _mm256_set1_ps(-0.0f);
   for (int64_t k0 = 0, kb = 0; k0 < K; k0 += kFp8Block, ++kb) {
     __m256 m[NB];
     if constexpr (BLOCK)
-      for (int j = 0; j < NB; ++j) m[j] = _mm256_set1_ps(kUnit * bscale[j * ldb + kb]);
+      for (int j = 0; j < NB; ++j) m[j] = _mm256_set1_ps(bscale[j * ldb + kb]);
     const int64_t k1 = std::min(K, k0 + kFp8Block);
-    for (int64_t k = k0; k < k1; k += 16) {
+    int64_t k = k0;
+    for (; k + 32 <= k1; k += 32) {
+#pragma GCC unroll 4
+      for (int j = 0; j < NB; ++j) {
+        __m256 v[4];
+        decode32<F>(w + j * K + k, v);
+        if constexpr (BLOCK)
+#pragma GCC unroll 4
+          for (int q = 0; q < 4; ++q) v[q] = _mm256_mul_ps(v[q], m[j]);
+#pragma GCC unroll 4
+        for (int i = 0; i < MB; ++i)
+#pragma GCC unroll 4
+          for (int q = 0; q < 4; ++q)
+            acc[i][j] = _mm256_fmadd_ps(_mm256_loadu_ps(x + i * ldx + k + 8 * q), v[q], acc[i][j]);
+      }
+    }
+    for (; k < k1; k += 16) {
 #pragma GCC unroll 4
       for (int j = 0; j < NB; ++j) {
         __m256 lo, hi;
         decode16<F>(load_codes(w + j * K + k, k1 - k), lo, hi);
+        if constexpr (F == Format::E4M3) {  // exact: the true values, like decode32's
+          lo = _mm256_mul_ps(lo, _mm256_set1_ps(kUnit));
+          hi = _mm256_mul_ps(hi, _mm256_set1_ps(kUnit));
+        }
         if constexpr (BLOCK) {
           lo = _mm256_mul_ps(lo, m[j]);
           hi = _mm256_mul_ps(hi, m[j]);
@@ -409,9 +492,8 @@ LOWBIT_AVX2 void gemv_tile(const float* x, int64_t ldx, const uint8_t* w, int64_
       }
     }
   }
-  const float unit = BLOCK ? 1.0f : kUnit;  // (sum of v / 256) * 256: exact, same rounding as sum of v
   for (int i = 0; i < MB; ++i)
-    for (int j = 0; j < NB; ++j) c[i * ldc + j] = avx2::hsum(acc[i][j]) * unit;
+    for (int j = 0; j < NB; ++j) c[i * ldc + j] = avx2::hsum(acc[i][j]);
 }
 
 template <Format F, int MB, bool BLOCK>
@@ -425,6 +507,105 @@ LOWBIT_AVX2 void gemv_rows(const float* x, int64_t ldx, const uint8_t* w, int64_
     gemv_tile<F, MB, 1, BLOCK>(x, ldx, w + j * K, K, BLOCK ? bscale + j * ldb : nullptr, ldb, c + j, ldc);
 }
 
+// M in 5..16: decoding each weight again per group of 4 rows of x cost more than the FMAs, so a
+// strip of kStripRows weight rows is decoded once per kStripK codes into an L1-resident fp32
+// buffer (with the x rows it meets, ~24 KiB) and every row of x runs over it. Per (x row, weight
+// row) the 8 lane sums are kept in memory between chunks: the FMAs happen in the same order, on
+// the same values, as in gemv_tile, so both paths give the same bits.
+constexpr int64_t kStripRows = 6;
+constexpr int64_t kStripK = 256;  // a multiple of the 128-code scale blocks
+
+template <int MB, int NB>
+LOWBIT_AVX2 __attribute__((noinline)) void strip_tile(const float* x, int64_t ldx, const float* wbuf, int64_t kc,
+                                                      float* lanes) {
+  // lanes: [MB][kStripRows][8] floats of this tile's (x row, weight row) sums.
+  __m256 acc[MB][NB];
+#pragma GCC unroll 16
+  for (int i = 0; i < MB; ++i)
+#pragma GCC unroll 16
+    for (int j = 0; j < NB; ++j) acc[i][j] = _mm256_loadu_ps(lanes + (i * kStripRows + j) * 8);
+  for (int64_t k = 0; k < kc; k += 8) {
+    __m256 wv[NB];
+#pragma GCC unroll 16
+    for (int j = 0; j < NB; ++j) wv[j] = _mm256_load_ps(wbuf + j * kStripK + k);
+#pragma GCC unroll 16
+    for (int i = 0; i < MB; ++i) {
+      const __m256 xv = _mm256_loadu_ps(x + i * ldx + k);
+#pragma GCC unroll 16
+      for (int j = 0; j < NB; ++j) acc[i][j] = _mm256_fmadd_ps(xv, wv[j], acc[i][j]);
+    }
+  }
+#pragma GCC unroll 16
+  for (int i = 0; i < MB; ++i)
+#pragma GCC unroll 16
+    for (int j = 0; j < NB; ++j) _mm256_storeu_ps(lanes + (i * kStripRows + j) * 8, acc[i][j]);
+}
+
+// c[m, j] for all M rows of x and weight rows [0, rows) (rows <= kStripRows) of w.
+template <Format F, bool BLOCK>
+LOWBIT_AVX2 void gemv_strip_avx2(const float* x, int64_t ldx, int64_t M, const uint8_t* w, int64_t K, int64_t rows,
+                                 const float* bscale, int64_t ldb, float* c, int64_t ldc) {
+  constexpr float kUnit = F == Format::E4M3 ? 256.0f : 1.0f;  // decode16's e4m3 values are / 256
+  alignas(32) float wbuf[kStripRows * kStripK];
+  std::vector<float> lanes(M * kStripRows * 8, -0.0f);  // -0: see gemv_tile
+  for (int64_t k0 = 0; k0 < K; k0 += kStripK) {
+    const int64_t k1 = std::min(K, k0 + kStripK), kc = round_up(k1 - k0, 16);
+    for (int64_t r = 0; r < rows; ++r) {
+      const uint8_t* wr = w + r * K;
+      float* dst = wbuf + r * kStripK;
+      for (int64_t kb0 = k0; kb0 < k1; kb0 += kFp8Block) {
+        const int64_t kb1 = std::min(k1, kb0 + kFp8Block);
+        const __m256 m = _mm256_set1_ps(BLOCK ? bscale[r * ldb + kb0 / kFp8Block] : 1.0f);
+        int64_t k = kb0;
+        for (; k + 32 <= kb1; k += 32) {
+          __m256 v[4];
+          decode32<F>(wr + k, v);
+#pragma GCC unroll 4
+          for (int q = 0; q < 4; ++q) _mm256_store_ps(dst + (k - k0) + 8 * q, BLOCK ? _mm256_mul_ps(v[q], m) : v[q]);
+        }
+        for (; k < kb1; k += 16) {
+          __m256 lo, hi;
+          decode16<F>(load_codes(wr + k, kb1 - k), lo, hi);
+          if constexpr (F == Format::E4M3) {
+            lo = _mm256_mul_ps(lo, _mm256_set1_ps(kUnit));
+            hi = _mm256_mul_ps(hi, _mm256_set1_ps(kUnit));
+          }
+          _mm256_store_ps(dst + (k - k0), BLOCK ? _mm256_mul_ps(lo, m) : lo);
+          _mm256_store_ps(dst + (k - k0) + 8, BLOCK ? _mm256_mul_ps(hi, m) : hi);
+        }
+      }
+    }
+    for (int64_t i = 0; i < M; i += 4) {
+      const int64_t mb = std::min<int64_t>(4, M - i);
+      for (int64_t j = 0; j < rows;) {
+        const float* xi = x + i * ldx + k0;
+        const float* wj = wbuf + j * kStripK;
+        float* li = lanes.data() + (i * kStripRows + j) * 8;
+        if (rows - j >= 3) {
+          switch (mb) {
+            case 4: strip_tile<4, 3>(xi, ldx, wj, kc, li); break;
+            case 3: strip_tile<3, 3>(xi, ldx, wj, kc, li); break;
+            case 2: strip_tile<2, 3>(xi, ldx, wj, kc, li); break;
+            default: strip_tile<1, 3>(xi, ldx, wj, kc, li); break;
+          }
+          j += 3;
+        } else {
+          switch (mb) {
+            case 4: strip_tile<4, 1>(xi, ldx, wj, kc, li); break;
+            case 3: strip_tile<3, 1>(xi, ldx, wj, kc, li); break;
+            case 2: strip_tile<2, 1>(xi, ldx, wj, kc, li); break;
+            default: strip_tile<1, 1>(xi, ldx, wj, kc, li); break;
+          }
+          j += 1;
+        }
+      }
+    }
+  }
+  for (int64_t i = 0; i < M; ++i)
+    for (int64_t j = 0; j < rows; ++j)
+      c[i * ldc + j] = avx2::hsum(_mm256_loadu_ps(lanes.data() + (i * kStripRows + j) * 8));
+}
+
 template <Format F, bool BLOCK>
 LOWBIT_AVX2 void gemv_block_avx2(const float* x, int64_t ldx, int64_t M, const uint8_t* w, int64_t K, int64_t n0,
                                  int64_t n1, const float* bscale, int64_t ldb, float* c, int64_t ldc) {
@@ -436,6 +617,12 @@ LOWBIT_AVX2 void gemv_block_avx2(const float* x, int64_t ldx, int64_t M, const u
       std::memcpy(&rows_scale[(n - n0) * ldb], bscale + (n / kFp8Block) * ldb, sizeof(float) * ldb);
   }
   const float* rs = BLOCK ? rows_scale.data() : nullptr;
+  if (M > 4) {
+    for (int64_t n = n0; n < n1; n += kStripRows)
+      gemv_strip_avx2<F, BLOCK>(x, ldx, M, w + n * K, K, std::min(kStripRows, n1 - n),
+                                BLOCK ? rs + (n - n0) * ldb : nullptr, ldb, c + (n - n0), ldc);
+    return;
+  }
   for (int64_t m = 0; m < M;) {
     const int64_t mb = std::min<int64_t>(4, M - m);
     const float* xm = x + m * ldx;
