@@ -304,6 +304,17 @@ def _need(cond: bool, why: str):
         raise RuntimeError(why)
 
 
+def fp32_linear(inp: Inputs):
+    """The control on the CPU: float32 F.linear on the same weights."""
+    x, w = inp.x, inp.w
+    return lambda: F.linear(x, w)
+
+
+def bf16_linear(inp: Inputs):
+    x, w = _bf16(inp, "x16", lambda: inp.x), _bf16(inp, "w16", lambda: inp.w)
+    return lambda: F.linear(x, w)
+
+
 def _quantize_dynamic_linear(inp: Inputs):
     try:
         from torch.ao.quantization import quantize_dynamic
@@ -333,14 +344,6 @@ def _int8_candidates() -> list[Candidate]:
     t_raw = lambda s: gemm_traffic(s, weight_bits=8, act_bytes=1, out_bytes=4)  # noqa: E731
     # quantize_dynamic's default qconfig quantizes the weight per tensor: one scale.
     t_qd = lambda s: gemm_traffic(s, weight_bits=8, scale_bytes=4, scales=1, act_bytes=4, out_bytes=4)  # noqa: E731
-
-    def fp32_linear(inp):
-        x, w = inp.x, inp.w
-        return lambda: F.linear(x, w)
-
-    def bf16_linear(inp):
-        x, w = _bf16(inp, "x16", lambda: inp.x), _bf16(inp, "w16", lambda: inp.w)
-        return lambda: F.linear(x, w)
 
     def weight_int8pack(inp):
         _need(hasattr(torch, "_weight_int8pack_mm"), "torch._weight_int8pack_mm not in this torch")
@@ -407,14 +410,6 @@ def _int4_candidates() -> list[Candidate]:
     t_w4 = lambda act_bytes, sz_bytes: (lambda s: gemm_traffic(  # noqa: E731
         s, weight_bits=4 + 8 * sz_bytes / 128, act_bytes=act_bytes, out_bytes=act_bytes))
 
-    def fp32_linear(inp):
-        x, w = inp.x, inp.w
-        return lambda: F.linear(x, w)
-
-    def bf16_linear(inp):
-        x, w = _bf16(inp, "x16", lambda: inp.x), _bf16(inp, "w16", lambda: inp.w)
-        return lambda: F.linear(x, w)
-
     def torch_int4pack(inp):
         from lowbit.formats import int4 as fmt
         w4 = _int4_weight(inp)
@@ -462,14 +457,6 @@ def _fp8_candidates() -> list[Candidate]:
     t_f32 = lambda s: gemm_traffic(s, weight_bits=32, act_bytes=4, out_bytes=4)  # noqa: E731
     t_w8 = lambda act_bytes: (lambda s: gemm_traffic(  # noqa: E731
         s, weight_bits=8, scale_bytes=4, act_bytes=act_bytes, out_bytes=act_bytes))
-
-    def fp32_linear(inp):
-        x, w = inp.x, inp.w
-        return lambda: F.linear(x, w)
-
-    def bf16_linear(inp):
-        x, w = _bf16(inp, "x16", lambda: inp.x), _bf16(inp, "w16", lambda: inp.w)
-        return lambda: F.linear(x, w)
 
     def scaled_mm(inp):
         _need(inp.device.type == "cuda" and hasattr(torch, "_scaled_mm"), "torch._scaled_mm needs a CUDA GPU")
