@@ -74,7 +74,7 @@ def test_triton_kernel_below_its_minimum_capability_falls_through(rule, monkeypa
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
     assert tk.kernel_for("int8_mm", torch.device("cuda", 0)) is None
     impl = B._resolve_cuda("int8_mm", torch.device("cuda", 0))
-    assert impl is B._reference_impl("int8_mm")
+    assert impl is B.checked_reference("int8_mm")
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     assert tk.kernel_for("int8_mm", torch.device("cuda", 0)) is tk.KERNELS["int8_mm"]
 
@@ -101,3 +101,29 @@ def test_kernel_table_covers_every_op():
     assert [r["op"] for r in rows] == lowbit._ops.op_names()
     for r in rows:
         assert r["cuda"] in ("not built", "built, unverified", "built, verified")
+
+
+def test_router_leaves_checks_to_the_backend_it_picks():
+    """Every backend the CUDA router can pick validates its own arguments, exactly once."""
+    route = B._make_cuda_router("int8_mm")
+    bad = (torch.zeros(2, 4), torch.zeros(3, 4, dtype=torch.int8))
+    with lowbit.backends.use("reference"), pytest.raises(ValueError, match="lowbit.int8_mm: a must have dtype int8"):
+        route(*bad)
+    tk = B.triton_kernels()
+    with pytest.raises(ValueError, match="lowbit.int8_mm: a must have dtype int8"):
+        tk.KERNELS["int8_mm"](*bad)
+
+
+def test_ci_builds_and_loads_the_extension():
+    """On CI the extension must load (and carry CUDA kernels where it can): a build or load
+    failure would otherwise pass silently with every op on the reference fallback."""
+    import os
+    import shutil
+
+    if not os.environ.get("CI"):
+        pytest.skip("checked on CI, where scripts/install.sh has just built the extension")
+    assert lowbit._extension.LOADED, lowbit._extension.LOAD_ERROR
+    cuda_home = os.environ.get("CUDA_HOME", "/usr/local/cuda")
+    wants_cuda = os.environ.get("LOWBIT_BUILD_CUDA", "1") != "0"
+    if wants_cuda and torch.version.cuda and (shutil.which("nvcc") or os.path.exists(os.path.join(cuda_home, "bin", "nvcc"))):
+        assert lowbit._extension.built_with_cuda(), lowbit._extension.build_description()

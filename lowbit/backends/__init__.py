@@ -186,9 +186,9 @@ def _resolve_cuda(op: str, device: torch.device):
             # Triton cannot run this op on this chip (e.g. fp8 on sm_80): the rule falls through.
             if forced_backend() == "triton":
                 raise RuntimeError(f"lowbit.{op}: backend 'triton' was requested but has no kernel for this device")
-            return _reference_impl(op)
+            return checked_reference(op)
         return impl
-    return _reference_impl(op)
+    return checked_reference(op)
 
 
 def _first_tensor_device(args) -> torch.device:
@@ -210,11 +210,17 @@ def _checked(op: str, impl):
     return run
 
 
-def _make_cuda_router(op: str):
-    check = getattr(_checks, op)
+@functools.lru_cache(maxsize=None)
+def checked_reference(op: str):
+    """The reference kernel behind the same argument checks as every other backend."""
+    return _checked(op, _reference_impl(op))
 
+
+def _make_cuda_router(op: str):
+    # No checks here: each backend the router can pick validates its own arguments (the C++
+    # kernels with checks.h, the Triton host functions and checked_reference with _checks),
+    # so checking here too would do it twice on every call.
     def route(*args, **kwargs):
-        check(op, *args, **kwargs)
         device = _first_tensor_device(args)
         return _resolve_cuda(op, device)(*args, **kwargs)
 
@@ -235,7 +241,7 @@ def register_implementations():
     for op in _ops.op_names():
         qualified = f"lowbit::{op}"
         if not _extension.has_kernel(qualified, "CPU"):
-            _ops.LIB.impl(op, _checked(op, _reference_impl(op)), "CPU")
+            _ops.LIB.impl(op, checked_reference(op), "CPU")
             _cpu_reference_ops.add(op)
         _ops.LIB.impl(op, _make_cuda_router(op), "CUDA")
 
