@@ -178,6 +178,8 @@ FP8_FORMATS = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
 FP8_DTYPES = tuple(FP8_FORMATS.values())
 # Scales come in blocks of 128 along K (and along N for 128x128 weight blocks), DeepSeek-style.
 FP8_BLOCK = 128
+#: largest finite value of each format (the saturation bound)
+FP8_MAX = {"e4m3": 448.0, "e5m2": 57344.0}
 FP8_GRANULARITIES = ("tensor", "row", "block1x128", "block128x128")
 
 

@@ -22,12 +22,12 @@ from dataclasses import dataclass
 import torch
 
 from .. import ops
-from .._checks import FP8_BLOCK, FP8_FORMATS
+from .._checks import FP8_BLOCK, FP8_FORMATS, FP8_MAX
 
 FORMATS = tuple(FP8_FORMATS)  # ("e4m3", "e5m2")
 GRANULARITIES = ("tensor", "row", "block")
 SCALE_DTYPE = torch.float32
-FMAX = {"e4m3": 448.0, "e5m2": 57344.0}
+FMAX = FP8_MAX
 # The op-level granularity that quantizes a weight for each format granularity.
 _OP_GRANULARITY = {"tensor": "tensor", "row": "row", "block": "block128x128"}
 

@@ -27,8 +27,10 @@ from dataclasses import dataclass
 
 import torch
 
+from .._checks import INT4_GROUP_SIZES
+
 PACK_BLOCK = 32
-GROUP_SIZES = (32, 64, 128)
+GROUP_SIZES = INT4_GROUP_SIZES
 SYMMETRIC_ZERO = 8
 SCALE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 

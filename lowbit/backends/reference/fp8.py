@@ -23,9 +23,9 @@ from __future__ import annotations
 
 import torch
 
-from ..._checks import FP8_BLOCK, FP8_FORMATS
+from ..._checks import FP8_BLOCK, FP8_FORMATS, FP8_MAX
 
-FMAX = {"e4m3": 448.0, "e5m2": 57344.0}
+FMAX = FP8_MAX
 # Smallest magnitude that rounds past the largest finite value (ties go to the even code above).
 OVERFLOW = {"e4m3": 464.0, "e5m2": 61440.0}
 
@@ -60,7 +60,9 @@ def fp8_amax(x: torch.Tensor, granularity: str) -> torch.Tensor:
 
 
 def fp8_scale_from_amax(amax: torch.Tensor, format: str) -> torch.Tensor:
-    scale = amax / FMAX[format]
+    # tensor / tensor: on CUDA, tensor / python-scalar is a multiply by the reciprocal, not the
+    # IEEE division the spec and every kernel use (see reference/int8.py).
+    scale = amax / torch.full_like(amax, FMAX[format])
     return torch.where(scale > 0, scale, torch.ones_like(scale))
 
 

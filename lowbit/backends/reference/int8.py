@@ -30,11 +30,15 @@ def int8_quantize_dynamic(x: torch.Tensor, per_row: bool = True):
         amax = x32.abs().amax(dim=-1)
     else:
         amax = x32.abs().amax()
-    # tensor / tensor: on CUDA, tensor / python-scalar is computed as a multiply by the
-    # reciprocal, which is not the IEEE division the spec (and every kernel) uses.
-    scale = torch.where(amax > 0, amax / torch.full_like(amax, QMAX), torch.ones_like(amax))
+    scale = int8_scale_from_amax(amax)
     q = int8_quantize_static(x, scale)
     return q, scale
+
+
+def int8_scale_from_amax(amax: torch.Tensor) -> torch.Tensor:
+    # tensor / tensor: on CUDA, tensor / python-scalar is computed as a multiply by the
+    # reciprocal, which is not the IEEE division the spec (and every kernel) uses.
+    return torch.where(amax > 0, amax / torch.full_like(amax, QMAX), torch.ones_like(amax))
 
 
 def int8_quantize_static(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

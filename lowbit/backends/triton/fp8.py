@@ -25,11 +25,11 @@ import triton
 import triton.language as tl
 
 from ... import _checks
+from ..reference.fp8 import fp8_scale_from_amax  # IEEE division on every device, as div_rn
 from .int8 import (INTERPRET, _INTERPRETER_BF16_VIA_FP32, _PRUNE, _config, _gemm_grid, _k_major, _padded_k,
                    _rows, _tile_offsets, _vector)
 
 FP8_BLOCK = _checks.FP8_BLOCK
-FMAX = {"e4m3": 448.0, "e5m2": 57344.0}
 
 # fp8 tensor cores exist from sm_89 (Ada) on; Triton refuses fp8e4nv operands below that.
 MIN_CAPABILITY = {"fp8_scaled_mm": (8, 9)}
@@ -197,12 +197,6 @@ def _finite_amax(x: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isfinite(a), a, torch.zeros_like(a))
 
 
-def _scale_from_amax(amax: torch.Tensor, format: str) -> torch.Tensor:
-    # torch's `/` is IEEE on every device, as the kernel's div_rn.
-    scale = amax / FMAX[format]
-    return torch.where(scale > 0, scale, torch.ones_like(scale))
-
-
 def _launch_quantize(x2, q_bytes, scale, stride_sr, stride_sg, group_k, rows_per_scale, dynamic, format, saturate):
     R, K = x2.shape
     groups = triton.cdiv(K, group_k)
@@ -232,14 +226,14 @@ def fp8_quantize_dynamic(x: torch.Tensor, format: str = "e4m3", granularity: str
         # A whole-tensor (or 128-row) amax would need a reduction across programs first: it
         # comes from torch (max is exact, so the bits equal the kernel's), the codes from the
         # kernel.
-        scale = _scale_from_amax(_finite_amax(x).amax(), format)
+        scale = fp8_scale_from_amax(_finite_amax(x).amax(), format)
         _launch_quantize(x2, q_bytes, scale, 0, 0, K, 1, False, format, saturate)
     else:  # block128x128, x is 2-D
         rb = triton.cdiv(R, FP8_BLOCK)
         a = torch.zeros((rb * FP8_BLOCK, kb * FP8_BLOCK), dtype=torch.float32, device=x.device)
         a[:R, :K] = _finite_amax(x)
         amax = a.view(rb, FP8_BLOCK, kb, FP8_BLOCK).amax(dim=(1, 3))
-        scale = _scale_from_amax(amax, format)
+        scale = fp8_scale_from_amax(amax, format)
         _launch_quantize(x2, q_bytes, scale, kb, 1, FP8_BLOCK, FP8_BLOCK, False, format, saturate)
     return q, scale
 

@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from ... import _checks
+from ..reference.int8 import int8_scale_from_amax
 
 # Read at import because the interpreter, too, is chosen when triton.jit runs.
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -131,10 +132,8 @@ def int8_quantize_dynamic(x: torch.Tensor, per_row: bool = True):
         _launch_quantize(x2, q2, scale, 1, True)
         return q, scale
     # One amax for the whole tensor: a per-row pass would need a grid-wide reduction first,
-    # so the amax comes from torch and the scale from the same formula as the reference
-    # (torch's `/` is IEEE on every device).
-    amax = x.abs().amax().to(torch.float32)
-    scale = torch.where(amax > 0, amax / 127, torch.ones_like(amax))
+    # so the amax comes from torch and the scale from the reference's own formula.
+    scale = int8_scale_from_amax(x.abs().amax().to(torch.float32))
     _launch_quantize(x2, q2, scale, 0, False)
     return q, scale
 
