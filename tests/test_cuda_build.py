@@ -33,7 +33,7 @@ needs_cuda_build = pytest.mark.skipif(
            "build with nvcc to run these checks",
 )
 
-# Every kernel family the INT8 .cu must contain, by a substring of its mangled name.
+# Every kernel family each .cu must contain, by a substring of its mangled name.
 INT8_KERNELS = [
     "int8_quantize_rows_kernel",
     "int8_quantize_flat_kernel",
@@ -45,6 +45,9 @@ INT8_KERNELS = [
     "DefaultGemmWithVisitor",  # CUTLASS int8 GEMM with the scaled epilogue visitor tree
     "cutlass6KernelINS_4gemm6kernel4Gemm",  # CUTLASS int8 GEMM, int32 out
 ]
+INT4_KERNELS = ["int4_wo_gemv_kernel", "int4_wo_mma_kernel", "int4_wo_simt_f32_kernel"]
+FP8_KERNELS = ["fp8_quantize_groups_kernel", "fp8_quantize_flat_kernel", "fp8_amax_kernel", "fp8_gemv_kernel",
+               "fp8_mm_wmma_kernel", "fp8_wo_simt_f32_kernel"]
 
 
 def expected_archs() -> list[str]:
@@ -74,8 +77,8 @@ def test_every_built_arch_has_sass(resources):
 
 
 @needs_cuda_build
-@pytest.mark.parametrize("family", INT8_KERNELS)
-def test_int8_kernels_present_for_every_arch(resources, family):
+@pytest.mark.parametrize("family", INT8_KERNELS + INT4_KERNELS + FP8_KERNELS)
+def test_every_kernel_present_for_every_arch(resources, family):
     for arch in expected_archs():
         names = [r["kernel"] for r in resources if r["arch"] == arch]
         assert any(family in n for n in names), f"{family} missing from the {arch} SASS"
@@ -126,29 +129,39 @@ def _sass_by_function(so: str) -> dict[tuple[str, str], str]:
     return funcs
 
 
+# kernel substring -> SASS opcodes it must contain: the tensor-core instruction meant (IMMA for
+# the CUTLASS int8 GEMMs, HMMA.16816 for mma.sync m16n8k16, HMMA for WMMA), IDP.4A for the
+# SIMT fallback, and for the streaming kernels the 128-bit / async loads they were written for.
+SASS_EXPECTED = {
+    "DefaultGemmWithVisitor": ["IMMA"],
+    "cutlass6KernelINS_4gemm6kernel4Gemm": ["IMMA"],
+    "int8_wo_wmma_kernel": ["HMMA"],
+    "int8_gemm_simt_kernel": ["IDP.4A"],
+    "int4_wo_mma_kernel": ["HMMA.16816", "LDGSTS", "LDSM"],
+    "int4_wo_gemv_kernel": ["LDG.E.128"],
+    "fp8_mm_wmma_kernel": ["HMMA"],
+    "fp8_gemv_kernel": ["LDG.E"],
+}
+
+
 @needs_cuda_build
-def test_tensor_core_instructions_are_used():
+def test_kernels_use_their_instructions():
     so = cuda_resources.extension_path()
     if cuda_resources.cuobjdump_path() is None:
         pytest.skip("cuobjdump not found")
     funcs = _sass_by_function(so)
-    expect = {  # kernel substring -> SASS opcode it must contain
-        "DefaultGemmWithVisitor": "IMMA",
-        "cutlass6KernelINS_4gemm6kernel4Gemm": "IMMA",
-        "int8_wo_wmma_kernel": "HMMA",
-        "int8_gemm_simt_kernel": "IDP.4A",
-    }
     for arch in expected_archs():
-        for family, opcode in expect.items():
+        for family, opcodes in SASS_EXPECTED.items():
             bodies = [body for (a, n), body in funcs.items() if a == arch and family in n]
             assert bodies, f"{family} not found in the {arch} SASS"
             for body in bodies:
-                assert opcode in body, f"{family} on {arch} has no {opcode} instruction"
+                for opcode in opcodes:
+                    assert opcode in body, f"{family} on {arch} has no {opcode} instruction"
 
 
 # ----------------------------------------------------------------------------- registration
 @needs_cuda_build
-@pytest.mark.parametrize("op", [op for op in _ops.op_names() if op.startswith("int8_")])
+@pytest.mark.parametrize("op", _ops.op_names())
 def test_cuda_twin_has_a_cuda_kernel(op):
     qualified = f"lowbit::{_ops.CUDA_TWIN_PREFIX}{op}"
     assert _extension.has_kernel(qualified, "CUDA"), f"{qualified} has no CUDA kernel registered"
@@ -281,42 +294,6 @@ def test_gemv_lanes_tile_k_without_gaps(layout_maps):
 
 
 # ============================================================================= INT4
-# Every kernel the INT4 .cu must contain, and the SASS opcode the tensor-core one must use.
-INT4_KERNELS = ["int4_wo_gemv_kernel", "int4_wo_mma_kernel", "int4_wo_simt_f32_kernel"]
-
-
-@needs_cuda_build
-@pytest.mark.parametrize("family", INT4_KERNELS)
-def test_int4_kernels_present_for_every_arch(resources, family):
-    for arch in expected_archs():
-        names = [r["kernel"] for r in resources if r["arch"] == arch]
-        assert any(family in n for n in names), f"{family} missing from the {arch} SASS"
-
-
-@needs_cuda_build
-def test_int4_kernels_use_their_instructions():
-    so = cuda_resources.extension_path()
-    if cuda_resources.cuobjdump_path() is None:
-        pytest.skip("cuobjdump not found")
-    funcs = _sass_by_function(so)
-    # mma.sync m16n8k16 is HMMA.16816; the GEMV must not have been turned into something else
-    # either: its weight loads are 128-bit (LDG.E.128).
-    expect = {"int4_wo_mma_kernel": ["HMMA.16816", "LDGSTS", "LDSM"], "int4_wo_gemv_kernel": ["LDG.E.128"]}
-    for arch in expected_archs():
-        for family, opcodes in expect.items():
-            bodies = [body for (a, n), body in funcs.items() if a == arch and family in n]
-            assert bodies, f"{family} not found in the {arch} SASS"
-            for body in bodies:
-                for opcode in opcodes:
-                    assert opcode in body, f"{family} on {arch} has no {opcode} instruction"
-
-
-@needs_cuda_build
-def test_int4_twin_has_a_cuda_kernel():
-    qualified = f"lowbit::{_ops.CUDA_TWIN_PREFIX}int4_weight_only_mm"
-    assert _extension.has_kernel(qualified, "CUDA"), f"{qualified} has no CUDA kernel registered"
-
-
 # ----------------------------------------------------------------------------- int4_layout.h
 INT4_PROBE = r"""
 #include <cstdio>
@@ -502,41 +479,14 @@ def test_int4_group_of_each_block_holds_its_columns(int4_maps):
 
 
 # ============================================================================= FP8
-# Every kernel the FP8 .cu must contain, and the SASS each must show: HMMA for the tensor-core
-# tiles (fp8 decoded to f16/bf16 in shared memory), 128-bit weight loads in the small-M kernel.
-FP8_KERNELS = ["fp8_quantize_groups_kernel", "fp8_quantize_flat_kernel", "fp8_amax_kernel", "fp8_gemv_kernel",
-               "fp8_mm_wmma_kernel", "fp8_wo_simt_f32_kernel"]
-
-
 @needs_cuda_build
-@pytest.mark.parametrize("family", FP8_KERNELS)
-def test_fp8_kernels_present_for_every_arch(resources, family):
-    for arch in expected_archs():
-        names = [r["kernel"] for r in resources if r["arch"] == arch]
-        assert any(family in n for n in names), f"{family} missing from the {arch} SASS"
-
-
-@needs_cuda_build
-def test_fp8_kernels_use_their_instructions():
+def test_fp8_small_m_kernels_use_128_bit_loads():
     so = cuda_resources.extension_path()
     if cuda_resources.cuobjdump_path() is None:
         pytest.skip("cuobjdump not found")
     funcs = _sass_by_function(so)
-    expect = {"fp8_mm_wmma_kernel": "HMMA", "fp8_gemv_kernel": "LDG.E"}
     for arch in expected_archs():
-        for family, opcode in expect.items():
-            bodies = [body for (a, n), body in funcs.items() if a == arch and family in n]
-            assert bodies, f"{family} not found in the {arch} SASS"
-            for body in bodies:
-                assert opcode in body, f"{family} on {arch} has no {opcode} instruction"
         # The vectorized small-M variants (template flag kVec = true, mangled "Lb1E") stream
         # the fp8 weights with 128-bit loads.
         vec = [body for (a, n), body in funcs.items() if a == arch and re.search(r"fp8_gemv_kernel.*Lb1EEEv", n)]
         assert vec and all("LDG.E.128" in body for body in vec), f"fp8_gemv_kernel on {arch}: no 128-bit loads"
-
-
-@needs_cuda_build
-@pytest.mark.parametrize("op", [op for op in _ops.op_names() if op.startswith("fp8_")])
-def test_fp8_twin_has_a_cuda_kernel(op):
-    qualified = f"lowbit::{_ops.CUDA_TWIN_PREFIX}{op}"
-    assert _extension.has_kernel(qualified, "CUDA"), f"{qualified} has no CUDA kernel registered"
