@@ -20,6 +20,7 @@ from torch import nn
 from . import nn as _lowbit_nn  # noqa: F401  (registers every family's config handler)
 from .configs import Config, Unsupported, handler_for, resolve
 from .nn.base import QuantizedLinear, check_parent
+from .nn.conv import QuantizedConv2d
 
 log = logging.getLogger("lowbit")
 
@@ -59,6 +60,9 @@ def last_report() -> QuantizeReport | None:
 def quantize(model: nn.Module, config: Config | str, filter_fn: FilterFn | None = None) -> nn.Module:
     """Replace every eligible nn.Linear in `model` (in place) by its quantized counterpart.
 
+    nn.Conv2d layers (groups=1) are replaced by :class:`lowbit.nn.QuantizedConv2d`, the same
+    quantized linear module run on unfolded patches.
+
     `config` is a :class:`lowbit.configs.Config` or a preset name (:data:`lowbit.configs.PRESETS`).
     `filter_fn(module, name)` returning False keeps that layer float. A Linear shared by several
     parents is converted once and the same quantized module is put at each place (the decision
@@ -84,7 +88,8 @@ def quantize(model: nn.Module, config: Config | str, filter_fn: FilterFn | None 
             try:
                 if parent is not None:
                     check_parent(parent, child_name)
-                new = handler(linear, cfg)
+                new = (handler(linear, cfg) if isinstance(linear, nn.Linear)
+                       else QuantizedConv2d.from_float(linear, cfg))
             except Unsupported as e:
                 report.skipped.append(Skipped(name, str(e)))
                 log.warning("lowbit.quantize: kept %s as float: %s", name or "<root>", e)
@@ -100,7 +105,7 @@ def quantize(model: nn.Module, config: Config | str, filter_fn: FilterFn | None 
         # Snapshot first: the loop below mutates the tree it walks.
         for parent_name, parent in list(model.named_modules()):
             for child_name, child in list(parent._modules.items()):
-                if isinstance(child, nn.Linear):
+                if isinstance(child, (nn.Linear, nn.Conv2d)):
                     name = f"{parent_name}.{child_name}" if parent_name else child_name
                     new = convert(child, name, parent, child_name)
                     if new is not None:
