@@ -11,9 +11,10 @@ and records it in a :class:`QuantizeReport` (``model._lowbit_report`` and :func:
 
 from __future__ import annotations
 
+import fnmatch
 import logging
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Mapping
 
 from torch import nn
 
@@ -57,13 +58,48 @@ def last_report() -> QuantizeReport | None:
     return _last_report
 
 
-def quantize(model: nn.Module, config: Config | str, filter_fn: FilterFn | None = None) -> nn.Module:
+LayerConfigs = Mapping[str, "Config | str | None"]
+
+
+def layer_config_resolver(config: Config | str | LayerConfigs) -> Callable[[str], Config | None]:
+    """`name -> Config or None` for a config, a preset name, or a mapping of module-name patterns.
+
+    A mapping such as ``{"*.attention.*": "int8", "*.intermediate.*": "int4", "lm_head": None}``
+    gives each layer the value of the first pattern (in the mapping's order) that its full
+    module name matches (:func:`fnmatch.fnmatchcase`: ``*`` also crosses dots); ``None`` or no
+    matching pattern keeps the layer float. Every value is resolved up front, so a bad preset
+    name fails before any layer is touched.
+    """
+    if isinstance(config, Mapping):
+        rules = [(pattern, None if c is None else resolve(c)) for pattern, c in config.items()]
+        for pattern, _ in rules:
+            if not isinstance(pattern, str):
+                raise TypeError(f"lowbit: layer patterns must be strings, got {type(pattern).__name__}")
+        for _, c in rules:
+            if c is not None:
+                handler_for(c)  # an unknown config type fails here, not halfway through the model
+
+        def pick(name: str) -> Config | None:
+            for pattern, c in rules:
+                if fnmatch.fnmatchcase(name, pattern):
+                    return c
+            return None
+
+        return pick
+    cfg = resolve(config)
+    handler_for(cfg)
+    return lambda name: cfg
+
+
+def quantize(model: nn.Module, config: Config | str | LayerConfigs, filter_fn: FilterFn | None = None) -> nn.Module:
     """Replace every eligible nn.Linear in `model` (in place) by its quantized counterpart.
 
     nn.Conv2d layers (groups=1) are replaced by :class:`lowbit.nn.QuantizedConv2d`, the same
     quantized linear module run on unfolded patches.
 
-    `config` is a :class:`lowbit.configs.Config` or a preset name (:data:`lowbit.configs.PRESETS`).
+    `config` is a :class:`lowbit.configs.Config`, a preset name (:data:`lowbit.configs.PRESETS`),
+    or a mapping from module-name patterns to those (or None), one config per layer: see
+    :func:`layer_config_resolver`; layers it leaves float are listed as excluded.
     `filter_fn(module, name)` returning False keeps that layer float. A Linear shared by several
     parents is converted once and the same quantized module is put at each place (the decision
     made for the first name seen applies to all of them).
@@ -72,8 +108,8 @@ def quantize(model: nn.Module, config: Config | str, filter_fn: FilterFn | None 
     quantized module is returned instead (use the return value).
     """
     global _last_report
-    cfg = resolve(config)
-    handler = handler_for(cfg)
+    config_for = layer_config_resolver(config)
+    cfg = dict(config) if isinstance(config, Mapping) else resolve(config)
     report = QuantizeReport(cfg)
     memo: dict[int, nn.Module | None] = {}
 
@@ -81,15 +117,16 @@ def quantize(model: nn.Module, config: Config | str, filter_fn: FilterFn | None 
         if id(linear) in memo:
             return memo[id(linear)]
         new = None
-        if filter_fn is not None and not filter_fn(linear, name):
+        layer_cfg = config_for(name)
+        if layer_cfg is None or (filter_fn is not None and not filter_fn(linear, name)):
             report.excluded.append(name)
-            log.debug("lowbit.quantize: %s excluded by filter_fn", name)
+            log.debug("lowbit.quantize: %s excluded by filter_fn or the layer patterns", name)
         else:
             try:
                 if parent is not None:
                     check_parent(parent, child_name)
-                new = (handler(linear, cfg) if isinstance(linear, nn.Linear)
-                       else QuantizedConv2d.from_float(linear, cfg))
+                new = (handler_for(layer_cfg)(linear, layer_cfg) if isinstance(linear, nn.Linear)
+                       else QuantizedConv2d.from_float(linear, layer_cfg))
             except Unsupported as e:
                 report.skipped.append(Skipped(name, str(e)))
                 log.warning("lowbit.quantize: kept %s as float: %s", name or "<root>", e)

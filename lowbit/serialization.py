@@ -40,6 +40,7 @@ from .formats import int8 as int8_fmt
 from .nn.base import QuantizedLinear, check_parent
 from .nn.fp8 import ACTIVATIONS, FP8Linear
 from .nn.int4 import Int4Linear
+from .nn.int8 import ACTIVATIONS as INT8_ACTIVATIONS
 from .nn.int8 import Int8Linear, Int8WeightOnlyLinear
 
 FORMAT = "lowbit"
@@ -70,6 +71,8 @@ def _module_args(m: QuantizedLinear) -> dict:
         args.update(group_size=m.group_size, symmetric=m.zero is None, scale_dtype=_dtype_name(m.scale.dtype))
     elif isinstance(m, FP8Linear):
         args.update(format=m.format, granularity=m.granularity, activation=m.activation, act_format=m.act_format)
+    elif isinstance(m, Int8Linear) and m.activation != "dynamic":  # omitted when dynamic: older files read as before
+        args.update(activation=m.activation)
     return args
 
 
@@ -223,6 +226,9 @@ def _parse_args(where: _Where, cls: type[QuantizedLinear], args: dict) -> dict:
         out["activation"] = where.choice(args, "activation", ACTIVATIONS, what)
         out["act_format"] = where.choice(args, "act_format", fp8_fmt.FORMATS, what)
         keys += ["format", "granularity", "activation", "act_format"]
+    elif cls is Int8Linear and "activation" in args:
+        out["activation"] = where.choice(args, "activation", INT8_ACTIVATIONS, what)
+        keys += ["activation"]
     where.no_extra(args, keys, what)
     return out
 
@@ -285,6 +291,10 @@ def _check_values(where: _Where, m: QuantizedLinear, t: dict[str, torch.Tensor])
                 where.fail(f"tensor 'qweight' has the value -128; int8 weights lie in "
                            f"[-{int8_fmt.QMAX}, {int8_fmt.QMAX}]")
             _finite(where, "scale", t["scale"])
+            if "act_scale" in t:
+                _finite(where, "act_scale", t["act_scale"])
+                if not float(t["act_scale"]) > 0:
+                    where.fail("tensor 'act_scale' must be > 0")
         elif isinstance(m, Int4Linear):
             x = torch.empty(1, m.in_features, dtype=m.orig_dtype, device=t["packed"].device)
             _checks.int4_weight_only_mm("int4_weight_only_mm", x, t["packed"], t["scale"], t.get("zero"),

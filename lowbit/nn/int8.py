@@ -22,6 +22,8 @@ from ..configs import Int8Config, register_handler
 from ..formats import int8 as fmt
 from .base import QuantizedLinear, check_float_linear
 
+ACTIVATIONS = ("dynamic", "static")
+
 
 class _Int8LinearBase(QuantizedLinear):
     float32_buffers = ("scale",)
@@ -69,17 +71,53 @@ class _Int8LinearBase(QuantizedLinear):
 
 
 class Int8Linear(_Int8LinearBase):
-    """W8A8 linear: per-token int8 activations x per-channel int8 weights, int32 accumulation."""
+    """W8A8 linear: int8 activations x per-channel int8 weights, int32 accumulation.
+
+    ``activation="dynamic"`` (default): per-token scales from each input's own amax.
+    ``activation="static"``: one calibrated per-tensor scale ``act_scale`` (float32 scalar, set by
+    :func:`lowbit.calibrate` or given to :meth:`from_float`); inputs beyond it saturate at +-127.
+    """
 
     scheme = "int8"
     max_in_features = INT8_MAX_K
+    float32_buffers = ("scale", "act_scale")
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, activation: str = "dynamic",
+                 device: torch.device | str | None = None, dtype: torch.dtype = torch.float32):
+        super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"lowbit Int8Linear: activation must be one of {ACTIVATIONS}, got {activation!r}")
+        self.activation = activation
+        self.register_buffer("act_scale", torch.ones((), dtype=torch.float32, device=device)
+                             if activation == "static" else None)
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, activation: str = "dynamic",
+                   act_scale: float | torch.Tensor | None = None):
+        """``activation="static"`` needs ``act_scale``: the calibrated amax / 127 of the input."""
+        if activation == "static":
+            s = float(act_scale) if act_scale is not None else float("nan")
+            if not (0.0 < s < float("inf")):
+                raise ValueError(f"lowbit Int8Linear: activation='static' needs a finite act_scale > 0 "
+                                 f"(calibrated amax / 127), got {act_scale!r}")
+        m = super().from_float(linear)
+        if activation != "dynamic":
+            m.activation = activation
+            m.act_scale = torch.tensor(s, dtype=torch.float32, device=m.qweight.device)
+        return m
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", activation={self.activation!r}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
         if x.numel() == 0:  # the ops reject empty inputs; nn.Linear returns an empty output
             return self._empty_output(x)
         x2 = x.reshape(-1, self.in_features)
-        q, s = ops.int8_quantize_dynamic(x2, True)
+        if self.activation == "static":
+            q, s = ops.int8_quantize_static(x2, self.act_scale), self.act_scale
+        else:
+            q, s = ops.int8_quantize_dynamic(x2, True)
         y = ops.int8_scaled_mm(q, self.qweight, s, self.scale, self.bias, x.dtype)
         return y.reshape(*x.shape[:-1], self.out_features)
 

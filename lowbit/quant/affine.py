@@ -97,21 +97,36 @@ def choose_qparams(
     group_size: int | None = None,
 ) -> AffineParams:
     """Min/max (absmax when symmetric) scales and zero points for `x`."""
-    qmin, qmax = qrange(bits, symmetric)
     g = _grouped(x, granularity, group_size).to(torch.float32)
     shape = _scale_shape(x, granularity, group_size)
-    one = torch.ones((), dtype=torch.float32, device=x.device)
+    return params_from_range(g.amin(dim=-1).reshape(shape), g.amax(dim=-1).reshape(shape), bits,
+                             symmetric=symmetric, granularity=granularity, group_size=group_size)
+
+
+def params_from_range(
+    lo: torch.Tensor,
+    hi: torch.Tensor,
+    bits: int = 8,
+    *,
+    symmetric: bool = True,
+    granularity: str = "channel",
+    group_size: int | None = None,
+) -> AffineParams:
+    """Scales and zero points that cover [lo, hi] (shaped like the scale; observers and clipping
+    searches choose the range, this turns it into parameters by the rule above)."""
+    qmin, qmax = qrange(bits, symmetric)
+    lo, hi = lo.to(torch.float32), hi.to(torch.float32)
+    one = torch.ones((), dtype=torch.float32, device=lo.device)
     if symmetric:
-        amax = g.abs().amax(dim=-1)
+        amax = torch.maximum(lo.abs(), hi.abs())
         scale = torch.where(amax > 0, amax / qmax, one)
         zero_point = None
     else:
-        lo = g.amin(dim=-1).clamp(max=0)
-        hi = g.amax(dim=-1).clamp(min=0)
+        lo, hi = lo.clamp(max=0), hi.clamp(min=0)
         span = hi - lo
         scale = torch.where(span > 0, span / (qmax - qmin), one)
-        zero_point = torch.clamp(qmin - torch.round(lo / scale), qmin, qmax).to(torch.int32).reshape(shape)
-    return AffineParams(scale.reshape(shape), zero_point, bits, symmetric, granularity, group_size)
+        zero_point = torch.clamp(qmin - torch.round(lo / scale), qmin, qmax).to(torch.int32)
+    return AffineParams(scale, zero_point, bits, symmetric, granularity, group_size)
 
 
 def _expand(t: torch.Tensor, x: torch.Tensor, p: AffineParams) -> torch.Tensor:
