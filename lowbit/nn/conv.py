@@ -83,7 +83,6 @@ class QuantizedConv2d(nn.Module):
             raise ValueError(f"lowbit QuantizedConv2d: linear must be [{out_channels}, {K}] "
                              f"(out_channels x in_channels*kh*kw), got [{linear.out_features}, {linear.in_features}]")
         self.linear = linear
-        self.pointwise = (self.kernel_size == (1, 1) and self.stride == (1, 1) and self.padding == (0, 0))
 
     @property
     def scheme(self) -> str:
@@ -117,20 +116,27 @@ class QuantizedConv2d(nn.Module):
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
                 f"padding={self.padding}, dilation={self.dilation}, scheme={self.scheme!r}")
 
-    def _output_size(self, H: int, W: int) -> tuple[int, int]:
-        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = self.kernel_size, self.stride, self.padding, self.dilation
-        return (H + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (W + 2 * pw - dw * (kw - 1) - 1) // sw + 1
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"lowbit QuantizedConv2d: input must have shape [B, {self.in_channels}, H, W], "
                              f"got {list(x.shape)}")
-        B, _, H, W = x.shape
-        Ho, Wo = self._output_size(H, W)
-        if self.pointwise:
-            rows = x.permute(0, 2, 3, 1).reshape(B * H * W, self.in_channels)
-        else:
-            cols = F.unfold(x, self.kernel_size, self.dilation, self.padding, self.stride)  # [B, K, L]
-            rows = cols.transpose(1, 2).reshape(B * Ho * Wo, cols.shape[1])
-        y = self.linear(rows)  # [B*L, O]
-        return y.reshape(B, Ho, Wo, self.out_channels).permute(0, 3, 1, 2).contiguous()
+        rows, Ho, Wo = im2col(x, self.kernel_size, self.stride, self.padding, self.dilation)
+        return rows_to_image(self.linear(rows), x.shape[0], Ho, Wo)
+
+
+def im2col(x: torch.Tensor, kernel_size, stride, padding, dilation) -> tuple[torch.Tensor, int, int]:
+    """[B, C, H, W] -> (rows [B*Ho*Wo, C*kh*kw], Ho, Wo): one row per output position, ordered
+    like ``weight.reshape(O, -1)``. A 1x1 stride-1 unpadded conv is the channels-last view (no copy
+    of patches)."""
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = _pair(kernel_size), _pair(stride), _pair(padding), _pair(dilation)
+    B, C, H, W = x.shape
+    Ho, Wo = (H + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (W + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    if (kh, kw, sh, sw, ph, pw) == (1, 1, 1, 1, 0, 0):
+        return x.permute(0, 2, 3, 1).reshape(B * H * W, C), H, W
+    cols = F.unfold(x, (kh, kw), (dh, dw), (ph, pw), (sh, sw))  # [B, C*kh*kw, Ho*Wo]
+    return cols.transpose(1, 2).reshape(B * Ho * Wo, cols.shape[1]), Ho, Wo
+
+
+def rows_to_image(y: torch.Tensor, B: int, Ho: int, Wo: int) -> torch.Tensor:
+    """GEMM output [B*Ho*Wo, O] -> [B, O, Ho, Wo]."""
+    return y.reshape(B, Ho, Wo, y.shape[-1]).permute(0, 3, 1, 2).contiguous()
