@@ -16,6 +16,16 @@ import lowbit
 from lowbit.configs import Unsupported, resolve
 from lowbit.nn import QuantizedConv2d
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny layers: per-op OpenMP synchronisation costs more than a second thread saves.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 U = 2.0**-24
 GEOMETRIES = [
     dict(kernel_size=3, padding=1),

@@ -19,6 +19,16 @@ from torch import nn
 import lowbit
 from lowbit.qat import QATConfig, QATConvBn2d, QATLinearBn1d, find_bn_pairs, fold_bn
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny layers: per-op OpenMP synchronisation costs more than a second thread saves.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 U32 = 2.0**-24
 
 

@@ -30,6 +30,16 @@ import lowbit
 from lowbit.nn import QuantizedConv2d, im2col
 from lowbit.qat import QATConfig, QATConv2d, QATConvBn2d, QATLinear, QATLinearBn1d
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny layers: per-op OpenMP synchronisation costs more than a second thread saves.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 U = 2.0**-24
 SCHEMES = [
     ("int8", False), ("int8", True), ("int8-weight", False), ("int8-weight", True),

@@ -14,6 +14,16 @@ from lowbit.formats import int4 as int4_fmt
 from lowbit.nn import FP8Linear, Int4Linear, Int8Linear
 from lowbit.qat import fake_quant as fq
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny layers: per-op OpenMP synchronisation costs more than a second thread saves.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 SHAPES = [(1, 32), (5, 7), (16, 96), (3, 300)]
 
 

@@ -1,0 +1,36 @@
+"""The reduced digits CNN run (examples/digits_cnn.py --fast): every row is produced, and the
+numbers are those of a working pipeline (the full run's are in docs/qat.md)."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "digits_cnn.py"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny layers: per-op OpenMP synchronisation costs more than a second thread saves.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_digits_cnn_fast():
+    spec = importlib.util.spec_from_file_location("digits_cnn", EXAMPLE)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    results = mod.run(fast=True, verbose=False)
+    one = 1 / 400  # one test image
+    assert results["fp32"] > 0.88
+    # folding is exact up to rounding: at most one borderline prediction may flip
+    assert abs(results["fp32, BN folded"] - results["fp32"]) <= one
+    assert results["PTQ int8 (W8A8 dynamic)"] >= results["fp32"] - 4 * one
+    for key in ("PTQ int4 (g32, weight-only)", "QAT int4 (g32, LSQ)", "QAT int4 (per channel, LSQ)",
+                "QAT int8 -> int4 stepped (per channel)"):
+        assert results[key] > 0.8, key
+    assert "QAT binary" not in results or results["QAT binary"] > 0.5
+    assert "model" in mod.table(results)
