@@ -59,7 +59,8 @@ def make_model() -> nn.Sequential:
 def train(model, data, epochs, lr, batch_size=64, on_step=None, clip=False):
     x, y = data
     opt = torch.optim.Adam(model.parameters(), lr=lr)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, epochs * ((len(y) + batch_size - 1) // batch_size)))
+    steps = epochs * ((len(y) + batch_size - 1) // batch_size)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, steps))
     g = torch.Generator().manual_seed(SEED)
     model.train()
     for _ in range(epochs):
@@ -116,7 +117,7 @@ def run(fast: bool = False, device: str = "cpu", verbose: bool = True) -> dict[s
     folded = fold_bn(copy.deepcopy(fp32).eval())
     results["fp32, BN folded"] = accuracy(folded, test_data)
     for name, preset in (("PTQ int8 (W8A8 dynamic)", "int8"), ("PTQ int4 (g32, weight-only)", "int4-g32"),
-                         ("PTQ int4 (g128 = per channel here)", "int4")):
+                         ("PTQ int4 (g128)", "int4")):
         results[name] = accuracy(lowbit.quantize(copy.deepcopy(folded), preset), test_data)
     if _calibrate_available():
         from lowbit.calibrate import calibrate
@@ -127,7 +128,7 @@ def run(fast: bool = False, device: str = "cpu", verbose: bool = True) -> dict[s
             calibrate(copy.deepcopy(folded), "int8", batches, progress=False), test_data)
 
     for name, cfg in (("QAT int4 (g32, LSQ)", QATConfig("int4-g32", learnable_scales=True)),
-                      ("QAT int4 (per channel, LSQ)", QATConfig("int4", learnable_scales=True))):
+                      ("QAT int4 (g128, LSQ)", QATConfig("int4", learnable_scales=True))):
         t0 = time.perf_counter()
         steps = qat_epochs * ((len(train_data[1]) + 63) // 64)
         cfg.freeze_bn_step = steps // 2
@@ -139,13 +140,13 @@ def run(fast: bool = False, device: str = "cpu", verbose: bool = True) -> dict[s
         log(f"{name}: fake-quantized {fake:.4f}, converted {results[name]:.4f} "
             f"({time.perf_counter() - t0:.1f}s)")
 
-    # Stepped: 8 bits for the first third, then 4 bits (per channel).
+    # Stepped: 8 bits for the first third, then 4 bits (groups of 128).
     steps = qat_epochs * ((len(train_data[1]) + 63) // 64)
     schedule = ProgressiveSchedule(stages=[(0, "int8-weight"), (steps // 3, "int4")])
     qat = lowbit.prepare_qat(copy.deepcopy(fp32), QATConfig(learnable_scales=True, schedule=schedule,
                                                             freeze_bn_step=steps // 2))
     qat = train(qat, train_data, qat_epochs, lr=1e-3, on_step=schedule.step)
-    results["QAT int8 -> int4 stepped (per channel)"] = accuracy(lowbit.convert(qat), test_data)
+    results["QAT int8 -> int4 stepped (g128, LSQ)"] = accuracy(lowbit.convert(qat), test_data)
 
     bcfg = binary_config()
     if bcfg is not None:

@@ -29,8 +29,8 @@ def test_digits_cnn_fast():
     # folding is exact up to rounding: at most one borderline prediction may flip
     assert abs(results["fp32, BN folded"] - results["fp32"]) <= one
     assert results["PTQ int8 (W8A8 dynamic)"] >= results["fp32"] - 4 * one
-    for key in ("PTQ int4 (g32, weight-only)", "QAT int4 (g32, LSQ)", "QAT int4 (per channel, LSQ)",
-                "QAT int8 -> int4 stepped (per channel)"):
+    for key in ("PTQ int4 (g32, weight-only)", "QAT int4 (g32, LSQ)", "QAT int4 (g128, LSQ)",
+                "QAT int8 -> int4 stepped (g128, LSQ)"):
         assert results[key] > 0.8, key
     assert "QAT binary" not in results or results["QAT binary"] > 0.5
     assert "model" in mod.table(results)

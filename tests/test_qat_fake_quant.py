@@ -10,7 +10,6 @@ from torch import nn
 import lowbit
 from lowbit import configs
 from lowbit.backends.reference import fp8 as fp8_ref
-from lowbit.formats import int4 as int4_fmt
 from lowbit.nn import FP8Linear, Int4Linear, Int8Linear
 from lowbit.qat import fake_quant as fq
 

@@ -203,6 +203,7 @@ def prepare_qat(model: nn.Module, config: QATConfig | Config | str = "int8",
                 _set(model, layer_name, new)
                 _set(model, bn_name, nn.Identity())
 
+    memo: dict[int, nn.Module | None] = {}  # a layer shared by several parents gets one QAT module
     for parent_name, parent in list(model.named_modules()):
         if isinstance(parent, (QATLinear, QATConv2d)):
             continue
@@ -210,16 +211,15 @@ def prepare_qat(model: nn.Module, config: QATConfig | Config | str = "int8",
             if type(child) not in (nn.Linear, nn.Conv2d):
                 continue
             name = f"{parent_name}.{child_name}" if parent_name else child_name
-            if not wanted(child, name):
-                continue
+            if id(child) not in memo:
 
-            def make(child=child, parent=parent, child_name=child_name):
-                check_parent(parent, child_name)
-                return make_plain(child)
+                def make(child=child, parent=parent, child_name=child_name):
+                    check_parent(parent, child_name)
+                    return make_plain(child)
 
-            new = build(make, name)
-            if new is not None:
-                setattr(parent, child_name, new)
+                memo[id(child)] = build(make, name) if wanted(child, name) else None
+            if memo[id(child)] is not None:
+                setattr(parent, child_name, memo[id(child)])
 
     model._lowbit_report = report
     model._lowbit_qat_config = qcfg
