@@ -28,8 +28,8 @@ How each observer picks the range [lo, hi] of a group:
   never worse than min-max on them.
 
 Percentile and MSE keep samples: all of them for ``"channel"``/``"group"`` (weights, observed
-once), and for ``"tensor"`` a uniform random subsample of at most ``max_samples`` values per call
-(seeded, so calibration is reproducible).
+once), and for ``"tensor"`` a uniform random subsample of at most ``max_samples`` values (seeded, so
+calibration is reproducible; each call is subsampled to ``max_samples``, and the union again).
 """
 
 from __future__ import annotations
@@ -164,7 +164,13 @@ class _SamplingObserver(Observer):
         self._range = None
 
     def samples(self) -> torch.Tensor:
-        return torch.cat(self._samples, dim=-1)
+        s = torch.cat(self._samples, dim=-1)
+        if self.granularity == "tensor" and s.shape[-1] > self.max_samples:
+            # Calls were thinned to max_samples each, so one large batch weighs no more than that.
+            idx = torch.randperm(s.shape[-1], generator=self._gen)[: self.max_samples].to(s.device)
+            s = s[..., idx]
+            self._samples = [s]
+        return s
 
     def range(self):
         super().range()
