@@ -283,3 +283,27 @@ def test_qat_gradients_reach_float_weights():
     F.cross_entropy(qat(torch.randn(5, 2, 6, 6)), torch.tensor([0, 1, 2, 0, 1])).backward()
     assert qat[0].weight.grad is not None and qat[0].weight.grad.abs().sum() > 0
     assert qat[3].weight.grad is not None and qat[3].weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv", "conv-bn"])
+def test_static_activation_steps_convert_to_static_int8(kind):
+    if kind == "linear":
+        model, x = nn.Sequential(nn.Linear(48, 16)), torch.randn(6, 48)
+    elif kind == "conv":
+        model, x = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1)), torch.randn(2, 4, 7, 7)
+    else:
+        model, x = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.BatchNorm2d(8)), torch.randn(2, 4, 7, 7)
+    qat = _train(lowbit.prepare_qat(model, QATConfig("int8", learnable_scales=True, static_activations=True)),
+                 x * 3)  # trained on a wider range than x: the learned step is no per-call amax
+    layer = qat[0]
+    converted = lowbit.convert(copy.deepcopy(qat))[0]
+    inner = converted.linear if isinstance(converted, QuantizedConv2d) else converted
+    assert inner.activation == "static"
+    assert torch.equal(inner.act_scale, layer.act_fake_quant.step().detach())
+    _check_layer(layer, x, converted)
+    _check_layer(layer, x * 10, converted)  # saturating inputs: both sides clamp to ±127 steps
+
+
+def test_static_activations_only_for_w8a8():
+    with pytest.raises(ValueError, match="static"):
+        lowbit.prepare_qat(nn.Sequential(nn.Linear(8, 4)), QATConfig("int4", static_activations=True))

@@ -19,6 +19,7 @@ from .fake_quant import (  # noqa: F401
     DynamicActivationFakeQuant,
     FakeQuantScheme,
     LSQInt4WeightFakeQuant,
+    LSQInt8ActivationFakeQuant,
     LSQInt8WeightFakeQuant,
     MinMaxWeightFakeQuant,
     fake_quant_scheme,

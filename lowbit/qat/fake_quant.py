@@ -238,6 +238,41 @@ class LSQInt4WeightFakeQuant(nn.Module):
         return module
 
 
+class LSQInt8ActivationFakeQuant(nn.Module):
+    """A learnable static (per-tensor) int8 activation step, for :class:`lowbit.nn.Int8Linear`
+    with ``activation="static"``: ``clamp(round(x / s), -127, 127) * s`` with LSQ gradients
+    (``g = 1 / sqrt(K * 127)``, K the input features). The step starts at amax / 127 of the first
+    training batch; inputs beyond ``127 s`` saturate, as in the converted layer."""
+
+    qn, qp = -int8_fmt.QMAX, int8_fmt.QMAX
+
+    def __init__(self, in_features: int):
+        super().__init__()
+        self.in_features = in_features
+        self.scale = nn.Parameter(torch.ones((), dtype=torch.float32))
+        self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
+
+    def step(self) -> torch.Tensor:
+        return self.scale.clamp(min=_MIN_STEP)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not bool(self.initialized):
+            with torch.no_grad():
+                amax = x.detach().abs().amax().to(torch.float32)
+                self.scale.copy_(torch.where(amax > 0, amax / int8_fmt.QMAX, torch.ones_like(amax)))
+                self.initialized.fill_(True)
+        x32 = x.to(torch.float32)
+        y = lsq_fake_quantize(x32, self.step(), self.qn, self.qp, 1.0 / math.sqrt(self.in_features * self.qp))
+        return y.to(x.dtype)
+
+    @torch.no_grad()
+    def convert_module(self, module: nn.Module) -> nn.Module:
+        """Switch the converted Int8Linear to this static activation step."""
+        module.activation = "static"
+        module.act_scale = self.step().detach().to(torch.float32).clone()
+        return module
+
+
 # ----------------------------------------------------------------------------- min-max quantizers
 class MinMaxWeightFakeQuant(nn.Module):
     """Weight fake quantizer from a values function (scales from the weight's own range), STE

@@ -31,18 +31,25 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..configs import Config
+from ..configs import Config, Int8Config
 from ..nn.conv import QuantizedConv2d, conv_as_linear, im2col, rows_to_image
 from .bn_fold import bn_scale, fold_weights
-from .fake_quant import fake_quant_scheme
+from .fake_quant import LSQInt8ActivationFakeQuant, fake_quant_scheme
 
 
 class _QATMixin:
     """Fake quantizers per stage, and the switch between them."""
 
-    def _init_quantizers(self, configs: Sequence[Config], learnable_scales: bool) -> None:
+    def _init_quantizers(self, configs: Sequence[Config], learnable_scales: bool,
+                         static_activations: bool = False) -> None:
         weight_2d = self.quantized_weight_source().detach().reshape(self.weight.shape[0], -1)
         schemes = [fake_quant_scheme(c, weight_2d, learnable_scales) for c in configs]
+        if static_activations:
+            for c, s in zip(configs, schemes):
+                if not (isinstance(c, Int8Config) and not c.weight_only):
+                    raise ValueError(f"lowbit.qat: static (learned) activation steps are for W8A8 int8 "
+                                     f"(Int8Config(weight_only=False)), not {c}")
+                s.activation = LSQInt8ActivationFakeQuant(weight_2d.shape[1])
         self.configs = tuple(configs)
         self.learnable_scales = learnable_scales
         self.weight_fake_quants = nn.ModuleList(s.weight for s in schemes)
@@ -63,6 +70,11 @@ class _QATMixin:
     def act_fake_quant(self) -> nn.Module | None:
         return self.act_fake_quants[self.stage] if self._has_act[self.stage] else None
 
+    def _convert_activation(self, module: nn.Module) -> nn.Module:
+        """Let the activation quantizer configure the converted module (e.g. a learned static step)."""
+        act = self.act_fake_quant
+        return act.convert_module(module) if hasattr(act, "convert_module") else module
+
     def quantized_weight_source(self) -> torch.Tensor:
         """The float weight that gets quantized (the folded one for fused batch norms)."""
         return self.weight
@@ -79,12 +91,13 @@ class QATLinear(_QATMixin, nn.Linear):
     """nn.Linear trained with fake quantization; :meth:`to_quantized` gives the kernel module."""
 
     @classmethod
-    def from_float(cls, linear: nn.Linear, configs: Sequence[Config], learnable_scales: bool = False) -> QATLinear:
+    def from_float(cls, linear: nn.Linear, configs: Sequence[Config], learnable_scales: bool = False,
+                   static_activations: bool = False) -> QATLinear:
         m = cls(linear.in_features, linear.out_features, linear.bias is not None, device="meta",
                 dtype=linear.weight.dtype)
         m.weight = linear.weight
         m.bias = linear.bias
-        m._init_quantizers(configs, learnable_scales)
+        m._init_quantizers(configs, learnable_scales, static_activations)
         m.train(linear.training)
         return m
 
@@ -113,7 +126,7 @@ class QATLinear(_QATMixin, nn.Linear):
         linear.train(self.training)
         if not self.quant_enabled:
             return linear
-        return self.weight_fake_quant.quantize_linear(linear, self.config)
+        return self._convert_activation(self.weight_fake_quant.quantize_linear(linear, self.config))
 
 
 class QATConv2d(_QATMixin, nn.Conv2d):
@@ -121,12 +134,13 @@ class QATConv2d(_QATMixin, nn.Conv2d):
     :class:`lowbit.nn.QuantizedConv2d`."""
 
     @classmethod
-    def from_float(cls, conv: nn.Conv2d, configs: Sequence[Config], learnable_scales: bool = False) -> QATConv2d:
+    def from_float(cls, conv: nn.Conv2d, configs: Sequence[Config], learnable_scales: bool = False,
+                   static_activations: bool = False) -> QATConv2d:
         m = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
                 conv.groups, conv.bias is not None, conv.padding_mode, device="meta", dtype=conv.weight.dtype)
         m.weight = conv.weight
         m.bias = conv.bias
-        m._init_quantizers(configs, learnable_scales)
+        m._init_quantizers(configs, learnable_scales, static_activations)
         m.train(conv.training)
         return m
 
@@ -159,7 +173,7 @@ class QATConv2d(_QATMixin, nn.Conv2d):
                 conv.bias.copy_(b)
             return conv.train(self.training)
         linear = conv_as_linear(self, w, b)
-        q = self.weight_fake_quant.quantize_linear(linear, self.config)
+        q = self._convert_activation(self.weight_fake_quant.quantize_linear(linear, self.config))
         return QuantizedConv2d(q, self.in_channels, self.out_channels, self.kernel_size, self.stride,
                                self.padding, self.dilation).train(self.training)
 
@@ -203,12 +217,13 @@ class QATConvBn2d(_FusedBnMixin, QATConv2d):
 
     @classmethod
     def from_modules(cls, conv: nn.Conv2d, bn: nn.BatchNorm2d, configs: Sequence[Config],
-                     learnable_scales: bool = False, freeze_bn_step: int | None = None) -> QATConvBn2d:
+                     learnable_scales: bool = False, freeze_bn_step: int | None = None,
+                     static_activations: bool = False) -> QATConvBn2d:
         m = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
                 conv.groups, conv.bias is not None, conv.padding_mode, device="meta", dtype=conv.weight.dtype)
         m.weight, m.bias = conv.weight, conv.bias
         m._init_bn(bn, freeze_bn_step)
-        m._init_quantizers(configs, learnable_scales)
+        m._init_quantizers(configs, learnable_scales, static_activations)
         m.train(conv.training)
         return m
 
@@ -221,12 +236,13 @@ class QATLinearBn1d(_FusedBnMixin, QATLinear):
 
     @classmethod
     def from_modules(cls, linear: nn.Linear, bn: nn.BatchNorm1d, configs: Sequence[Config],
-                     learnable_scales: bool = False, freeze_bn_step: int | None = None) -> QATLinearBn1d:
+                     learnable_scales: bool = False, freeze_bn_step: int | None = None,
+                     static_activations: bool = False) -> QATLinearBn1d:
         m = cls(linear.in_features, linear.out_features, linear.bias is not None, device="meta",
                 dtype=linear.weight.dtype)
         m.weight, m.bias = linear.weight, linear.bias
         m._init_bn(bn, freeze_bn_step)
-        m._init_quantizers(configs, learnable_scales)
+        m._init_quantizers(configs, learnable_scales, static_activations)
         m.train(linear.training)
         return m
 

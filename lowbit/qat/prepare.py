@@ -100,7 +100,9 @@ class QATConfig:
 
     ``target``: the scheme to train for (a :class:`lowbit.configs.Config` or preset name);
     ignored when ``schedule`` has stages (its stages are the schemes).
-    ``learnable_scales``: LSQ steps (int8, int4) instead of min-max scales.
+    ``learnable_scales``: LSQ steps (int8, int4) instead of min-max weight scales.
+    ``static_activations``: W8A8 int8 only: one learned (LSQ) activation step per layer instead of
+    dynamic per-token scales; converts to :class:`lowbit.nn.Int8Linear` with ``activation="static"``.
     ``fold_bn``: fuse each Conv2d->BatchNorm2d / Linear->BatchNorm1d of an nn.Sequential
     (:func:`lowbit.qat.find_bn_pairs`, or ``bn_pairs`` given to :func:`prepare_qat`).
     ``freeze_bn_step``: after this many training batches the fused batch norms stop updating
@@ -112,6 +114,7 @@ class QATConfig:
 
     target: Config | str = "int8"
     learnable_scales: bool = False
+    static_activations: bool = False
     fold_bn: bool = True
     freeze_bn_step: int | None = None
     grad_clip_norm: float | None = None
@@ -171,9 +174,9 @@ def prepare_qat(model: nn.Module, config: QATConfig | Config | str = "int8",
     def make_plain(layer: nn.Module):
         if isinstance(layer, nn.Linear):
             check_float_linear(layer)
-            return QATLinear.from_float(layer, configs, qcfg.learnable_scales)
+            return QATLinear.from_float(layer, configs, qcfg.learnable_scales, qcfg.static_activations)
         check_float_conv2d(layer)
-        return QATConv2d.from_float(layer, configs, qcfg.learnable_scales)
+        return QATConv2d.from_float(layer, configs, qcfg.learnable_scales, qcfg.static_activations)
 
     if isinstance(model, (nn.Linear, nn.Conv2d)):
         new = build(lambda: make_plain(model), "") if wanted(model, "") else None
@@ -191,11 +194,12 @@ def prepare_qat(model: nn.Module, config: QATConfig | Config | str = "int8",
             def make_fused(layer=layer, bn=bn):
                 if isinstance(layer, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
                     check_float_conv2d(layer)
-                    return QATConvBn2d.from_modules(layer, bn, configs, qcfg.learnable_scales, qcfg.freeze_bn_step)
+                    return QATConvBn2d.from_modules(layer, bn, configs, qcfg.learnable_scales, qcfg.freeze_bn_step,
+                                                     qcfg.static_activations)
                 if isinstance(layer, nn.Linear) and isinstance(bn, nn.BatchNorm1d):
                     check_float_linear(layer)
                     return QATLinearBn1d.from_modules(layer, bn, configs, qcfg.learnable_scales,
-                                                      qcfg.freeze_bn_step)
+                                                      qcfg.freeze_bn_step, qcfg.static_activations)
                 raise Unsupported(f"cannot fuse {type(bn).__name__} into {type(layer).__name__}")
 
             new = build(make_fused, layer_name)
@@ -251,8 +255,7 @@ def convert(model: nn.Module) -> nn.Module:
 def _scale_parameters(model: nn.Module) -> list[nn.Parameter]:
     out = []
     for m in qat_layers(model):
-        for fq in m.weight_fake_quants:
-            out += [p for p in fq.parameters()]
+        out += list(m.weight_fake_quants.parameters()) + list(m.act_fake_quants.parameters())
     return out
 
 
