@@ -11,6 +11,7 @@ Rows of the table (test accuracy on a fixed, seeded 1397/400 split):
   K = C*kh*kw), and :func:`lowbit.calibrate` int8 with static activation scales where the ptq
   helper's calibration is present (it calibrates nn.Linear inputs; the convolutions go through
   lowbit.quantize);
+* QAT int8 with learned static activation steps (converts to Int8Linear(activation="static"));
 * QAT int4: :func:`lowbit.prepare_qat` (batch norms fused, LSQ steps, running statistics frozen
   halfway), a few epochs of fine-tuning from the fp32 weights, then :func:`lowbit.convert` to
   the kernel-backed modules (Int4Linear inside QuantizedConv2d); the accuracy is the converted
@@ -127,7 +128,9 @@ def run(fast: bool = False, device: str = "cpu", verbose: bool = True) -> dict[s
         results["PTQ int8 (calibrated static, lowbit.calibrate)"] = accuracy(
             calibrate(copy.deepcopy(folded), "int8", batches, progress=False), test_data)
 
-    for name, cfg in (("QAT int4 (g32, LSQ)", QATConfig("int4-g32", learnable_scales=True)),
+    for name, cfg in (("QAT int8 (W8A8, LSQ weight and static activation steps)",
+                       QATConfig("int8", learnable_scales=True, static_activations=True)),
+                      ("QAT int4 (g32, LSQ)", QATConfig("int4-g32", learnable_scales=True)),
                       ("QAT int4 (g128, LSQ)", QATConfig("int4", learnable_scales=True))):
         t0 = time.perf_counter()
         steps = qat_epochs * ((len(train_data[1]) + 63) // 64)
