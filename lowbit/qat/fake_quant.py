@@ -148,7 +148,7 @@ class _LSQFunction(torch.autograd.Function):
 def lsq_fake_quantize(x: torch.Tensor, scale: torch.Tensor, qn: torch.Tensor | float, qp: torch.Tensor | float,
                       grad_scale: float) -> torch.Tensor:
     """LSQ fake quantization; `scale` broadcasts against `x` (its gradient reduces to its own shape)."""
-    s = scale.expand_as(x) if scale.dim() == x.dim() else scale
+    s = scale.expand_as(x)  # autograd sums the step's gradient back to its own shape
     qn = torch.as_tensor(qn, dtype=x.dtype, device=x.device)
     qp = torch.as_tensor(qp, dtype=x.dtype, device=x.device)
     return _LSQFunction.apply(x, s, qn, qp, grad_scale)
