@@ -105,13 +105,12 @@ def _output_tensor(out):
     return _hidden(out).detach().to(torch.float64)
 
 
-def _scale_group(norm: nn.Module, linears: list[nn.Module], s: torch.Tensor, inverse: bool = False) -> None:
-    d = 1.0 / s if inverse else s
-    norm.weight.div_(d.to(norm.weight.dtype))
+def _scale_group(norm: nn.Module, linears: list[nn.Module], s: torch.Tensor) -> None:
+    norm.weight.div_(s.to(norm.weight.dtype))
     if getattr(norm, "bias", None) is not None:
-        norm.bias.div_(d.to(norm.bias.dtype))
+        norm.bias.div_(s.to(norm.bias.dtype))
     for lin in linears:
-        lin.weight.mul_(d.to(lin.weight.dtype))
+        lin.weight.mul_(s.to(lin.weight.dtype))
 
 
 @torch.no_grad()
@@ -143,12 +142,16 @@ def smooth_quant(model: nn.Module, data: Iterable, alpha: float = 0.5, *, wrap: 
         linears = [modules[n] for n in group]
         act = torch.stack([stats[n] for n in group]).amax(0)  # one tensor feeds them all: equal anyway
         s = smoothing_factors(act, [lin.weight for lin in linears], alpha)
+        params = [norm.weight, getattr(norm, "bias", None), *(lin.weight for lin in linears)]
+        saved = [None if p is None else p.detach().clone() for p in params]
         _scale_group(norm, linears, s)
         out = _output_tensor(run_model(model, data[0]))
         if float((out - ref).norm() / ref.norm().clamp(min=1e-30)) <= tolerance:
             factors[norm_name] = s
-        else:
-            _scale_group(norm, linears, s, inverse=True)
+        else:  # restore bit for bit (dividing back would leave rounding behind)
+            for p, old in zip(params, saved):
+                if p is not None:
+                    p.copy_(old)
             unfoldable += [(n, s) for n in group]
     if wrap:
         parents = {name: (p, c) for name, p, c, _ in linear_layers(model)}
