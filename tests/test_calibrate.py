@@ -166,6 +166,7 @@ def test_smoothquant_on_minilm(minilm):
     from lowbit.cli import sqnr_db
 
     model, (cal, held) = minilm
+    cal, held = ({k: v[:24] for k, v in b.items()} for b in (cal, held))  # half of each: test time
     real = held["attention_mask"].bool()  # padding positions are no part of the answer
     with torch.no_grad():
         ref = model(**held).last_hidden_state[real]

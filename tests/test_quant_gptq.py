@@ -110,15 +110,13 @@ def test_gptq_beats_round_to_nearest_on_minilm(minilm_hessians, layer, args):
 def test_model_level_gptq_swaps_kernel_modules(minilm):
     model, (cal, held) = minilm
     model = copy.deepcopy(model)
-    cfg = {"encoder.layer.1.attention.self.*": "int4", "encoder.layer.1.intermediate.*": "int8"}
-    lowbit.gptq(model, cfg, [cal], progress=False)
+    cfg = {"encoder.layer.1.attention.self.query": "int4", "encoder.layer.1.intermediate.*": "int8"}
+    lowbit.gptq(model, cfg, [cal], damp=0.1, progress=False)
     mods = dict(model.named_modules())
-    for n in ("query", "key", "value"):
-        assert isinstance(mods[f"encoder.layer.1.attention.self.{n}"], Int4Linear)
+    assert isinstance(mods["encoder.layer.1.attention.self.query"], Int4Linear)
     assert isinstance(mods["encoder.layer.1.intermediate.dense"], Int8Linear)
-    assert isinstance(mods["encoder.layer.1.output.dense"], torch.nn.Linear)  # no pattern: float
-    assert set(model._lowbit_gptq) == {f"encoder.layer.1.attention.self.{n}" for n in ("query", "key", "value")} | {
-        "encoder.layer.1.intermediate.dense"}
+    assert isinstance(mods["encoder.layer.1.attention.self.key"], torch.nn.Linear)  # no pattern: float
+    assert set(model._lowbit_gptq) == {"encoder.layer.1.attention.self.query", "encoder.layer.1.intermediate.dense"}
     for name, e in model._lowbit_gptq.items():
         assert e["gptq"] < e["rtn"], name
     with torch.no_grad():
