@@ -55,7 +55,7 @@ def quantize_multiplier(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     exp = exp.to(torch.int64) + carry.to(torch.int64)
     shift = 31 - exp
     if bool((shift < MIN_SHIFT).any()) or bool((shift > MAX_SHIFT).any()):
-        raise ValueError(f"lowbit.requant: multiplier out of range [2**-31, 2**30): min {float(m.min()):.3g}, "
+        raise ValueError(f"lowbit.requant: multiplier out of range [2**-32, 2**30): min {float(m.min()):.3g}, "
                          f"max {float(m.max()):.3g}")
     return m0.to(torch.int32), shift.to(torch.int32)
 
