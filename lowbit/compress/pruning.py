@@ -471,8 +471,8 @@ def prune_attention_heads(model: nn.Module, heads: dict[int, Sequence[int]]) -> 
 
     Rewrites Q, K, V (their rows for the removed heads) and the output projection (its columns),
     and sets ``num_attention_heads`` / ``all_head_size``. (transformers >= 5 dropped
-    ``PreTrainedModel.prune_heads``; this is the same surgery.) A layer may keep zero heads only
-    if at least one survives: removing all of them is refused.
+    ``PreTrainedModel.prune_heads``; this is the same surgery.) Head indices count the heads the
+    layer has now (after earlier pruning). Removing every head of a layer is refused.
     """
     layers = _self_attention_layers(model)
     with torch.no_grad():
