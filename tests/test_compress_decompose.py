@@ -38,7 +38,7 @@ def _conv(i, o, k, s, p, d, b):
 def test_sequence_equals_reconstructed_convolution(spec, method):
     conv = _conv(*spec)
     m = (D.TuckerConv2d.from_conv(conv, ranks=(3, 2)) if method == "tucker"
-         else D.CPConv2d.from_conv(conv, rank=5, n_iter=50))
+         else D.CPConv2d.from_conv(conv, rank=5, n_iter=50, restarts=1))
     x = torch.randn(2, spec[0], 11, 13, dtype=torch.float64)
     with torch.no_grad():
         want = F.conv2d(x, m.weight(), conv.bias, conv.stride, conv.padding, conv.dilation)
@@ -95,18 +95,27 @@ def test_no_worse_than_tensorly(shape, rank):
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            ref_cp = parafac(w, rank=rank, init="svd", n_iter_max=100)
+            ref_cp = parafac(w, rank=rank, init="svd", n_iter_max=100, random_state=0)
+            # the same starting point for both: ALS against ALS, not one lucky draw against another
+            start = D.cp_init(w, rank, seed=0)
+            ref_same = parafac(w, rank=rank, init=tl.cp_tensor.CPTensor((torch.ones(rank, dtype=w.dtype), start)),
+                               n_iter_max=100)
             ranks = (shape[0] // 2, shape[1] // 2)
             ref_tk = tucker(w, rank=[*ranks, shape[2], shape[3]], init="svd")
         ref_cp_err = float((tl.cp_to_tensor(ref_cp) - w).norm() / w.norm())
         ref_tk_err = float((tl.tucker_to_tensor(ref_tk) - w).norm() / w.norm())
+        ref_same_err = float((tl.cp_to_tensor(ref_same) - w).norm() / w.norm())
     finally:
         tl.set_backend("numpy")
-    lam, f, _ = D.cp_als(w, rank)
+    lam, f, _ = D.cp_als(w, rank, init=start)
+    same_err = float((D.cp_reconstruct(lam, f) - w).norm() / w.norm())
+    lam, f, _ = D.cp_als(w, rank, restarts=3)
     cp_err = float((D.cp_reconstruct(lam, f) - w).norm() / w.norm())
     core, u0, u1, _ = D.tucker2(w, ranks)
     tk_err = float((D.tucker2_reconstruct(core, u0, u1) - w).norm() / w.norm())
-    assert cp_err <= ref_cp_err * (1 + 1e-6), (cp_err, ref_cp_err)
+    assert same_err <= ref_same_err * (1 + 1e-9), (same_err, ref_same_err)
+    # from each one's own default start, local minima differ by draw; best of 3 lands within 1 %
+    assert cp_err <= ref_cp_err * 1.01, (cp_err, ref_cp_err)
     assert tk_err <= ref_tk_err * (1 + 1e-9), (tk_err, ref_tk_err)
 
 

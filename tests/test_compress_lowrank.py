@@ -10,6 +10,16 @@ import lowbit
 from lowbit.compress import lowrank as LR
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # small tensors: on a shared 2-core machine, thread hand-offs cost more than the arithmetic
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+
 def _low_rankish(N, K, seed=0):
     g = torch.Generator().manual_seed(seed)
     # decaying spectrum, like trained layers

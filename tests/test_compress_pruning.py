@@ -15,6 +15,16 @@ import lowbit
 from lowbit.compress import pruning as P
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # small tensors: on a shared 2-core machine, thread hand-offs cost more than the arithmetic
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+
 def _mlp():
     return nn.Sequential(nn.Linear(20, 48), nn.ReLU(), nn.Linear(48, 32), nn.ReLU(), nn.Linear(32, 5))
 

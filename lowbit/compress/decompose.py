@@ -146,13 +146,9 @@ def _khatri_rao(factors) -> torch.Tensor:
     return out
 
 
-def cp_als(weight: torch.Tensor, rank: int, n_iter: int = 500, tol: float = 1e-10, seed: int = 0):
-    """Rank-`rank` CP of a 4-way tensor by ALS: (weights [R], [A, B, C, D], iterations run), float64.
-
-    Starts, like TensorLy's ``init="svd"``, from the leading left singular vectors of each
-    unfolding (columns beyond that mode's size drawn from a seeded normal), then updates each
-    factor in turn by its least-squares solution; the error never increases.
-    """
+def cp_init(weight: torch.Tensor, rank: int, seed: int = 0) -> list[torch.Tensor]:
+    """TensorLy's ``init="svd"``: the leading left singular vectors of each unfolding, columns
+    beyond that mode's size drawn from a seeded normal."""
     x = weight.detach().double()
     gen = torch.Generator().manual_seed(seed)
     factors = []
@@ -162,6 +158,23 @@ def cp_als(weight: torch.Tensor, rank: int, n_iter: int = 500, tol: float = 1e-1
             extra = torch.randn(x.shape[mode], rank - u.shape[1], generator=gen, dtype=torch.float64)
             u = torch.cat([u, extra.to(x.device)], 1)
         factors.append(u)
+    return factors
+
+
+def cp_als(weight: torch.Tensor, rank: int, n_iter: int = 500, tol: float = 1e-10, seed: int = 0,
+           restarts: int = 1, init: list[torch.Tensor] | None = None):
+    """Rank-`rank` CP of a 4-way tensor by ALS: (weights [R], [A, B, C, D], iterations run), float64.
+
+    Starts from `init` or :func:`cp_init` (seeds ``seed .. seed + restarts - 1``; the best fit
+    is kept: ALS finds a local minimum, and which one depends on the random columns), then
+    updates each factor in turn by its least-squares solution; the error never increases.
+    """
+    if init is None and restarts > 1:
+        runs = [cp_als(weight, rank, n_iter, tol, seed + i) for i in range(restarts)]
+        x = weight.detach().double()
+        return min(runs, key=lambda r: float((cp_reconstruct(r[0], r[1]) - x).norm()))
+    x = weight.detach().double()
+    factors = [f.detach().double().clone() for f in init] if init is not None else cp_init(x, rank, seed)
     unfolded = [_unfold(x, mode) for mode in range(4)]
     norm2 = float((x ** 2).sum())
     prev = None
@@ -252,12 +265,12 @@ class CPConv2d(nn.Sequential):
         self.result: DecompositionResult | None = None
 
     @classmethod
-    def from_conv(cls, conv: nn.Conv2d, n_iter: int = 500, **target) -> CPConv2d:
+    def from_conv(cls, conv: nn.Conv2d, n_iter: int = 500, restarts: int = 3, **target) -> CPConv2d:
         _check_conv(conv)
         if conv.padding_mode != "zeros":
             raise ValueError(f"lowbit.compress: CP needs padding_mode='zeros', got {conv.padding_mode!r}")
         rank = cp_rank(tuple(conv.weight.shape), **target)
-        lam, (a, b, c, d), its = cp_als(conv.weight, rank, n_iter)
+        lam, (a, b, c, d), its = cp_als(conv.weight, rank, n_iter, restarts=restarts)
         m = cls(conv, rank)
         # lambda split evenly over the four factors keeps their scales alike (better for quantizing)
         s = lam.clamp_min(0).pow(0.25)

@@ -146,4 +146,4 @@ def sandwich_step(model: nn.Module, x: torch.Tensor, target: torch.Tensor, optim
         distillation_loss(model(x), soft, None, temperature).backward()
     optimizer.step()
     set_width(model, widths[-1])
-    return float(loss)
+    return float(loss.detach())
