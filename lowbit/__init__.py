@@ -24,3 +24,6 @@ from . import nn  # noqa: E402,F401
 from .api import last_report, quantize, summary  # noqa: E402,F401
 from .configs import PRESETS, FP8Config, Int4Config, Int8Config  # noqa: E402,F401
 from .serialization import load, save  # noqa: E402,F401
+
+# ---- compress: pruning, low-rank, Tucker/CP, Huffman storage, distillation, slimmable width
+from . import compress  # noqa: E402,F401
