@@ -172,6 +172,8 @@ def _corrupt(path, key, fn):
     ("2.packed.huffman_lengths", lambda s: torch.ones_like(s), "corrupt Huffman stream"),
     ("3.qweight.huffman_offsets", lambda s: s.flip(0) if s.numel() > 1 else s + 7, "corrupt Huffman stream"),
     ("0.qweight.huffman_stream", lambda s: s[:-1], "shape"),
+    ("2.packed.huffman_lengths", lambda s: torch.tensor([1] + [20] * (len(s) - 1), dtype=torch.uint8),
+     "exceeds 16"),
 ])
 def test_corrupt_coded_checkpoint_is_rejected_and_model_untouched(tmp_path, key, fn, match):
     lowbit.save(_quantized(), tmp_path, entropy_coding=True)

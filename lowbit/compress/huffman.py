@@ -428,6 +428,9 @@ def decode_from_storage(described: dict, tensors: dict[str, torch.Tensor], expec
                              d["count"], d["chunk"], d["nbits"], d["crc32"])
         ref = expected[key]
         try:
+            # 255 symbols never need more than 16 bits; a longer table would only inflate the decoder's LUT
+            if coded.lengths.size and int(coded.lengths.max()) > MIN_MAX_LEN:
+                raise HuffmanError(f"code length {int(coded.lengths.max())} exceeds {MIN_MAX_LEN}")
             if d["codec"] == "int4":
                 N = ref.shape[0]
                 symbols = decode(coded, np.uint8)
