@@ -26,7 +26,8 @@ from torch import nn
 
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: torch.Tensor | None = None,
                       temperature: float = 4.0, alpha: float = 0.5,
-                      task_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy) -> torch.Tensor:
+                      task_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy
+                      ) -> torch.Tensor:
     """``alpha * T^2 * KL(p_teacher^T || p_student^T) + (1 - alpha) * task_loss(student, target)``.
 
     Logits are [..., classes]; the KL is summed over classes and averaged over everything else.

@@ -406,7 +406,8 @@ def storage_plan(described, expected: dict[str, torch.Tensor], codes: dict[str, 
             fail(f"{what} codec {d['codec']!r:.80} does not fit the layer (expected {codec!r})")
         if d["count"] != count:
             fail(f"{what} holds {d['count']} codes, the layer has {count}")
-        if not 1 <= d["chunk"] <= MAX_STORED_CHUNK or not 1 <= d["alphabet"] <= _CODECS[codec] or d["nbits"] > _MAX_STORED_BITS:
+        if (not 1 <= d["chunk"] <= MAX_STORED_CHUNK or not 1 <= d["alphabet"] <= _CODECS[codec]
+                or d["nbits"] > _MAX_STORED_BITS):
             fail(f"{what} has chunk {d['chunk']}, alphabet {d['alphabet']} (at most {_CODECS[codec]}) or "
                  f"nbits {d['nbits']} out of range")
         del on_disk[key]
