@@ -30,3 +30,6 @@ from .calibrate import calibrate  # noqa: E402,F401
 from .quant.gptq import gptq  # noqa: E402,F401
 from .quant.smooth import smooth_quant  # noqa: E402,F401
 from .sensitivity import mixed_precision, sensitivity  # noqa: E402,F401
+
+# ---- compress: pruning, low-rank, Tucker/CP, Huffman storage, distillation, slimmable width
+from . import compress  # noqa: E402,F401

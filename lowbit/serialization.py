@@ -94,11 +94,12 @@ def _write_atomically(path: Path, write) -> None:
         raise
 
 
-def save(model: nn.Module, path: str | os.PathLike) -> None:
+def save(model: nn.Module, path: str | os.PathLike, entropy_coding: bool = False) -> None:
     """Write `model` (quantized by :func:`lowbit.quantize`, or not) to the directory `path`.
 
     Creates ``path/model.safetensors`` (every tensor of ``model.state_dict()``) and
     ``path/lowbit.json`` (how to rebuild each quantized layer). Read back with :func:`load`.
+    ``entropy_coding=True`` stores int8/int4 codes Huffman-coded (:mod:`lowbit.compress.huffman`).
     """
     if isinstance(model, QuantizedLinear):
         raise ValueError("lowbit.save: model is itself a quantized layer; save the model that contains it")
@@ -138,6 +139,11 @@ def save(model: nn.Module, path: str | os.PathLike) -> None:
 
     header = {"format": FORMAT, "format_version": FORMAT_VERSION, "lowbit_version": _lowbit_version(),
               "modules": modules, "aliases": aliases}
+    if entropy_coding:  # ---- compress: Huffman-coded codes (an older lowbit rejects the extra field)
+        from .compress import huffman
+        coded = huffman.encode_for_storage(tensors, modules, aliases)
+        if coded:
+            header["entropy_coded"] = coded
     _write_atomically(path / TENSORS_FILE, lambda f: save_file(tensors, f, metadata={"format": "pt"}))
     _write_atomically(path / CONFIG_FILE,
                       lambda f: Path(f).write_text(json.dumps(header, indent=1) + "\n", encoding="utf-8"))
@@ -201,7 +207,8 @@ def _read_header(path: Path) -> dict:
     where.field(header, "lowbit_version", str, "the file")
     where.field(header, "modules", list, "the file")
     where.field(header, "aliases", dict, "the file")
-    where.no_extra(header, ("format", "format_version", "lowbit_version", "modules", "aliases"), "the file")
+    where.no_extra(header, ("format", "format_version", "lowbit_version", "modules", "aliases", "entropy_coded"),
+                   "the file")
     return header
 
 
@@ -418,7 +425,18 @@ def load(path: str | os.PathLike, model: nn.Module) -> nn.Module:
                                  f"materialized model")
         aliases = _check_aliases(_Where(file), header["aliases"], expected)
         stored = {k: v for k, v in expected.items() if k not in aliases}
-        tensors = _read_tensors(path, stored)
+        coded = header.get("entropy_coded")
+        if coded is not None:  # ---- compress: Huffman-coded codes, decoded before the value checks
+            from .compress import huffman
+            where = _Where(path / TENSORS_FILE)
+            code_tensors = {f"{name}.{'packed' if isinstance(new, Int4Linear) else 'qweight'}":
+                            ("int4" if isinstance(new, Int4Linear) else "int8", new.in_features * new.out_features)
+                            for name, _, _, _, new in plan if isinstance(new, (Int4Linear, Int8Linear,
+                                                                                Int8WeightOnlyLinear))}
+            tensors = _read_tensors(path, huffman.storage_plan(coded, stored, code_tensors, _Where(file).fail))
+            huffman.decode_from_storage(coded, tensors, stored, where.fail)
+        else:
+            tensors = _read_tensors(path, stored)
         for key, target in aliases.items():
             tensors[key] = tensors[target]
         done = set()
