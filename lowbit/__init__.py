@@ -24,3 +24,4 @@ from . import nn  # noqa: E402,F401
 from .api import last_report, quantize, summary  # noqa: E402,F401
 from .configs import PRESETS, FP8Config, Int4Config, Int8Config  # noqa: E402,F401
 from .serialization import load, save  # noqa: E402,F401
+from .configs import BinaryConfig  # noqa: E402,F401

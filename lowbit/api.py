@@ -72,12 +72,14 @@ def quantize(model: nn.Module, config: Config | str, filter_fn: FilterFn | None 
     handler = handler_for(cfg)
     report = QuantizeReport(cfg)
     memo: dict[int, nn.Module | None] = {}
+    # Layers a config keeps float by itself (e.g. BinaryConfig: the first and last layer).
+    kept = cfg.excluded_layers(model) if hasattr(cfg, "excluded_layers") else set()
 
     def convert(linear: nn.Linear, name: str, parent: nn.Module | None, child_name: str) -> nn.Module | None:
         if id(linear) in memo:
             return memo[id(linear)]
         new = None
-        if filter_fn is not None and not filter_fn(linear, name):
+        if name in kept or (filter_fn is not None and not filter_fn(linear, name)):
             report.excluded.append(name)
             log.debug("lowbit.quantize: %s excluded by filter_fn", name)
         else:

@@ -97,7 +97,32 @@ class FP8Config(Config):
     weight_only: bool = False
 
 
+# ---- binary
+@dataclass(frozen=True)
+class BinaryConfig(Config):
+    """±1 weights packed 32 per word, one float32 scale (mean |w|) per channel (:mod:`lowbit.formats.binary`).
+
+    ``binary_activations=True``: XNOR-Net layers, activations binarized per row at run time
+    (scale mean |x|) and an XNOR-popcount GEMM. ``False``: float activations times ±1 weights.
+    ``keep_first_last=True``: the first and last nn.Linear of the model (in module order) stay
+    float, as binarized networks conventionally keep them (:func:`lowbit.quantize` asks
+    :meth:`excluded_layers`).
+    """
+
+    VERSION: ClassVar[int] = 1
+    binary_activations: bool = True
+    keep_first_last: bool = True
+
+    def excluded_layers(self, model: nn.Module) -> set[str]:
+        """Names of the layers this config keeps float whatever `filter_fn` says."""
+        if not self.keep_first_last:
+            return set()
+        names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+        return {names[0], names[-1]} if names else set()
+
+
 _CONFIG_TYPES: dict[str, type[Config]] = {c.__name__: c for c in (Int8Config, Int4Config, FP8Config)}
+_CONFIG_TYPES[BinaryConfig.__name__] = BinaryConfig
 
 Handler = Callable[[nn.Linear, Config], nn.Module]
 _HANDLERS: dict[type, Handler] = {}
@@ -133,6 +158,9 @@ PRESETS: dict[str, Config] = {
     "fp8-block": FP8Config(format="e4m3", granularity="block"),
     "fp8-weight": FP8Config(format="e4m3", granularity="row", weight_only=True),
 }
+# ---- binary
+PRESETS["binary"] = BinaryConfig()
+PRESETS["binary-weight"] = BinaryConfig(binary_activations=False)
 
 
 def resolve(config_or_name: Config | str) -> Config:
