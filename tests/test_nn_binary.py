@@ -102,6 +102,15 @@ def test_binary_linear_half_dtypes(dtype):
     assert y.dtype == dtype and m.bias.dtype == dtype and m.scale.dtype == torch.float32
 
 
+def test_modules_keep_float32_scales_under_half():
+    lin = BinaryLinear.from_float(nn.Linear(40, 8)).half()
+    conv = BinaryConv2d.from_float(nn.Conv2d(3, 4, 3)).to(torch.bfloat16)
+    assert lin.scale.dtype == conv.scale.dtype == torch.float32
+    assert lin.bias.dtype == torch.float16 and conv.bias.dtype == torch.bfloat16
+    assert lin(torch.randn(2, 40).half()).dtype == torch.float16
+    assert conv(torch.randn(1, 3, 5, 5).to(torch.bfloat16)).dtype == torch.bfloat16
+
+
 def test_binary_linear_rejects_wrong_width():
     m = BinaryLinear.from_float(nn.Linear(40, 8))
     with pytest.raises(ValueError, match=r"input must have shape \[..., 40\]"):

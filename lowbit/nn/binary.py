@@ -242,6 +242,15 @@ class BinaryConv2d(nn.Module):
         m.train(conv.training)
         return m
 
+    def _apply(self, fn, recurse=True):
+        # scale stays float32 under .half() / .to(bfloat16), as in QuantizedLinear: the kernels
+        # take float32 scales.
+        scale = self._buffers["scale"]
+        out = super()._apply(fn, recurse)
+        if self._buffers["scale"].dtype != torch.float32:
+            self._buffers["scale"] = scale.to(device=self._buffers["scale"].device)
+        return out
+
     def bits_per_weight(self) -> float:
         return fmt.bits_per_weight(self.out_channels, self.in_features)
 
