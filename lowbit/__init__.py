@@ -33,3 +33,4 @@ from .sensitivity import mixed_precision, sensitivity  # noqa: E402,F401
 
 # ---- compress: pruning, low-rank, Tucker/CP, Huffman storage, distillation, slimmable width
 from . import compress  # noqa: E402,F401
+from .configs import BinaryConfig  # noqa: E402,F401

@@ -263,3 +263,47 @@ def fp8_weight_only_mm(op, x, w, scale, bias=None):
                  f"[ceil(N/128), ceil(K/128)]={blocks} (per 128x128 block), got {_shape(scale)}")
     bias_arg(op, bias, N, x, "x")
     return M, N
+
+
+# --------------------------------------------------------------------------- binary
+# Format: lowbit/formats/binary.py (sign bits, 1 = +1, LSB-first in int32 words along K).
+BINARY_WORD_BITS = 32
+# |dot| <= K must fit int32, and so must K itself on every backend.
+BINARY_MAX_K = 2**31 - 1
+
+
+def binary_k(op, K):
+    if K < 1 or K > BINARY_MAX_K:
+        fail(op, f"K must be an int in [1, {BINARY_MAX_K}], got {K}")
+    return _cdiv(K, BINARY_WORD_BITS)
+
+
+def binary_packed(op, name, t, rows_name, K, words):
+    tensor(op, name, t, dtypes=(torch.int32,), dim=2)
+    if t.shape[1] != words:
+        fail(op, f"{name} must have shape [{rows_name}, ceil(K/32)]=[{t.shape[0]}, {words}] for K={K}, "
+                 f"got {_shape(t)}")
+    nonempty(op, name, t)
+
+
+def binary_mm(op, a, b, K):
+    words = binary_k(op, K)
+    binary_packed(op, "a", a, "M", K, words)
+    binary_packed(op, "b", b, "N", K, words)
+    same_device(op, a=a, b=b)
+    return a.shape[0], b.shape[0]
+
+
+def binary_scaled_mm(op, a, b, K, scale_a, scale_b, bias=None, out_dtype=None):
+    M, N = binary_mm(op, a, b, K)
+    scale_vector(op, "scale_a", scale_a, M, "M")
+    scale_vector(op, "scale_b", scale_b, N, "N")
+    same_device(op, a=a, scale_a=scale_a, scale_b=scale_b)
+    bias_arg(op, bias, N, a, "a")
+    return M, N, out_dtype_arg(op, out_dtype)
+
+
+def binary_quantize(op, x):
+    tensor(op, "x", x, dtypes=FLOAT_DTYPES, dim=2)
+    nonempty(op, "x", x)
+    return x.shape[0], _cdiv(x.shape[1], BINARY_WORD_BITS)

@@ -133,6 +133,28 @@ def _fp8_weight_only_mm_fake(x, w, scale, bias=None):
     return x.new_empty((M, N), dtype=x.dtype)
 
 
+# --------------------------------------------------------------------------- binary
+@_define("binary_quantize", "(Tensor x) -> (Tensor packed, Tensor scale)")
+def _binary_quantize_fake(x):
+    M, words = _checks.binary_quantize("binary_quantize", x)
+    return x.new_empty((M, words), dtype=torch.int32), x.new_empty((M,), dtype=torch.float32)
+
+
+@_define("binary_mm", "(Tensor a, Tensor b, int K) -> Tensor")
+def _binary_mm_fake(a, b, K):
+    M, N = _checks.binary_mm("binary_mm", a, b, K)
+    return a.new_empty((M, N), dtype=torch.int32)
+
+
+@_define(
+    "binary_scaled_mm",
+    "(Tensor a, Tensor b, int K, Tensor scale_a, Tensor scale_b, Tensor? bias=None, ScalarType? out_dtype=None) -> Tensor",
+)
+def _binary_scaled_mm_fake(a, b, K, scale_a, scale_b, bias=None, out_dtype=None):
+    M, N, out_dtype = _checks.binary_scaled_mm("binary_scaled_mm", a, b, K, scale_a, scale_b, bias, out_dtype)
+    return a.new_empty((M, N), dtype=out_dtype)
+
+
 def op_names() -> list[str]:
     """The public ops, in registration order."""
     return list(SCHEMAS)

@@ -19,7 +19,7 @@ from typing import Callable, Mapping
 from torch import nn
 
 from . import nn as _lowbit_nn  # noqa: F401  (registers every family's config handler)
-from .configs import Config, Unsupported, handler_for, resolve
+from .configs import Config, Unsupported, conv_handler_for, handler_for, resolve
 from .nn.base import QuantizedLinear, check_parent
 from .nn.conv import QuantizedConv2d
 
@@ -112,21 +112,27 @@ def quantize(model: nn.Module, config: Config | str | LayerConfigs, filter_fn: F
     cfg = dict(config) if isinstance(config, Mapping) else resolve(config)
     report = QuantizeReport(cfg)
     memo: dict[int, nn.Module | None] = {}
+    # Layers a config keeps float by itself (e.g. BinaryConfig: the first and last layer).
+    kept = cfg.excluded_layers(model) if hasattr(cfg, "excluded_layers") else set()
 
     def convert(linear: nn.Linear, name: str, parent: nn.Module | None, child_name: str) -> nn.Module | None:
         if id(linear) in memo:
             return memo[id(linear)]
         new = None
         layer_cfg = config_for(name)
-        if layer_cfg is None or (filter_fn is not None and not filter_fn(linear, name)):
+        if layer_cfg is None or name in kept or (filter_fn is not None and not filter_fn(linear, name)):
             report.excluded.append(name)
             log.debug("lowbit.quantize: %s excluded by filter_fn or the layer patterns", name)
         else:
             try:
                 if parent is not None:
                     check_parent(parent, child_name)
-                new = (handler_for(layer_cfg)(linear, layer_cfg) if isinstance(linear, nn.Linear)
-                       else QuantizedConv2d.from_float(linear, layer_cfg))
+                if isinstance(linear, nn.Linear):
+                    new = handler_for(layer_cfg)(linear, layer_cfg)
+                elif conv_handler_for(layer_cfg) is not None:
+                    new = conv_handler_for(layer_cfg)(linear, layer_cfg)
+                else:
+                    new = QuantizedConv2d.from_float(linear, layer_cfg)
             except Unsupported as e:
                 report.skipped.append(Skipped(name, str(e)))
                 log.warning("lowbit.quantize: kept %s as float: %s", name or "<root>", e)

@@ -503,6 +503,71 @@ FAMILIES: dict[str, Callable[[], list[Candidate]]] = {
 }
 
 
+# ---- binary
+def _binary_packed(inp: Inputs, which: str):
+    ops = _lowbit_ops()
+    return inp.get(f"bin_{which}", lambda: ops.binary_quantize(inp.x if which == "x" else inp.w))
+
+
+def _binary_ref(inp: Inputs) -> torch.Tensor:
+    """The exact ±1 dot products of sign(x) and sign(w) (float64 holds them exactly)."""
+    sx = torch.where(inp.x < 0, -1.0, 1.0).double()
+    sw = torch.where(inp.w < 0, -1.0, 1.0).double()
+    return inp.get("bin_ref", lambda: sx @ sw.T)
+
+
+def _binary_candidates() -> list[Candidate]:
+    """±1 weights and activations packed 32 per int32 word: XNOR-popcount GEMMs against fp32."""
+    t_f32 = lambda s: gemm_traffic(s, weight_bits=32, act_bytes=4, out_bytes=4)  # noqa: E731
+
+    def t_packed(s: Shape, act_float: bool = False) -> Traffic:
+        words = math.ceil(s.k / 32) * 4
+        return Traffic(weight=s.n * words + 4 * s.n, activation=s.m * (4 * s.k if act_float else words),
+                       output=s.m * s.n * 4)
+
+    def torch_mm(inp):
+        x, wt = inp.x, inp.w.T.contiguous().T  # same layout as F.linear reads
+        return lambda: torch.mm(x, wt.T)
+
+    def lb_binary_mm(inp):
+        ops = _lowbit_ops()
+        (px, _), (pw, _) = _binary_packed(inp, "x"), _binary_packed(inp, "w")
+        K = inp.shape.k
+        return lambda: ops.binary_mm(px, pw, K)
+
+    def lb_scaled(inp):
+        ops = _lowbit_ops()
+        (px, sx), (pw, sw) = _binary_packed(inp, "x"), _binary_packed(inp, "w")
+        K = inp.shape.k
+        return lambda: ops.binary_scaled_mm(px, pw, K, sx, sw)
+
+    def lb_xnor(inp):
+        ops = _lowbit_ops()
+        pw, sw = _binary_packed(inp, "w")
+        x, K = inp.x, inp.shape.k
+
+        def run():
+            px, sx = ops.binary_quantize(x)
+            return ops.binary_scaled_mm(px, pw, K, sx, sw)
+        return run
+
+    C = Candidate
+    # compute "binary": no roofline peak is measured for popcount, so no roofline column.
+    return [
+        C("fp32 F.linear", "binary", "baseline", "float32", "float", "float", fp32_linear, t_f32, ("cpu",)),
+        C("fp32 torch.mm", "binary", "baseline", "float32", "float", "float", torch_mm, t_f32, ("cpu",)),
+        C("bf16 F.linear", "binary", "baseline", "bfloat16", "float", "float", bf16_linear,
+          lambda s: gemm_traffic(s, weight_bits=16, act_bytes=2, out_bytes=2), ("cuda",)),
+        C("binary_mm (prepacked)", "binary", "lowbit", "packed", "binary", "binary", lb_binary_mm, t_packed),
+        C("binary_scaled_mm (prepacked)", "binary", "lowbit", "packed", "binary", "float", lb_scaled, t_packed),
+        C("binary xnor (quantize+scaled_mm)", "binary", "lowbit", "float32", "binary", "float", lb_xnor,
+          lambda s: t_packed(s, act_float=True)),
+    ]
+
+
+FAMILIES["binary"] = _binary_candidates
+
+
 def candidates(families: Sequence[str], device: torch.device) -> list[Candidate]:
     out = []
     for fam in families:
@@ -629,7 +694,8 @@ def summarize(shape: Shape, cands: Sequence[Candidate], samples: dict[str, list]
             row.ms = t * 1e3
             row.gops = shape.flops / t / 1e9
             row.gbs = nbytes / t / 1e9
-            row.roofline_pct = roof.percent(c.compute, shape.flops, nbytes, t) if roof else None
+            row.roofline_pct = (roof.percent(c.compute, shape.flops, nbytes, t)
+                                if roof and c.compute in roof.peak_gops else None)
             row.samples = sum(s is not None for s in samples[cid])
             row.slow = slow.get(cid, False)
             if best is not None:
@@ -653,13 +719,14 @@ def run_shape(shape: Shape, cands: Sequence[Candidate], device: torch.device, pl
                 y = fn()
                 if isinstance(y, tuple):
                     y = y[0]
-                ref = inp.acc_ref() if c.check == "int" else inp.y_ref()
+                ref = inp.acc_ref() if c.check == "int" else _binary_ref(inp) if c.check == "binary" else inp.y_ref()
                 rel_errs[cid] = rel_err(y, ref)
                 fns[cid] = fn
             except Exception as e:  # noqa: BLE001 - a failing candidate becomes a row saying why
                 errors[cid] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:160]
         inp.cache.pop("y_ref", None)
         inp.cache.pop("acc_ref", None)
+        inp.cache.pop("bin_ref", None)
         samples, slow = time_interleaved(fns, timer_for(device), plan)
     return summarize(shape, cands, samples, slow, errors, rel_errs, roof, control_name(device))
 

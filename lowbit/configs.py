@@ -97,7 +97,33 @@ class FP8Config(Config):
     weight_only: bool = False
 
 
+# ---- binary
+@dataclass(frozen=True)
+class BinaryConfig(Config):
+    """±1 weights packed 32 per word, one float32 scale (mean |w|) per channel (:mod:`lowbit.formats.binary`).
+
+    ``binary_activations=True``: XNOR-Net layers, activations binarized per row at run time
+    (scale mean |x|) and an XNOR-popcount GEMM. ``False``: float activations times ±1 weights.
+    ``keep_first_last=True``: the first and last nn.Linear of the model (in module order) stay
+    float, as binarized networks conventionally keep them (:func:`lowbit.quantize` asks
+    :meth:`excluded_layers`).
+    """
+
+    VERSION: ClassVar[int] = 1
+    binary_activations: bool = True
+    keep_first_last: bool = True
+
+    def excluded_layers(self, model: nn.Module) -> set[str]:
+        """Names of the layers this config keeps float whatever `filter_fn` says."""
+        if not self.keep_first_last:
+            return set()
+        # The layers lowbit.quantize converts, in definition order: a CNN's first layer is a conv.
+        names = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+        return {names[0], names[-1]} if names else set()
+
+
 _CONFIG_TYPES: dict[str, type[Config]] = {c.__name__: c for c in (Int8Config, Int4Config, FP8Config)}
+_CONFIG_TYPES[BinaryConfig.__name__] = BinaryConfig
 
 Handler = Callable[[nn.Linear, Config], nn.Module]
 _HANDLERS: dict[type, Handler] = {}
@@ -112,6 +138,30 @@ def register_handler(config_type: type[Config]):
         return fn
 
     return decorate
+
+
+# Families with a convolution module of their own (e.g. BinaryConv2d, whose scale is per output
+# position) register it here; other families' Conv2d layers go through QuantizedConv2d, which
+# lowers the convolution to the family's quantized Linear.
+_CONV_HANDLERS: dict[type, Callable[[nn.Module, Config], nn.Module]] = {}
+
+
+def register_conv_handler(config_type: type[Config]):
+    """Decorator: `fn(conv2d, config) -> module` converts Conv2d layers for configs of `config_type`."""
+
+    def decorate(fn):
+        _CONV_HANDLERS[config_type] = fn
+        return fn
+
+    return decorate
+
+
+def conv_handler_for(config: Config):
+    """The family's own Conv2d converter, or None (then QuantizedConv2d lowers it to the GEMM)."""
+    for cls in type(config).__mro__:
+        if cls in _CONV_HANDLERS:
+            return _CONV_HANDLERS[cls]
+    return None
 
 
 def handler_for(config: Config) -> Handler:
@@ -133,6 +183,9 @@ PRESETS: dict[str, Config] = {
     "fp8-block": FP8Config(format="e4m3", granularity="block"),
     "fp8-weight": FP8Config(format="e4m3", granularity="row", weight_only=True),
 }
+# ---- binary
+PRESETS["binary"] = BinaryConfig()
+PRESETS["binary-weight"] = BinaryConfig(binary_activations=False)
 
 
 def resolve(config_or_name: Config | str) -> Config:

@@ -120,6 +120,12 @@ KERNEL_OPS: tuple[tuple[str, str], ...] = (
     ("cutlass::Kernel", "int8_mm, int8_scaled_mm"),
     ("_ZN7cutlass6Kernel", "int8_mm, int8_scaled_mm"),  # when c++filt gives up on a long name
 )
+# ---- binary
+KERNEL_OPS += (
+    ("binary_mma_kernel", "binary_mm, binary_scaled_mm"),
+    ("binary_gemv_kernel", "binary_mm, binary_scaled_mm"),
+    ("binary_quantize_kernel", "binary_quantize"),
+)
 
 
 def op_for_kernel(demangled_name: str) -> str | None:

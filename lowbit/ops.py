@@ -129,3 +129,42 @@ def fp8_weight_only_mm(
     Accumulation float32; output in `x.dtype`.
     """
     return _lowbit.fp8_weight_only_mm(x, w, scale, bias)
+
+
+# --------------------------------------------------------------------------- binary
+def binary_quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Binarize float `x` [M, K] for the XNOR GEMM, fused: sign bits and the XNOR-Net scale.
+
+    Returns ``(packed, scale)``: ``packed`` int32 [M, ceil(K/32)] in the layout of
+    lowbit/formats/binary.py (bit 1 = +1, sign(0) = +1, LSB-first along K, padding 0);
+    ``scale`` float32 [M] = mean |x| per row. ``x ~= scale[:, None] * unpack(packed)``.
+    """
+    return _lowbit.binary_quantize(x)
+
+
+def binary_mm(a: torch.Tensor, b: torch.Tensor, K: int) -> torch.Tensor:
+    """Exact ±1 GEMM: packed `a` [M, ceil(K/32)] times packed `b` [N, ceil(K/32)] -> int32 [M, N].
+
+    ``out[m, n] = K - 2 * popcount(a[m] XOR b[n])`` over the K real bits: the dot product of the
+    ±1 vectors (nn.Linear layout, ``a @ b.T``). Padding bits are ignored.
+    """
+    return _lowbit.binary_mm(a, b, K)
+
+
+def binary_scaled_mm(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    K: int,
+    scale_a: torch.Tensor,
+    scale_b: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """XNOR-Net GEMM: ``binary_mm(a, b, K) * scale_a[:, None] * scale_b[None, :] + bias``, fused.
+
+    ``scale_a`` float32 [M] (alpha, per row of activations) or scalar; ``scale_b`` float32 [N]
+    (beta, per output channel) or scalar; ``bias`` [N]; output ``out_dtype`` (float32 default,
+    float16, bfloat16). Computed in float32 in that order, then rounded once to out_dtype.
+    """
+    return _lowbit.binary_scaled_mm(a, b, K, scale_a, scale_b, bias, out_dtype)
+

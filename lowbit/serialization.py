@@ -42,6 +42,9 @@ from .nn.fp8 import ACTIVATIONS, FP8Linear
 from .nn.int4 import Int4Linear
 from .nn.int8 import ACTIVATIONS as INT8_ACTIVATIONS
 from .nn.int8 import Int8Linear, Int8WeightOnlyLinear
+# ---- binary
+from .formats import binary as binary_fmt
+from .nn.binary import BinaryLinear
 
 FORMAT = "lowbit"
 FORMAT_VERSION = 1
@@ -57,6 +60,9 @@ _TENSOR_DTYPES = {**_FLOAT_DTYPES, "int8": torch.int8, "uint8": torch.uint8,
 
 _CLASSES: dict[str, type[QuantizedLinear]] = {
     c.__name__: c for c in (Int8Linear, Int8WeightOnlyLinear, Int4Linear, FP8Linear)}
+# ---- binary
+_TENSOR_DTYPES["int32"] = torch.int32
+_CLASSES[BinaryLinear.__name__] = BinaryLinear
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -73,6 +79,8 @@ def _module_args(m: QuantizedLinear) -> dict:
         args.update(format=m.format, granularity=m.granularity, activation=m.activation, act_format=m.act_format)
     elif isinstance(m, Int8Linear) and m.activation != "dynamic":  # omitted when dynamic: older files read as before
         args.update(activation=m.activation)
+    elif isinstance(m, BinaryLinear):
+        args.update(binary_activations=m.binary_activations)
     return args
 
 
@@ -236,6 +244,9 @@ def _parse_args(where: _Where, cls: type[QuantizedLinear], args: dict) -> dict:
     elif cls is Int8Linear and "activation" in args:
         out["activation"] = where.choice(args, "activation", INT8_ACTIVATIONS, what)
         keys += ["activation"]
+    elif cls is BinaryLinear:
+        out["binary_activations"] = where.field(args, "binary_activations", bool, what)
+        keys += ["binary_activations"]
     where.no_extra(args, keys, what)
     return out
 
@@ -317,6 +328,9 @@ def _check_values(where: _Where, m: QuantizedLinear, t: dict[str, torch.Tensor])
                 _finite(where, "act_scale", t["act_scale"])
                 if not float(t["act_scale"]) > 0:
                     where.fail("tensor 'act_scale' must be > 0")
+        elif isinstance(m, BinaryLinear):
+            binary_fmt.validate(t["packed"], t["scale"], m.in_features)
+            _finite(where, "scale", t["scale"])
     except ValueError as e:
         if str(e).startswith("lowbit.load:"):
             raise

@@ -490,3 +490,123 @@ def test_fp8_small_m_kernels_use_128_bit_loads():
         # the fp8 weights with 128-bit loads.
         vec = [body for (a, n), body in funcs.items() if a == arch and re.search(r"fp8_gemv_kernel.*Lb1EEEv", n)]
         assert vec and all("LDG.E.128" in body for body in vec), f"fp8_gemv_kernel on {arch}: no 128-bit loads"
+
+
+# ============================================================================= binary
+BINARY_KERNELS = ["binary_mma_kernel", "binary_gemv_kernel", "binary_quantize_kernel"]
+# b1 tensor cores: mma.sync m16n8k256 .and.popc is BMMA.168256.AND.POPC in SASS on sm_80, sm_89
+# and sm_90a alike (checked with nvcc 13.0 + cuobjdump); the small-M kernel is __popc on CUDA cores.
+SASS_EXPECTED["binary_mma_kernel"] = ["BMMA.168256.AND.POPC"]
+SASS_EXPECTED["binary_gemv_kernel"] = ["POPC"]
+
+
+@needs_cuda_build
+@pytest.mark.parametrize("family", BINARY_KERNELS)
+def test_every_binary_kernel_present_for_every_arch(resources, family):
+    for arch in expected_archs():
+        names = [r["name"] for r in resources if r["arch"] == arch]
+        assert any(family in n for n in names), f"{family} missing from the {arch} SASS"
+
+
+BINARY_PROBE = r"""
+#include <cstdio>
+#include "lowbit/binary_layout.h"
+using namespace lowbit::binary_layout;
+int main() {
+  // stdin: K, rows of a, rows of b, then the words (uint32) of a [Ma, W] and b [Mb, W].
+  long long K, Ma, Mb;
+  if (std::scanf("%lld %lld %lld", &K, &Ma, &Mb) != 3) return 1;
+  const long long W = num_words(K);
+  static unsigned a[64][256], b[64][256];
+  for (long long r = 0; r < Ma; ++r) for (long long w = 0; w < W; ++w) if (std::scanf("%u", &a[r][w]) != 1) return 1;
+  for (long long r = 0; r < Mb; ++r) for (long long w = 0; w < W; ++w) if (std::scanf("%u", &b[r][w]) != 1) return 1;
+  std::printf("words %lld\n", W);
+  for (long long w = 0; w <= W; ++w) std::printf("mask %lld %u\n", w, word_mask(K, w));
+  for (long long i = 0; i < Ma; ++i)
+    for (long long j = 0; j < Mb; ++j) {
+      long long x = 0, pa = 0, pb = 0, an = 0;
+      for (long long w = 0; w < W; ++w) {
+        const unsigned m = word_mask(K, w);
+        x += __builtin_popcount((a[i][w] ^ b[j][w]) & m);
+        pa += __builtin_popcount(a[i][w] & m);
+        pb += __builtin_popcount(b[j][w] & m);
+        an += __builtin_popcount(a[i][w] & b[j][w] & m);
+      }
+      std::printf("dot %lld %lld %d %d\n", i, j, dot_from_xor_count(K, x), dot_from_and_count(K, pa, pb, an));
+    }
+  for (int lane = 0; lane < 32; ++lane) {
+    for (int i = 0; i < 4; ++i) std::printf("afrag %d %d %d %d\n", lane, i, mma_b1_a_frag(lane, i).row, mma_b1_a_frag(lane, i).word);
+    for (int i = 0; i < 2; ++i) std::printf("bfrag %d %d %d %d\n", lane, i, mma_b1_b_frag(lane, i).row, mma_b1_b_frag(lane, i).word);
+    for (int i = 0; i < 4; ++i) std::printf("cfrag %d %d %d %d\n", lane, i, mma_b1_c_frag(lane, i).row, mma_b1_c_frag(lane, i).col);
+  }
+  return 0;
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def binary_probe(tmp_path_factory):
+    cxx = shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++") or shutil.which("clang++")
+    if cxx is None:
+        pytest.skip("no host C++ compiler")
+    d = tmp_path_factory.mktemp("binary_layout")
+    src, exe = d / "probe.cpp", d / "probe"
+    src.write_text(BINARY_PROBE)
+    subprocess.run([cxx, "-std=c++17", "-O1", "-I", os.path.join(ROOT, "csrc", "include"), str(src), "-o", str(exe)],
+                   check=True, capture_output=True, text=True)
+
+    def run(K, a, b):
+        rows = [f"{K} {a.shape[0]} {b.shape[0]}"]
+        rows += [" ".join(str(int(v) & 0xFFFFFFFF) for v in t.flatten().tolist()) for t in (a, b)]
+        out: dict[str, list[tuple]] = {}
+        for line in subprocess.run([str(exe)], input="\n".join(rows) + "\n", check=True, capture_output=True,
+                                   text=True).stdout.splitlines():
+            key, *vals = line.split()
+            out.setdefault(key, []).append(tuple(int(v) for v in vals))
+        return out
+
+    return run
+
+
+@pytest.mark.parametrize("K", [1, 31, 32, 33, 65, 1000])
+def test_binary_layout_masks_and_dot_identities_match_the_format(binary_probe, K):
+    import torch
+
+    from lowbit.formats import binary as fmt
+
+    g = torch.Generator().manual_seed(K)
+    W = fmt.num_words(K)
+    a = torch.randint(-2**31, 2**31, (5, W), generator=g, dtype=torch.int64).to(torch.int32)
+    b = torch.randint(-2**31, 2**31, (7, W), generator=g, dtype=torch.int64).to(torch.int32)
+    out = binary_probe(K, a, b)
+    assert out["words"] == [(W,)]
+    # word_mask: exactly the bits of columns k < K; zero for a word past the row
+    for w, mask in out["mask"]:
+        assert mask == sum(1 << bit for bit in range(32) if 32 * w + bit < K), (w, mask)
+    # both identities give the ±1 dot product of the format's definition (padding bits ignored)
+    exact = (fmt.unpack(a, K, torch.float64) @ fmt.unpack(b, K, torch.float64).T).to(torch.int64)
+    for i, j, via_xor, via_and in out["dot"]:
+        assert via_xor == via_and == int(exact[i, j]), (i, j)
+
+
+def test_binary_mma_fragment_maps_match_the_ptx_layout(binary_probe):
+    import torch
+
+    out = binary_probe(1, torch.zeros((1, 1), dtype=torch.int32), torch.zeros((1, 1), dtype=torch.int32))
+    # PTX ISA, mma.m16n8k256 .b1 (lane = 4 * groupID + threadID_in_group): a{i} holds row
+    # groupID (+8 for odd i) and columns 32 * tid .. +31 (+128 for i >= 2): one 32-bit word each.
+    a = {(lane, i): (r, w) for lane, i, r, w in out["afrag"]}
+    assert a == {(lane, i): (lane // 4 + 8 * (i % 2), lane % 4 + 4 * (i // 2)) for lane in range(32) for i in range(4)}
+    assert sorted(a.values()) == [(r, w) for r in range(16) for w in range(8)]
+    # b{i}: rows (k) 32 * tid + 128 * i .. +31 of column groupID.
+    b = {(lane, i): (n, w) for lane, i, n, w in out["bfrag"]}
+    assert b == {(lane, i): (lane // 4, lane % 4 + 4 * i) for lane in range(32) for i in range(2)}
+    assert sorted(b.values()) == [(n, w) for n in range(8) for w in range(8)]
+    # c{i}: row groupID (+8 for i >= 2), column 2 * tid + i % 2.
+    c = {(lane, i): (r, col) for lane, i, r, col in out["cfrag"]}
+    assert sorted(c.values()) == [(r, col) for r in range(16) for col in range(8)]
+    assert c == {(lane, i): (lane // 4 + 8 * (i // 2), 2 * (lane % 4) + i % 2) for lane in range(32) for i in range(4)}
+    # The kernel's smem row stride of 12 words makes each fragment load conflict-free: the 32
+    # lanes of one register read 32 distinct banks.
+    for i in range(4):
+        assert len({(r * 12 + w) % 32 for (lane, j), (r, w) in a.items() if j == i}) == 32

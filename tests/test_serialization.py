@@ -232,7 +232,7 @@ JSON_CASES = {
     "granularity": (lambda h: _set(entry(h, "4")["args"], "granularity", "row"), "do not match"),
     "tensor shape": (lambda h: _set(entry(h, "0")["tensors"]["qweight"], "shape", [96, 63]), "do not match"),
     "absurd shape": (lambda h: _set(entry(h, "0")["tensors"]["qweight"], "shape", [2**60, 2**60]), "do not match"),
-    "tensor dtype": (lambda h: _set(entry(h, "0")["tensors"]["qweight"], "dtype", "int32"), "must be one of"),
+    "tensor dtype": (lambda h: _set(entry(h, "0")["tensors"]["qweight"], "dtype", "int16"), "must be one of"),
     "shape type": (lambda h: _set(entry(h, "0")["tensors"]["scale"], "shape", "96"), "'shape' must be list"),
     "alias": (lambda h: _set(h["aliases"], "0.bias", "nowhere"), "must point to a stored tensor"),
 }

@@ -11,3 +11,5 @@ from . import fp8, int4, int8  # noqa: F401
 from .int8 import Int8Weight  # noqa: F401
 from .int4 import Int4Weight  # noqa: F401
 from .fp8 import Fp8Weight  # noqa: F401
+from . import binary  # noqa: F401,E402
+from .binary import BinaryWeight  # noqa: F401,E402

@@ -357,4 +357,53 @@ inline void check_fp8_weight_only_mm(const char* op, const at::Tensor& x, const 
   check_bias(op, bias, N, "x", x);
 }
 
+// ---------------------------------------------------------------------------- binary
+// Format: lowbit/formats/binary.py (sign bits, 1 = +1, LSB-first in int32 words along K).
+constexpr int64_t kBinaryWordBits = 32;
+constexpr int64_t kBinaryMaxK = (int64_t(1) << 31) - 1;
+
+// Returns the number of words per row, ceil(K / 32).
+inline int64_t check_binary_k(const char* op, int64_t K) {
+  if (K < 1 || K > kBinaryMaxK) LOWBIT_FAIL(op, "K must be an int in [1, ", kBinaryMaxK, "], got ", K);
+  return (K + kBinaryWordBits - 1) / kBinaryWordBits;
+}
+
+inline void check_binary_packed(const char* op, const char* name, const at::Tensor& t, const char* rows_name,
+                                int64_t K, int64_t words) {
+  // fp8_dtype_name: Python's spelling for every dtype (float64, int16, bool, ...).
+  if (t.scalar_type() != c10::ScalarType::Int)
+    LOWBIT_FAIL(op, name, " must have dtype int32, got ", fp8_dtype_name(t.scalar_type()));
+  check_dim(op, name, t, 2);
+  if (t.size(1) != words)
+    LOWBIT_FAIL(op, name, " must have shape [", rows_name, ", ceil(K/32)]=[", t.size(0), ", ", words, "] for K=", K,
+                ", got ", shape_str(t));
+  check_nonempty(op, name, t);
+}
+
+inline void check_binary_mm(const char* op, const at::Tensor& a, const at::Tensor& b, int64_t K) {
+  const int64_t words = check_binary_k(op, K);
+  check_binary_packed(op, "a", a, "M", K, words);
+  check_binary_packed(op, "b", b, "N", K, words);
+  check_same_device(op, "b", b, "a", a);
+}
+
+inline c10::ScalarType check_binary_scaled_mm(const char* op, const at::Tensor& a, const at::Tensor& b, int64_t K,
+                                              const at::Tensor& scale_a, const at::Tensor& scale_b,
+                                              const std::optional<at::Tensor>& bias,
+                                              std::optional<c10::ScalarType> out_dtype) {
+  check_binary_mm(op, a, b, K);
+  check_scale_vector(op, "scale_a", scale_a, a.size(0), "M");
+  check_scale_vector(op, "scale_b", scale_b, b.size(0), "N");
+  check_same_device(op, "scale_a", scale_a, "a", a);
+  check_same_device(op, "scale_b", scale_b, "a", a);
+  check_bias(op, bias, b.size(0), "a", a);
+  return check_fp8_out_dtype(op, out_dtype);
+}
+
+inline void check_binary_quantize(const char* op, const at::Tensor& x) {
+  check_fp8_float_input(op, "x", x);
+  check_dim(op, "x", x, 2);
+  check_nonempty(op, "x", x);
+}
+
 }  // namespace lowbit

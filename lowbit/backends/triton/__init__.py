@@ -17,6 +17,10 @@ MIN_CAPABILITY = {}
 for _module in (int8, int4, fp8):
     KERNELS.update(_module.KERNELS)
     MIN_CAPABILITY.update(getattr(_module, "MIN_CAPABILITY", {}))
+# ---- binary
+from . import binary  # noqa: E402
+
+KERNELS.update(binary.KERNELS)
 
 
 def kernel_for(op: str, device: torch.device):

@@ -341,6 +341,53 @@ AOT_KERNELS += _fp8_entries()
 DEVICE_FUNCTIONS += [fp8._encode_fp8, fp8._decode_fp8, fp8._fp8_k_loop]
 
 
+# ---- binary
+# As the JIT specialises launches from lowbit.backends.triton.binary: packed operands and the
+# output contiguous (word and column strides 1), pointers 16-byte aligned; per-row/column scales
+# and bias read with stride 1 (a scalar scale has stride 0, an int). USE_POPC: compiled for a GPU
+# the popcount is libdevice's popc. No tensor cores: there is no 1-bit tl.dot.
+from . import binary  # noqa: E402
+
+
+def _binary_entries():
+    entries = []
+
+    def add(name, fn, types, configs, meta, *, unit, aligned):
+        sig, ones, al = _spec(fn, types, unit=unit, aligned=aligned)
+        entries.append(AotKernel(name, fn, sig, {**ones, **meta}, _configs(configs), aligned=al))
+
+    gemm_unit = ("stride_aw", "stride_bw", "stride_cn")
+    gemm_aligned = ("a_ptr", "b_ptr", "c_ptr")
+    add("binary_mm", binary._binary_mm_kernel,
+        {"a_ptr": "*i32", "b_ptr": "*i32", "c_ptr": "*i32", "scale_a_ptr": "*i32", "scale_b_ptr": "*i32",
+         "bias_ptr": "*i32"}, binary.gemm_configs, {"SCALED": False, "HAS_BIAS": False, "USE_POPC": True},
+        unit=gemm_unit, aligned=gemm_aligned)
+
+    def scaled(out_ty, bias_ty, scalar_a=False):
+        unit = gemm_unit + ("stride_sb",) + (() if scalar_a else ("stride_sa",))
+        unit += ("stride_bias",) if bias_ty else ()
+        add(f"binary_scaled_mm[{out_ty[1:]},bias={bias_ty[1:] if bias_ty else 'none'}"
+            f"{',scalar-scale_a' if scalar_a else ''}]", binary._binary_mm_kernel,
+            {"a_ptr": "*i32", "b_ptr": "*i32", "c_ptr": out_ty, "scale_a_ptr": "*fp32", "scale_b_ptr": "*fp32",
+             "bias_ptr": bias_ty or out_ty}, binary.gemm_configs,
+            {"SCALED": True, "HAS_BIAS": bias_ty is not None, "USE_POPC": True},
+            unit=unit, aligned=gemm_aligned + ("scale_a_ptr", "scale_b_ptr"))
+
+    scaled("*fp32", None)
+    scaled("*fp16", "*fp16")
+    scaled("*bf16", "*fp32", scalar_a=True)
+
+    for x_ty in ("*fp32", "*fp16", "*bf16"):
+        add(f"binary_quantize[{x_ty[1:]}]", binary._binary_quantize_kernel,
+            {"x_ptr": x_ty, "packed_ptr": "*i32", "scale_ptr": "*fp32"}, binary.quantize_configs, {},
+            unit=("stride_xk",), aligned=("x_ptr", "packed_ptr", "scale_ptr"))
+    return entries
+
+
+AOT_KERNELS += _binary_entries()
+DEVICE_FUNCTIONS += [binary._popcount32, binary._real_bits]
+
+
 # ============================================================================ completeness
 def _is_jit_object(obj) -> bool:
     from triton.runtime.autotuner import Autotuner, Heuristics
