@@ -11,3 +11,5 @@ from . import fp8, int4, int8  # noqa: F401
 from .int8 import Int8Weight  # noqa: F401
 from .int4 import Int4Weight  # noqa: F401
 from .fp8 import Fp8Weight  # noqa: F401
+from . import sparse24  # noqa: F401
+from .sparse24 import Sparse24Weight  # noqa: F401
