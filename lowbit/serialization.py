@@ -41,6 +41,8 @@ from .nn.base import QuantizedLinear, check_parent
 from .nn.fp8 import ACTIVATIONS, FP8Linear
 from .nn.int4 import Int4Linear
 from .nn.int8 import Int8Linear, Int8WeightOnlyLinear
+from .formats import sparse24 as sparse24_fmt  # ---- sparse24
+from .nn.sparse24 import Sparse24Linear
 
 FORMAT = "lowbit"
 FORMAT_VERSION = 1
@@ -55,7 +57,7 @@ _TENSOR_DTYPES = {**_FLOAT_DTYPES, "int8": torch.int8, "uint8": torch.uint8,
                   "float8_e4m3fn": torch.float8_e4m3fn, "float8_e5m2": torch.float8_e5m2}
 
 _CLASSES: dict[str, type[QuantizedLinear]] = {
-    c.__name__: c for c in (Int8Linear, Int8WeightOnlyLinear, Int4Linear, FP8Linear)}
+    c.__name__: c for c in (Int8Linear, Int8WeightOnlyLinear, Int4Linear, FP8Linear, Sparse24Linear)}
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -70,6 +72,8 @@ def _module_args(m: QuantizedLinear) -> dict:
         args.update(group_size=m.group_size, symmetric=m.zero is None, scale_dtype=_dtype_name(m.scale.dtype))
     elif isinstance(m, FP8Linear):
         args.update(format=m.format, granularity=m.granularity, activation=m.activation, act_format=m.act_format)
+    elif isinstance(m, Sparse24Linear):  # ---- sparse24
+        args.update(values_dtype=_dtype_name(m.values_dtype))
     return args
 
 
@@ -223,6 +227,12 @@ def _parse_args(where: _Where, cls: type[QuantizedLinear], args: dict) -> dict:
         out["activation"] = where.choice(args, "activation", ACTIVATIONS, what)
         out["act_format"] = where.choice(args, "act_format", fp8_fmt.FORMATS, what)
         keys += ["format", "granularity", "activation", "act_format"]
+    elif cls is Sparse24Linear:  # ---- sparse24
+        out["values_dtype"] = _TENSOR_DTYPES[where.choice(args, "values_dtype", ("float32", "float16", "bfloat16",
+                                                                                 "int8"), what)]
+        keys += ["values_dtype"]
+        if out["values_dtype"] == torch.int8 and out["in_features"] > _checks.INT8_MAX_K:
+            where.fail(f"in_features={out['in_features']} exceeds {_checks.INT8_MAX_K} for int8 values")
     where.no_extra(args, keys, what)
     return out
 
@@ -300,6 +310,12 @@ def _check_values(where: _Where, m: QuantizedLinear, t: dict[str, torch.Tensor])
                 _finite(where, "act_scale", t["act_scale"])
                 if not float(t["act_scale"]) > 0:
                     where.fail("tensor 'act_scale' must be > 0")
+        elif isinstance(m, Sparse24Linear):  # ---- sparse24: shapes, dtypes and every metadata nibble
+            sparse24_fmt.validate(t["values"], t["meta"], m.in_features, t.get("scale"))
+            if t["values"].dtype != torch.int8:
+                _finite(where, "values", t["values"])
+            else:
+                _finite(where, "scale", t["scale"])
     except ValueError as e:
         if str(e).startswith("lowbit.load:"):
             raise

@@ -361,6 +361,24 @@ S24_AVX2 void int8_avx2(const Int8Problem& p) {
     }
   });
 }
+// True when every metadata nibble is valid: a 16-entry vpshufb table per nibble, 32 bytes a step
+// (the portable byte-table scan in checks.h costs a quarter of a M = 1 GEMM).
+S24_AVX2 bool meta_valid_avx2(const uint8_t* p, int64_t n) {
+  const __m256i table = _mm256_setr_epi8(0, 0, 0, 0, -1, 0, 0, 0, -1, -1, 0, 0, -1, -1, -1, 0,  //
+                                         0, 0, 0, 0, -1, 0, 0, 0, -1, -1, 0, 0, -1, -1, -1, 0);
+  const __m256i low = _mm256_set1_epi8(0x0F);
+  __m256i ok = _mm256_set1_epi8(-1);
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + i));
+    const __m256i lo = _mm256_shuffle_epi8(table, _mm256_and_si256(b, low));
+    const __m256i hi = _mm256_shuffle_epi8(table, _mm256_and_si256(_mm256_srli_epi16(b, 4), low));
+    ok = _mm256_and_si256(ok, _mm256_and_si256(lo, hi));
+  }
+  bool all = _mm256_movemask_epi8(ok) == -1;
+  for (; i < n; ++i) all &= L::byte_valid(p[i]);
+  return all;
+}
 #endif  // LOWBIT_HAVE_AVX2_KERNELS
 
 bool use_avx2() {
@@ -372,6 +390,15 @@ bool use_avx2() {
 #endif
   }();
   return ok;
+}
+
+// The data check on the AVX2 path; on failure the portable scan finds the first bad byte and
+// raises the message every backend gives.
+void check_meta_fast(const char* op, const at::Tensor& meta_c) {
+#if LOWBIT_HAVE_AVX2_KERNELS
+  if (use_avx2() && !meta_valid_avx2(meta_c.const_data_ptr<uint8_t>(), meta_c.numel()))
+    check_sparse24_meta_data(op, meta_c);
+#endif
 }
 
 // x [M, K] (any float dtype, any strides) -> fp32 [M, Kp], zero past K, quads permuted for AVX2.
@@ -402,7 +429,8 @@ at::Tensor sparse24_mm_cpu(const at::Tensor& x, const at::Tensor& values, const 
                            const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& bias) {
   const char* op = "sparse24_mm";
   const at::Tensor meta_c = (meta.scalar_type() == at::kByte && meta.dim() == 2) ? meta.contiguous() : meta;
-  check_sparse24_mm(op, x, values, meta, scale, bias, meta_c);
+  check_sparse24_mm(op, x, values, meta, scale, bias, use_avx2() ? nullptr : &meta_c);
+  check_meta_fast(op, meta_c);
   const int64_t M = x.size(0), K = x.size(1), N = values.size(0), Kp = L::padded_k(K);
   const at::Tensor v = values.contiguous();
   const at::Tensor s = scale.has_value() ? scale->contiguous() : at::Tensor();
@@ -456,7 +484,9 @@ at::Tensor sparse24_int8_scaled_mm_cpu(const at::Tensor& a, const at::Tensor& va
   const char* op = "sparse24_int8_scaled_mm";
   const at::Tensor meta_c = (meta.scalar_type() == at::kByte && meta.dim() == 2) ? meta.contiguous() : meta;
   const c10::ScalarType out_type =
-      check_sparse24_int8_scaled_mm(op, a, values, meta, scale_a, scale_b, bias, out_dtype, meta_c);
+      check_sparse24_int8_scaled_mm(op, a, values, meta, scale_a, scale_b, bias, out_dtype,
+                                    use_avx2() ? nullptr : &meta_c);
+  check_meta_fast(op, meta_c);
   const int64_t M = a.size(0), K = a.size(1), N = values.size(0), Kp = L::padded_k(K);
   const int64_t Kx = (Kp + 31) / 32 * 32;
   const at::Tensor v = values.contiguous();

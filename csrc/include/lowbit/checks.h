@@ -411,10 +411,11 @@ inline int64_t check_sparse24_weight(const char* op, int64_t K, const at::Tensor
   return N;
 }
 
-// meta_c: the contiguous meta the kernel will read (checked for data here).
+// meta_c: the contiguous meta the kernel will read, checked for data here unless it is nullptr
+// (a caller with a faster scan runs check_sparse24_meta_data itself when that scan fails).
 inline void check_sparse24_mm(const char* op, const at::Tensor& x, const at::Tensor& values, const at::Tensor& meta,
                               const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& bias,
-                              const at::Tensor& meta_c) {
+                              const at::Tensor* meta_c) {
   check_float_dtype(op, "x", x);
   check_dim(op, "x", x, 2);
   check_nonempty(op, "x", x);
@@ -429,14 +430,14 @@ inline void check_sparse24_mm(const char* op, const at::Tensor& x, const at::Ten
     check_same_device(op, "scale", *scale, "x", x);
   }
   check_bias(op, bias, N, "x", x);
-  check_sparse24_meta_data(op, meta_c);
+  if (meta_c) check_sparse24_meta_data(op, *meta_c);
 }
 
 inline c10::ScalarType check_sparse24_int8_scaled_mm(const char* op, const at::Tensor& a, const at::Tensor& values,
                                                      const at::Tensor& meta, const at::Tensor& scale_a,
                                                      const at::Tensor& scale_b, const std::optional<at::Tensor>& bias,
                                                      std::optional<c10::ScalarType> out_dtype,
-                                                     const at::Tensor& meta_c) {
+                                                     const at::Tensor* meta_c) {
   check_dtype(op, "a", a, c10::ScalarType::Char);
   check_dim(op, "a", a, 2);
   check_nonempty(op, "a", a);
@@ -450,7 +451,7 @@ inline c10::ScalarType check_sparse24_int8_scaled_mm(const char* op, const at::T
   check_same_device(op, "scale_b", scale_b, "a", a);
   check_bias(op, bias, N, "a", a);
   const c10::ScalarType out = check_out_dtype(op, out_dtype);
-  check_sparse24_meta_data(op, meta_c);
+  if (meta_c) check_sparse24_meta_data(op, *meta_c);
   return out;
 }
 
