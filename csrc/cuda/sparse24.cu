@@ -71,21 +71,21 @@ constexpr int64_t kCutlassK8 = 128;      // threadblock K of the int8 GEMM
 // ============================================================================ kernels
 // Row-major metadata elements (uint16: 4 groups, uint32: 8 groups) -> CUTLASS's reordered array.
 template <typename E>
-__global__ void reorder_meta_kernel(const E* __restrict__ meta, E* __restrict__ out, int64_t rows, int64_t cols,
+__global__ void sparse24_reorder_meta_kernel(const E* __restrict__ meta, E* __restrict__ out, int64_t rows, int64_t cols,
                                     bool int8_values) {
   const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= rows * cols) return;
   out[L::cutlass_meta_offset(i / cols, i % cols, rows, int8_values)] = meta[i];
 }
 
-__global__ void meta_valid_kernel(const uint8_t* __restrict__ meta, int64_t n, int* __restrict__ bad) {
+__global__ void sparse24_meta_valid_kernel(const uint8_t* __restrict__ meta, int64_t n, int* __restrict__ bad) {
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
     if (!L::byte_valid(meta[i])) atomicOr(bad, 1);
 }
 
 // out[m, n] = round_T(acc[n, m] * scale[n] + bias[n]) from the fp32 [N, M] GEMM result.
 template <typename T>
-__global__ void float_epilogue_kernel(const float* __restrict__ acc, T* __restrict__ out, const float* __restrict__ scale,
+__global__ void sparse24_float_epilogue_kernel(const float* __restrict__ acc, T* __restrict__ out, const float* __restrict__ scale,
                                       const float* __restrict__ bias, int64_t M, int64_t N) {
   const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= M * N) return;
@@ -97,7 +97,7 @@ __global__ void float_epilogue_kernel(const float* __restrict__ acc, T* __restri
 }
 
 template <typename T>
-__global__ void int8_epilogue_kernel(const int32_t* __restrict__ acc, T* __restrict__ out,
+__global__ void sparse24_int8_epilogue_kernel(const int32_t* __restrict__ acc, T* __restrict__ out,
                                      const float* __restrict__ scale_a, int64_t stride_a,
                                      const float* __restrict__ scale_b, int64_t stride_b,
                                      const float* __restrict__ bias, int64_t M, int64_t N) {
@@ -118,7 +118,7 @@ __device__ __forceinline__ float value_f32<int8_t>(int8_t v) { return float(v); 
 // SIMT: warp (m, n) sums over the row's kept values; lane l takes values l, l + 32, ...
 // x is fp32 [M, Kp] zero-padded (converted by the host), values and meta contiguous.
 template <typename V>
-__global__ void simt_float_kernel(const float* __restrict__ x, const V* __restrict__ values,
+__global__ void sparse24_simt_float_kernel(const float* __restrict__ x, const V* __restrict__ values,
                                   const uint8_t* __restrict__ meta, float* __restrict__ acc, int64_t M, int64_t N,
                                   int64_t Kp) {
   const int64_t n = int64_t(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
@@ -134,7 +134,7 @@ __global__ void simt_float_kernel(const float* __restrict__ x, const V* __restri
   if (lane == 0) acc[n * M + m] = s;
 }
 
-__global__ void simt_int8_kernel(const int8_t* __restrict__ a, const int8_t* __restrict__ values,
+__global__ void sparse24_simt_int8_kernel(const int8_t* __restrict__ a, const int8_t* __restrict__ values,
                                  const uint8_t* __restrict__ meta, int32_t* __restrict__ acc, int64_t M, int64_t N,
                                  int64_t Kp) {
   const int64_t n = int64_t(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
@@ -176,7 +176,7 @@ void check_meta_on_device(const char* op, const at::Tensor& meta, cudaStream_t s
   at::Tensor bad = at::zeros({1}, meta.options().dtype(at::kInt));
   const int64_t n = meta.numel();
   const int blocks = int(std::min<int64_t>(ceil_div(n, 256), 1024));
-  meta_valid_kernel<<<blocks, 256, 0, stream>>>(meta.const_data_ptr<uint8_t>(), n, ptr<int>(bad));
+  sparse24_meta_valid_kernel<<<blocks, 256, 0, stream>>>(meta.const_data_ptr<uint8_t>(), n, ptr<int>(bad));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (bad.item<int>() != 0) check_sparse24_meta_data(op, meta.cpu());
 }
@@ -193,7 +193,7 @@ template <typename E>
 at::Tensor reordered_meta(const at::Tensor& meta, int64_t N, bool int8_values, cudaStream_t stream) {
   const int64_t cols = meta.size(1) * 8 / (8 * int64_t(sizeof(E)));
   at::Tensor out = at::empty({N, cols * int64_t(sizeof(E))}, meta.options());
-  reorder_meta_kernel<E><<<unsigned(ceil_div(N * cols, 256)), 256, 0, stream>>>(
+  sparse24_reorder_meta_kernel<E><<<unsigned(ceil_div(N * cols, 256)), 256, 0, stream>>>(
       reinterpret_cast<const E*>(meta.const_data_ptr<uint8_t>()), reinterpret_cast<E*>(out.data_ptr<uint8_t>()), N,
       cols, int8_values);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -207,7 +207,7 @@ void launch_float_epilogue(const at::Tensor& acc, at::Tensor& out, const at::Ten
   const float* b = bias.defined() ? bias.const_data_ptr<float>() : nullptr;
   dispatch_float(out.scalar_type(), [&](auto tag) {
     using T = typename decltype(tag)::type;
-    float_epilogue_kernel<T><<<unsigned(ceil_div(M * N, 256)), 256, 0, stream>>>(acc.const_data_ptr<float>(),
+    sparse24_float_epilogue_kernel<T><<<unsigned(ceil_div(M * N, 256)), 256, 0, stream>>>(acc.const_data_ptr<float>(),
                                                                                 ptr<T>(out), s, b, M, N);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -252,7 +252,7 @@ at::Tensor sparse24_mm_cuda(const at::Tensor& x, const at::Tensor& values, const
     const dim3 grid(unsigned(ceil_div(N, 4)), unsigned(M));
     auto launch = [&](auto* vp) {
       using V = std::remove_const_t<std::remove_pointer_t<decltype(vp)>>;
-      simt_float_kernel<V><<<grid, 128, 0, stream>>>(xp.const_data_ptr<float>(), vp, meta_c.const_data_ptr<uint8_t>(),
+      sparse24_simt_float_kernel<V><<<grid, 128, 0, stream>>>(xp.const_data_ptr<float>(), vp, meta_c.const_data_ptr<uint8_t>(),
                                                      acc.data_ptr<float>(), M, N, Kp);
     };
     switch (v.scalar_type()) {
@@ -296,7 +296,7 @@ at::Tensor sparse24_int8_scaled_mm_cuda(const at::Tensor& a, const at::Tensor& v
     run_cutlass<Gemm>(args, a, op, stream);
   } else {
     const dim3 grid(unsigned(ceil_div(N, 4)), unsigned(M));
-    simt_int8_kernel<<<grid, 128, 0, stream>>>(ap.const_data_ptr<int8_t>(), v.const_data_ptr<int8_t>(),
+    sparse24_simt_int8_kernel<<<grid, 128, 0, stream>>>(ap.const_data_ptr<int8_t>(), v.const_data_ptr<int8_t>(),
                                                meta_c.const_data_ptr<uint8_t>(), acc.data_ptr<int32_t>(), M, N, Kp);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
@@ -304,7 +304,7 @@ at::Tensor sparse24_int8_scaled_mm_cuda(const at::Tensor& a, const at::Tensor& v
   const float* bp = b32.defined() ? b32.const_data_ptr<float>() : nullptr;
   dispatch_float(out_type, [&](auto tag) {
     using T = typename decltype(tag)::type;
-    int8_epilogue_kernel<T><<<unsigned(ceil_div(M * N, 256)), 256, 0, stream>>>(
+    sparse24_int8_epilogue_kernel<T><<<unsigned(ceil_div(M * N, 256)), 256, 0, stream>>>(
         acc.const_data_ptr<int32_t>(), ptr<T>(out), sa.const_data_ptr<float>(), sa.numel() == 1 ? 0 : 1,
         sb.const_data_ptr<float>(), sb.numel() == 1 ? 0 : 1, bp, M, N);
   });
