@@ -56,7 +56,9 @@ def main():
         return {k: torch.cat(v)[mask] for k, v in captured.items()}
 
     calib, test = run(calib_s), run(test_s)
-    print(f"{'layer':40s} {'K->N':>10s} {'tokens':>7s}  {'magnitude':>9s} {'saliency':>9s} {'+recovery':>9s}")
+    damps = (0.01, 0.1, 1.0)
+    print(f"{'layer':40s} {'K->N':>10s} {'tokens':>7s}  {'magnitude':>9s} {'saliency':>9s} "
+          + " ".join(f"{'rec d=' + str(d):>9s}" for d in damps))
     rows = []
     for name in layers:
         lin = mods[name]
@@ -64,15 +66,15 @@ def main():
         y = lin(x_te).detach()
 
         def err(m):
-            return float(((m(x_te).detach() - y).pow(2).sum() / (y - lin.bias).pow(2).sum()))
+            return float(((m(x_te).detach() - y).pow(2).sum() / (y - lin.bias.detach()).pow(2).sum()))
 
         e = [err(Sparse24Linear.from_float(lin)),
              err(Sparse24Linear.from_float(lin, calibration=calib[name])),
-             err(Sparse24Linear.from_float(lin, calibration=calib[name], recovery=True))]
+             *[err(Sparse24Linear.from_float(lin, calibration=calib[name], recovery=True, damp=d)) for d in damps]]
         rows.append(e)
         print(f"{name:40s} {lin.in_features:>4d}->{lin.out_features:<5d} {calib[name].shape[0]:>7d}  "
               + " ".join(f"{v:9.4f}" for v in e))
-    mean = [sum(r[i] for r in rows) / len(rows) for i in range(3)]
+    mean = [sum(r[i] for r in rows) / len(rows) for i in range(len(rows[0]))]
     print(f"{'mean relative output error':40s} {'':>10s} {'':>7s}  " + " ".join(f"{v:9.4f}" for v in mean))
 
 

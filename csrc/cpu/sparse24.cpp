@@ -12,9 +12,11 @@
 // low 2 bits of each index lane: the 16-bit metadata word shifted by 2j is the index of value j,
 // no mask and no table. Accumulation fp32, scale and bias in the epilogue.
 //
-// int8 values and int8 activations (sparse24_int8_scaled_mm). 16 kept values (32 columns) per
-// step: pdep spreads their 2-bit indices into bytes, one vpshufb gathers the activations of both
-// 16-column halves, and vpmaddwd multiplies and adds each group's pair in int16 -> int32: exact.
+// int8 values and int8 activations (sparse24_int8_scaled_mm). 32 kept values (64 columns) per
+// step: pdep spreads their 2-bit indices into bytes, two vpshufb and a blend gather the
+// activations (x stored with the middle 16-column quarters of every 64 swapped), and
+// vpmaddubsw(|x|, sign(x) * w) + vpmaddwd accumulate in int32: exact (a tile holding the value
+// -128, which sign() cannot negate, is recomputed in scalar).
 //
 // Parallel over output channels in blocks of 16, one at::parallel_for per call; for large M the
 // K range is split into chunks so a block's values stay in L1/L2 while every row of x passes.
@@ -70,10 +72,10 @@ struct FloatProblem {
 };
 
 struct Int8Problem {
-  int64_t M, N, K, Kp, Kx;  // Kx: row stride of x (Kp rounded up to 32)
+  int64_t M, N, K, Kp, Kx;  // Kx: row stride of x (Kp rounded up to 64)
   const int8_t* values;     // [N, Kp/2]
   const uint8_t* meta;      // [N, Kp/8]
-  const int8_t* x;          // [M, Kx], zero-padded
+  const int8_t* x;          // [M, Kx], zero-padded, columns in order (the scalar path)
   const float* scale_a;     // [M] or [1]
   bool scale_a_scalar;
   const float* scale_b;     // [N] or [1]
@@ -275,92 +277,90 @@ S24_AVX2 void float_avx2(const FloatProblem& p, int64_t chunk_blocks) {
   });
 }
 
-// 16 kept values of one weight row (32 columns): their activations gathered from x's 32 bytes.
-// pdep puts index j's 2 bits in byte j; OR-ing the group offsets (0, 0, 4, 4, ... 12, 12) makes
-// them vpshufb byte indices into each 16-column half; qwords 0 and 2 then hold the 16 gathers.
-S24_AVX2_INLINE __m256i shuffle_index(uint32_t word) {
+// 32 kept values of one weight row (64 columns): byte j of the result is the vpshufb index of
+// value j inside its 16-column quarter of x. pdep puts each value's 2-bit index in its own byte;
+// OR-ing the group offsets (0, 0, 4, 4, ... 12, 12) makes them byte indices.
+S24_AVX2_INLINE __m256i shuffle_index(uint64_t meta) {
   constexpr uint64_t kSpread = 0x0303030303030303ull, kOffsets = 0x0C0C080804040000ull;
-  const uint64_t lo = _pdep_u64(word & 0xFFFFu, kSpread) | kOffsets;
-  const uint64_t hi = _pdep_u64(word >> 16, kSpread) | kOffsets;
-  return _mm256_set_epi64x(0, static_cast<int64_t>(hi), 0, static_cast<int64_t>(lo));
+  const uint64_t q0 = _pdep_u64(meta & 0xFFFFu, kSpread) | kOffsets;
+  const uint64_t q1 = _pdep_u64((meta >> 16) & 0xFFFFu, kSpread) | kOffsets;
+  const uint64_t q2 = _pdep_u64((meta >> 32) & 0xFFFFu, kSpread) | kOffsets;
+  const uint64_t q3 = _pdep_u64(meta >> 48, kSpread) | kOffsets;
+  return _mm256_set_epi64x(static_cast<int64_t>(q3), static_cast<int64_t>(q2), static_cast<int64_t>(q1),
+                           static_cast<int64_t>(q0));
 }
 
+// MR rows of x times NR weight rows over all of K, 64 columns (32 kept values) a step. x is
+// stored with the middle 16-byte quarters of every 64 columns swapped (A = columns 0-15 | 32-47,
+// B = 16-31 | 48-63), so two vpshufb and a dword blend gather the 32 activations in value order.
+// The products run as vpmaddubsw(|x|, sign(x) * w) (pairs of u8 x s8 in int16: at most
+// 2 * 128 * 127, no saturation), then vpmaddwd by 1 into int32: exact, as long as no value is
+// -128 (sign() cannot negate it). Such a tile is flagged and recomputed in scalar.
 template <int MR, int NR>
-S24_AVX2 void int8_tile(const Int8Problem& p, int64_t m0, int64_t n0, int64_t b0, int64_t b1, int32_t* partial,
-                        bool first, bool last) {
+S24_AVX2 void int8_tile(const Int8Problem& p, const int8_t* xperm, int64_t m0, int64_t n0) {
+  const int64_t nblocks = p.Kp / 64;
+  const __m256i ones = _mm256_set1_epi16(1);
+  const __m256i minus128 = _mm256_set1_epi8(-128);
   __m256i acc[NR][MR];
+  __m256i bad = _mm256_setzero_si256();
   for (int r = 0; r < NR; ++r)
     for (int m = 0; m < MR; ++m) acc[r][m] = _mm256_setzero_si256();
   const int8_t* vals = p.values + n0 * (p.Kp / 2);
   const uint8_t* meta = p.meta + n0 * (p.Kp / 8);
-  const int8_t* x = p.x + m0 * p.Kx;
-  for (int64_t b = b0; b < b1; ++b) {
+  const int8_t* x = xperm + m0 * p.Kx;
+  for (int64_t b = 0; b < nblocks; ++b) {
     for (int r = 0; r < NR; ++r) {
-      const __m256i w = _mm256_cvtepi8_epi16(
-          _mm_loadu_si128(reinterpret_cast<const __m128i*>(vals + r * (p.Kp / 2) + 16 * b)));
-      const __m256i idx = shuffle_index(load_u32(meta + r * (p.Kp / 8) + 4 * b));
+      const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(vals + r * (p.Kp / 2) + 32 * b));
+      uint64_t word;
+      std::memcpy(&word, meta + r * (p.Kp / 8) + 8 * b, 8);
+      const __m256i idx = shuffle_index(word);
+      bad = _mm256_or_si256(bad, _mm256_cmpeq_epi8(w, minus128));
       for (int m = 0; m < MR; ++m) {
-        const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + m * p.Kx + 32 * b));
-        const __m256i g = _mm256_permute4x64_epi64(_mm256_shuffle_epi8(xv, idx), 0x08);
-        const __m256i g16 = _mm256_cvtepi8_epi16(_mm256_castsi256_si128(g));
-        acc[r][m] = _mm256_add_epi32(acc[r][m], _mm256_madd_epi16(w, g16));
+        const __m256i xa = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + m * p.Kx + 64 * b));
+        const __m256i xb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + m * p.Kx + 64 * b + 32));
+        const __m256i g = _mm256_blend_epi32(_mm256_shuffle_epi8(xa, idx), _mm256_shuffle_epi8(xb, idx), 0xCC);
+        const __m256i prod = _mm256_maddubs_epi16(_mm256_abs_epi8(g), _mm256_sign_epi8(w, g));
+        acc[r][m] = _mm256_add_epi32(acc[r][m], _mm256_madd_epi16(prod, ones));
       }
     }
   }
-  // A trailing 16-column block (Kp not a multiple of 32): 8 values, in scalar.
-  const bool tail = last && (p.Kp % 32) != 0;
+  const bool exact = _mm256_testz_si256(bad, bad);
+  // The last Kp % 64 columns (16, 32 or 48) in scalar.
+  const int64_t j_tail = nblocks * 32;
   for (int r = 0; r < NR; ++r)
     for (int m = 0; m < MR; ++m) {
-      const int64_t i = m * NR + r;
-      int32_t s = cpu::avx2::hsum(acc[r][m]);
-      if (tail) s += int8_dot_scalar(p, m0 + m, n0 + r, p.Kp / 2 - 8, p.Kp / 2);
-      if (!first) s += partial[i];
-      if (last) int8_epilogue(p, m0 + m, n0 + r, s);
-      else partial[i] = s;
+      int32_t s;
+      if (exact) s = cpu::avx2::hsum(acc[r][m]) + int8_dot_scalar(p, m0 + m, n0 + r, j_tail, p.Kp / 2);
+      else s = int8_dot_scalar(p, m0 + m, n0 + r, 0, p.Kp / 2);
+      int8_epilogue(p, m0 + m, n0 + r, s);
     }
 }
 
-// One row block: all of K for 4 rows of x at a time. Partial sums (large K chunks) live in a
-// small per-call stack array, so no [M, N] buffer is needed.
 template <int MR>
-S24_AVX2 void int8_rows(const Int8Problem& p, int64_t m0, int64_t n0, int64_t n1, int64_t chunk_blocks) {
+S24_AVX2 void int8_rows(const Int8Problem& p, const int8_t* xperm, int64_t m0, int64_t n0, int64_t n1) {
   constexpr int NR = MR == 1 ? 4 : 2;
-  const int64_t nblocks = p.Kp / 32;
-  int32_t partial[MR * NR];
   int64_t n = n0;
-  for (; n + NR <= n1; n += NR) {
-    if (nblocks == 0) int8_tile<MR, NR>(p, m0, n, 0, 0, partial, true, true);
-    for (int64_t b0 = 0; b0 < nblocks; b0 += chunk_blocks) {
-      const int64_t b1 = std::min(nblocks, b0 + chunk_blocks);
-      int8_tile<MR, NR>(p, m0, n, b0, b1, partial, b0 == 0, b1 == nblocks);
-    }
-  }
-  for (; n < n1; ++n) {
-    if (nblocks == 0) int8_tile<MR, 1>(p, m0, n, 0, 0, partial, true, true);
-    for (int64_t b0 = 0; b0 < nblocks; b0 += chunk_blocks) {
-      const int64_t b1 = std::min(nblocks, b0 + chunk_blocks);
-      int8_tile<MR, 1>(p, m0, n, b0, b1, partial, b0 == 0, b1 == nblocks);
-    }
-  }
+  for (; n + NR <= n1; n += NR) int8_tile<MR, NR>(p, xperm, m0, n);
+  for (; n < n1; ++n) int8_tile<MR, 1>(p, xperm, m0, n);
 }
 
-S24_AVX2 void int8_avx2(const Int8Problem& p) {
-  // The row block's values (16 rows x Kp/2 bytes) stay in L2 while every 4 rows of x pass.
-  const int64_t nblocks = p.Kp / 32;
+S24_AVX2 void int8_avx2(const Int8Problem& p, const int8_t* xperm) {
+  // A row block's values (16 rows x Kp/2 bytes) stay in L2 while every 4 rows of x pass.
   at::parallel_for(0, (p.N + kRowBlock - 1) / kRowBlock, 1, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
       const int64_t n0 = c * kRowBlock, n1 = std::min(p.N, n0 + kRowBlock);
       int64_t m = 0;
-      for (; m + 4 <= p.M; m += 4) int8_rows<4>(p, m, n0, n1, nblocks);
+      for (; m + 4 <= p.M; m += 4) int8_rows<4>(p, xperm, m, n0, n1);
       switch (p.M - m) {
-        case 3: int8_rows<3>(p, m, n0, n1, nblocks); break;
-        case 2: int8_rows<2>(p, m, n0, n1, nblocks); break;
-        case 1: int8_rows<1>(p, m, n0, n1, nblocks); break;
+        case 3: int8_rows<3>(p, xperm, m, n0, n1); break;
+        case 2: int8_rows<2>(p, xperm, m, n0, n1); break;
+        case 1: int8_rows<1>(p, xperm, m, n0, n1); break;
         default: break;
       }
     }
   });
 }
+
 // True when every metadata nibble is valid: a 16-entry vpshufb table per nibble, 32 bytes a step
 // (the portable byte-table scan in checks.h costs a quarter of a M = 1 GEMM).
 S24_AVX2 bool meta_valid_avx2(const uint8_t* p, int64_t n) {
@@ -488,7 +488,7 @@ at::Tensor sparse24_int8_scaled_mm_cpu(const at::Tensor& a, const at::Tensor& va
                                     use_avx2() ? nullptr : &meta_c);
   check_meta_fast(op, meta_c);
   const int64_t M = a.size(0), K = a.size(1), N = values.size(0), Kp = L::padded_k(K);
-  const int64_t Kx = (Kp + 31) / 32 * 32;
+  const int64_t Kx = (Kp + 63) / 64 * 64;
   const at::Tensor v = values.contiguous();
   const at::Tensor sa = scale_a.contiguous(), sb = scale_b.contiguous();
   const at::Tensor b32 = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
@@ -517,7 +517,16 @@ at::Tensor sparse24_int8_scaled_mm_cpu(const at::Tensor& a, const at::Tensor& va
     return out;
   }
 #if LOWBIT_HAVE_AVX2_KERNELS
-  int8_avx2(p);
+  // The AVX2 copy of x: the middle 16-column quarters of every 64 columns swapped (int8_tile).
+  at::Tensor xperm = at::empty({M, Kx}, a.options());
+  {
+    const int8_t* src = xpad.const_data_ptr<int8_t>();
+    int8_t* dst = xperm.mutable_data_ptr<int8_t>();
+    static constexpr int kQuarter[4] = {0, 2, 1, 3};
+    for (int64_t i = 0; i < M * Kx / 64; ++i)
+      for (int q = 0; q < 4; ++q) std::memcpy(dst + 64 * i + 16 * q, src + 64 * i + 16 * kQuarter[q], 16);
+  }
+  int8_avx2(p, xperm.const_data_ptr<int8_t>());
 #endif
   return out;
 }
