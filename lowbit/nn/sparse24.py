@@ -62,7 +62,7 @@ class Sparse24Linear(QuantizedLinear):
 
     @classmethod
     def from_float(cls, linear: nn.Linear, values_dtype: torch.dtype | None = None, n: int = 2, m: int = 4,
-                   calibration: torch.Tensor | None = None, recovery: bool = False, damp: float = 0.01):
+                   calibration: torch.Tensor | None = None, recovery: bool = False, damp: float = 0.1):
         """Prune `linear` to N:M along K (n <= 2 of every m = 4: the pattern the kernels run) and compress.
 
         `values_dtype`: None = the layer's dtype; ``torch.int8`` = W8A8 2:4 + INT8.

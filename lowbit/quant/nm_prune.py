@@ -95,7 +95,7 @@ def is_nm_sparse(weight: torch.Tensor, n: int = 2, m: int = 4) -> bool:
     return bool((nz.view(N, G, m).sum(-1) <= n).all())
 
 
-def least_squares_recovery(weight: torch.Tensor, mask: torch.Tensor, x: torch.Tensor, damp: float = 0.01,
+def least_squares_recovery(weight: torch.Tensor, mask: torch.Tensor, x: torch.Tensor, damp: float = 0.1,
                            rows_per_chunk: int = 256) -> torch.Tensor:
     """Re-fit the kept weights so the pruned layer best reproduces the dense one on calibration data.
 
