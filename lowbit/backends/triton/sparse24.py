@@ -49,10 +49,12 @@ def fp32_configs():
 
 
 def int8_configs():
-    """int8 x int8 -> int32 tensor-core dots (k=32 steps)."""
+    """int8 x int8 -> int32 tensor-core dots (k=32 steps). Measured by the AOT compile: 64x128x64
+    with 4 warps spills 40 B on sm_80 (255 registers, the decompress keeps two value tiles and
+    the metadata live), so that tile takes 8 warps."""
     return [
         _config(4, 4, BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, GROUP_M=8),
-        _config(4, 4, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
+        _config(8, 4, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
         _config(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
     ]
 
