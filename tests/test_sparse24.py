@@ -224,7 +224,7 @@ def test_matches_exact(M, N, K):
 @pytest.mark.parametrize("values_dtype", VALUE_DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("bias_dtype", [None, torch.bfloat16], ids=dtype_id)
 def test_dtypes_and_bias(M, x_dtype, values_dtype, bias_dtype):
-    N, K = 37, 1000
+    N, K = 37, 300
     W = make_weight(N, K, values_dtype)
     bias = None if bias_dtype is None else torch.randn(N).to(bias_dtype)
     check_against_exact(torch.randn(M, K).to(x_dtype), W, bias)
