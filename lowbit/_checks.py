@@ -307,3 +307,80 @@ def binary_quantize(op, x):
     tensor(op, "x", x, dtypes=FLOAT_DTYPES, dim=2)
     nonempty(op, "x", x)
     return x.shape[0], _cdiv(x.shape[1], BINARY_WORD_BITS)
+
+
+# --------------------------------------------------------------------------- SPARSE24
+# Format: lowbit/formats/sparse24.py (values [N, Kp/2], meta uint8 [N, Kp/8], Kp = ceil(K/16)*16).
+SPARSE24_K_ALIGN = 16
+SPARSE24_VALUE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.int8)
+#: the 6 valid metadata nibbles (two 2-bit column indices, strictly increasing)
+SPARSE24_VALID_NIBBLES = (0x4, 0x8, 0x9, 0xC, 0xD, 0xE)
+
+
+def _is_fake(t: torch.Tensor) -> bool:
+    from torch._subclasses.fake_tensor import is_fake
+
+    return t.device.type == "meta" or is_fake(t)
+
+
+def sparse24_meta_data(op, meta):
+    """Data check: every nibble names two distinct columns in increasing order (skipped for fake tensors)."""
+    if _is_fake(meta):
+        return
+    table = torch.zeros(16, dtype=torch.bool, device=meta.device)
+    table[list(SPARSE24_VALID_NIBBLES)] = True
+    m = meta.to(torch.int64)
+    ok = table[m & 0xF] & table[m >> 4]
+    if bool(ok.all()):
+        return
+    r, b = (int(v) for v in (~ok).nonzero()[0])
+    fail(op, f"meta[{r}, {b}]=0x{int(meta[r, b]):02x} holds a group whose two 2-bit column indices are not "
+             f"strictly increasing (valid nibbles: 0x4, 0x8, 0x9, 0xc, 0xd, 0xe)")
+
+
+def _sparse24_weight(op, K, values, meta, ref, ref_name):
+    tensor(op, "values", values, dtypes=SPARSE24_VALUE_DTYPES, dim=2)
+    tensor(op, "meta", meta, dtypes=(torch.uint8,), dim=2)
+    same_device(op, **{ref_name: ref, "values": values, "meta": meta})
+    nonempty(op, "values", values)
+    N = values.shape[0]
+    Kp = _cdiv(K, SPARSE24_K_ALIGN) * SPARSE24_K_ALIGN
+    if values.shape[1] != Kp // 2:
+        fail(op, f"values must have shape [N, ceil(K/16)*8]=[{N}, {Kp // 2}] for K={K}, got {_shape(values)}")
+    if _shape(meta) != [N, Kp // 8]:
+        fail(op, f"meta must have shape [N, ceil(K/16)*2]=[{N}, {Kp // 8}] for K={K}, got {_shape(meta)}")
+    return N
+
+
+def sparse24_mm(op, x, values, meta, scale=None, bias=None):
+    tensor(op, "x", x, dtypes=FLOAT_DTYPES, dim=2)
+    nonempty(op, "x", x)
+    N = _sparse24_weight(op, x.shape[1], values, meta, x, "x")
+    if scale is None:
+        if values.dtype == torch.int8:
+            fail(op, "scale (float32 [N]) is required when values are int8")
+    else:
+        tensor(op, "scale", scale, dtypes=(torch.float32,), dim=1)
+        if scale.shape[0] != N:
+            fail(op, f"scale must have shape [N]=[{N}], got {_shape(scale)}")
+        same_device(op, x=x, scale=scale)
+    bias_arg(op, bias, N, x, "x")
+    sparse24_meta_data(op, meta)
+    return x.shape[0], N
+
+
+def sparse24_int8_scaled_mm(op, a, values, meta, scale_a, scale_b, bias=None, out_dtype=None):
+    tensor(op, "a", a, dtypes=(torch.int8,), dim=2)
+    nonempty(op, "a", a)
+    N = _sparse24_weight(op, a.shape[1], values, meta, a, "a")
+    if values.dtype != torch.int8:
+        fail(op, f"values must have dtype int8, got {str(values.dtype).replace('torch.', '')}")
+    int8_k(op, a.shape[1])
+    M = a.shape[0]
+    scale_vector(op, "scale_a", scale_a, M, "M")
+    scale_vector(op, "scale_b", scale_b, N, "N")
+    same_device(op, a=a, scale_a=scale_a, scale_b=scale_b)
+    bias_arg(op, bias, N, a, "a")
+    out_dtype = out_dtype_arg(op, out_dtype)
+    sparse24_meta_data(op, meta)
+    return M, N, out_dtype

@@ -158,3 +158,21 @@ def _binary_scaled_mm_fake(a, b, K, scale_a, scale_b, bias=None, out_dtype=None)
 def op_names() -> list[str]:
     """The public ops, in registration order."""
     return list(SCHEMAS)
+
+
+# --------------------------------------------------------------------------- SPARSE24
+@_define("sparse24_mm", "(Tensor x, Tensor values, Tensor meta, Tensor? scale=None, Tensor? bias=None) -> Tensor")
+def _sparse24_mm_fake(x, values, meta, scale=None, bias=None):
+    M, N = _checks.sparse24_mm("sparse24_mm", x, values, meta, scale, bias)
+    return x.new_empty((M, N), dtype=x.dtype)
+
+
+@_define(
+    "sparse24_int8_scaled_mm",
+    "(Tensor a, Tensor values, Tensor meta, Tensor scale_a, Tensor scale_b, Tensor? bias=None, "
+    "ScalarType? out_dtype=None) -> Tensor",
+)
+def _sparse24_int8_scaled_mm_fake(a, values, meta, scale_a, scale_b, bias=None, out_dtype=None):
+    M, N, out_dtype = _checks.sparse24_int8_scaled_mm("sparse24_int8_scaled_mm", a, values, meta, scale_a, scale_b,
+                                                      bias, out_dtype)
+    return a.new_empty((M, N), dtype=out_dtype)

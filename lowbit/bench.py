@@ -496,10 +496,71 @@ def _fp8_candidates() -> list[Candidate]:
     ]
 
 
+# ---- sparse24
+def _sparse24_weight(inp: Inputs, values_dtype: torch.dtype):
+    from lowbit.formats import sparse24 as fmt
+    from lowbit.quant.nm_prune import nm_prune_mask
+    mask = inp.get("s24mask", lambda: nm_prune_mask(inp.w, 2, 4))
+    return inp.get(f"s24{values_dtype}", lambda: fmt.from_dense(inp.w, mask, values_dtype))
+
+
+def _sparse24_candidates() -> list[Candidate]:
+    """2:4 sparse (half the weights pruned by magnitude, compressed). Their rel_err against the
+    dense F.linear includes the pruning itself (~0.5 on Gaussian weights): these rows measure
+    speed, tests/test_sparse24.py measures correctness against the pruned weight."""
+    t_f32 = lambda s: gemm_traffic(s, weight_bits=32, act_bytes=4, out_bytes=4)  # noqa: E731
+    t_bf16 = lambda s: gemm_traffic(s, weight_bits=16, act_bytes=2, out_bytes=2)  # noqa: E731
+    # kept values: half the weights at `bits`, plus 1 bit of metadata per weight
+    t_s24 = lambda bits, act_bytes, scale_bytes=0: (lambda s: gemm_traffic(  # noqa: E731
+        s, weight_bits=bits / 2 + 1, act_bytes=act_bytes, out_bytes=act_bytes if act_bytes > 1 else 4,
+        scale_bytes=scale_bytes))
+
+    def lb_float(values_dtype):
+        def build(inp):
+            W = _sparse24_weight(inp, values_dtype)
+            x = inp.x if values_dtype == torch.float32 else _bf16(inp, "x16", lambda: inp.x)
+            return lambda: _lowbit_ops().sparse24_mm(x, W.values, W.meta)
+        return build
+
+    def lb_int8(inp):
+        W = _sparse24_weight(inp, torch.int8)
+        ops = _lowbit_ops()
+
+        def run():
+            q, s = ops.int8_quantize_dynamic(inp.x, True)
+            return ops.sparse24_int8_scaled_mm(q, W.values, W.meta, s, W.scale)
+        return run
+
+    def torch_semi_structured(inp):
+        from lowbit.formats import sparse24 as fmt
+        ok, why = fmt.semi_structured_available()
+        _need(ok and inp.device.type == "cuda", why or "to_sparse_semi_structured needs a CUDA GPU")
+        dense = _sparse24_weight(inp, torch.bfloat16)
+        w = inp.get("s24torch", lambda: torch.sparse.to_sparse_semi_structured(
+            fmt.dense_weight(dense, torch.bfloat16)))
+        x = _bf16(inp, "x16", lambda: inp.x)
+        return lambda: F.linear(x, w)
+
+    C = Candidate
+    return [
+        C("fp32 F.linear", "sparse24", "baseline", "float32", "float", "float", fp32_linear, t_f32, ("cpu",)),
+        C("bf16 F.linear", "sparse24", "baseline", "bfloat16", "float", "float", bf16_linear, t_bf16),
+        C("torch to_sparse_semi_structured", "sparse24", "baseline", "bfloat16", "float", "float",
+          torch_semi_structured, t_s24(16, 2), ("cuda",)),
+        C("sparse24_mm fp32 values", "sparse24", "lowbit", "float32", "float", "float", lb_float(torch.float32),
+          t_s24(32, 4)),
+        C("sparse24_mm bf16 values", "sparse24", "lowbit", "bfloat16", "float", "float", lb_float(torch.bfloat16),
+          t_s24(16, 2)),
+        C("sparse24_int8_scaled_mm (W8A8)", "sparse24", "lowbit", "float32", "int8", "float", lb_int8,
+          t_s24(8, 4, 4)),
+    ]
+
+
 FAMILIES: dict[str, Callable[[], list[Candidate]]] = {
     "int8": _int8_candidates,
     "int4": _int4_candidates,
     "fp8": _fp8_candidates,
+    "sparse24": _sparse24_candidates,
 }
 
 

@@ -122,7 +122,29 @@ class BinaryConfig(Config):
         return {names[0], names[-1]} if names else set()
 
 
-_CONFIG_TYPES: dict[str, type[Config]] = {c.__name__: c for c in (Int8Config, Int4Config, FP8Config)}
+
+# ---- sparse24
+@dataclass(frozen=True)
+class Sparse24Config(Config):
+    """2:4 structured sparsity (:mod:`lowbit.formats.sparse24`): magnitude N:M pruning along K,
+    compressed values + 2-bit metadata, sparse kernels.
+
+    ``values_dtype``: None = the layer's dtype (float activations, :func:`lowbit.ops.sparse24_mm`);
+    ``"int8"`` = 2:4 + INT8, W8A8 with per-token activations and exact int32 accumulation
+    (:func:`lowbit.ops.sparse24_int8_scaled_mm`); or ``"float16"``/``"bfloat16"``/``"float32"``.
+    ``n``/``m``: kept per group (n <= 2 of m = 4: the kernels' 2:4 pattern; 1:4 is stored as 2:4).
+    Calibration-based pruning and least-squares recovery need activations: use
+    :meth:`lowbit.nn.Sparse24Linear.from_float` per layer.
+    """
+
+    VERSION: ClassVar[int] = 1
+    values_dtype: str | None = None
+    n: int = 2
+    m: int = 4
+
+
+_CONFIG_TYPES: dict[str, type[Config]] = {c.__name__: c for c in (Int8Config, Int4Config, FP8Config,
+                                                                  Sparse24Config)}
 _CONFIG_TYPES[BinaryConfig.__name__] = BinaryConfig
 
 Handler = Callable[[nn.Linear, Config], nn.Module]
@@ -182,6 +204,9 @@ PRESETS: dict[str, Config] = {
     "fp8-e5m2": FP8Config(format="e5m2", granularity="row"),
     "fp8-block": FP8Config(format="e4m3", granularity="block"),
     "fp8-weight": FP8Config(format="e4m3", granularity="row", weight_only=True),
+    # ---- sparse24
+    "sparse24": Sparse24Config(),
+    "sparse24-int8": Sparse24Config(values_dtype="int8"),
 }
 # ---- binary
 PRESETS["binary"] = BinaryConfig()

@@ -117,6 +117,13 @@ KERNEL_OPS: tuple[tuple[str, str], ...] = (
     ("fp8_gemv", "fp8_scaled_mm, fp8_weight_only_mm"),
     ("fp8_mm_wmma", "fp8_scaled_mm, fp8_weight_only_mm"),
     ("fp8_wo_", "fp8_weight_only_mm"),
+    # ---- sparse24 (before the generic CUTLASS entries, which would claim its SparseGemm)
+    ("SparseGemm", "sparse24_mm, sparse24_int8_scaled_mm"),
+    ("sparse24_simt_float", "sparse24_mm"),
+    ("sparse24_float_epilogue", "sparse24_mm"),
+    ("sparse24_simt_int8", "sparse24_int8_scaled_mm"),
+    ("sparse24_int8_epilogue", "sparse24_int8_scaled_mm"),
+    ("sparse24_", "sparse24_mm, sparse24_int8_scaled_mm"),
     ("cutlass::Kernel", "int8_mm, int8_scaled_mm"),
     ("_ZN7cutlass6Kernel", "int8_mm, int8_scaled_mm"),  # when c++filt gives up on a long name
 )

@@ -168,3 +168,34 @@ def binary_scaled_mm(
     """
     return _lowbit.binary_scaled_mm(a, b, K, scale_a, scale_b, bias, out_dtype)
 
+
+
+# --------------------------------------------------------------------------- SPARSE24
+def sparse24_mm(
+    x: torch.Tensor,
+    values: torch.Tensor,
+    meta: torch.Tensor,
+    scale: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """2:4-sparse GEMM: ``(x @ W.T) * scale + bias`` with W the dense form of (`values`, `meta`).
+
+    `values` [N, ceil(K/16)*8] float32/float16/bfloat16, or int8 with the float32 per-channel
+    `scale` [N] required; `meta` uint8 [N, ceil(K/16)*2] (lowbit/formats/sparse24.py); `x` float
+    [M, K]. Accumulation float32; output in `x.dtype`.
+    """
+    return _lowbit.sparse24_mm(x, values, meta, scale, bias)
+
+
+def sparse24_int8_scaled_mm(
+    a: torch.Tensor,
+    values: torch.Tensor,
+    meta: torch.Tensor,
+    scale_a: torch.Tensor,
+    scale_b: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """2:4 + INT8 (W8A8): exact int32 ``a @ W.T`` for int8 `a` [M, K] and int8 2:4 `values`, then
+    ``* scale_a[:, None] * scale_b[None, :] + bias`` in the epilogue (as :func:`int8_scaled_mm`)."""
+    return _lowbit.sparse24_int8_scaled_mm(a, values, meta, scale_a, scale_b, bias, out_dtype)

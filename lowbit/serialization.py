@@ -45,6 +45,8 @@ from .nn.int8 import Int8Linear, Int8WeightOnlyLinear
 # ---- binary
 from .formats import binary as binary_fmt
 from .nn.binary import BinaryLinear
+from .formats import sparse24 as sparse24_fmt  # ---- sparse24
+from .nn.sparse24 import Sparse24Linear
 
 FORMAT = "lowbit"
 FORMAT_VERSION = 1
@@ -59,7 +61,7 @@ _TENSOR_DTYPES = {**_FLOAT_DTYPES, "int8": torch.int8, "uint8": torch.uint8,
                   "float8_e4m3fn": torch.float8_e4m3fn, "float8_e5m2": torch.float8_e5m2}
 
 _CLASSES: dict[str, type[QuantizedLinear]] = {
-    c.__name__: c for c in (Int8Linear, Int8WeightOnlyLinear, Int4Linear, FP8Linear)}
+    c.__name__: c for c in (Int8Linear, Int8WeightOnlyLinear, Int4Linear, FP8Linear, Sparse24Linear)}
 # ---- binary
 _TENSOR_DTYPES["int32"] = torch.int32
 _CLASSES[BinaryLinear.__name__] = BinaryLinear
@@ -81,6 +83,8 @@ def _module_args(m: QuantizedLinear) -> dict:
         args.update(activation=m.activation)
     elif isinstance(m, BinaryLinear):
         args.update(binary_activations=m.binary_activations)
+    elif isinstance(m, Sparse24Linear):  # ---- sparse24
+        args.update(values_dtype=_dtype_name(m.values_dtype))
     return args
 
 
@@ -247,6 +251,12 @@ def _parse_args(where: _Where, cls: type[QuantizedLinear], args: dict) -> dict:
     elif cls is BinaryLinear:
         out["binary_activations"] = where.field(args, "binary_activations", bool, what)
         keys += ["binary_activations"]
+    elif cls is Sparse24Linear:  # ---- sparse24
+        out["values_dtype"] = _TENSOR_DTYPES[where.choice(args, "values_dtype", ("float32", "float16", "bfloat16",
+                                                                                 "int8"), what)]
+        keys += ["values_dtype"]
+        if out["values_dtype"] == torch.int8 and out["in_features"] > _checks.INT8_MAX_K:
+            where.fail(f"in_features={out['in_features']} exceeds {_checks.INT8_MAX_K} for int8 values")
     where.no_extra(args, keys, what)
     return out
 
@@ -331,6 +341,12 @@ def _check_values(where: _Where, m: QuantizedLinear, t: dict[str, torch.Tensor])
         elif isinstance(m, BinaryLinear):
             binary_fmt.validate(t["packed"], t["scale"], m.in_features)
             _finite(where, "scale", t["scale"])
+        elif isinstance(m, Sparse24Linear):  # ---- sparse24: shapes, dtypes and every metadata nibble
+            sparse24_fmt.validate(t["values"], t["meta"], m.in_features, t.get("scale"))
+            if t["values"].dtype != torch.int8:
+                _finite(where, "values", t["values"])
+            else:
+                _finite(where, "scale", t["scale"])
     except ValueError as e:
         if str(e).startswith("lowbit.load:"):
             raise

@@ -48,6 +48,10 @@ INT8_KERNELS = [
 INT4_KERNELS = ["int4_wo_gemv_kernel", "int4_wo_mma_kernel", "int4_wo_simt_f32_kernel"]
 FP8_KERNELS = ["fp8_quantize_groups_kernel", "fp8_quantize_flat_kernel", "fp8_amax_kernel", "fp8_gemv_kernel",
                "fp8_mm_wmma_kernel", "fp8_wo_simt_f32_kernel"]
+# ---- sparse24
+SPARSE24_KERNELS = ["sparse24_reorder_meta_kernel", "sparse24_meta_valid_kernel", "sparse24_simt_float_kernel",
+                    "sparse24_simt_int8_kernel", "sparse24_float_epilogue_kernel", "sparse24_int8_epilogue_kernel",
+                    "10SparseGemm"]
 
 
 def expected_archs() -> list[str]:
@@ -77,7 +81,7 @@ def test_every_built_arch_has_sass(resources):
 
 
 @needs_cuda_build
-@pytest.mark.parametrize("family", INT8_KERNELS + INT4_KERNELS + FP8_KERNELS)
+@pytest.mark.parametrize("family", INT8_KERNELS + INT4_KERNELS + FP8_KERNELS + SPARSE24_KERNELS)
 def test_every_kernel_present_for_every_arch(resources, family):
     for arch in expected_archs():
         names = [r["kernel"] for r in resources if r["arch"] == arch]
@@ -141,6 +145,8 @@ SASS_EXPECTED = {
     "int4_wo_gemv_kernel": ["LDG.E.128"],
     "fp8_mm_wmma_kernel": ["HMMA"],
     "fp8_gemv_kernel": ["LDG.E"],
+    # ---- sparse24: CUTLASS SparseGemm runs the sparse tensor-core MMA (mma.sp)
+    "10SparseGemm": [".SP"],
 }
 
 

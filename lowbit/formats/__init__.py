@@ -13,3 +13,5 @@ from .int4 import Int4Weight  # noqa: F401
 from .fp8 import Fp8Weight  # noqa: F401
 from . import binary  # noqa: F401,E402
 from .binary import BinaryWeight  # noqa: F401,E402
+from . import sparse24  # noqa: F401
+from .sparse24 import Sparse24Weight  # noqa: F401

@@ -7,3 +7,4 @@ quantization that the int8 and int4 formats and the PTQ tools build on.
 from __future__ import annotations
 
 from . import affine  # noqa: F401
+from . import nm_prune  # noqa: F401

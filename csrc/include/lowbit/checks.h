@@ -407,3 +407,101 @@ inline void check_binary_quantize(const char* op, const at::Tensor& x) {
 }
 
 }  // namespace lowbit
+
+// ---------------------------------------------------------------------------- SPARSE24
+// Format: lowbit/formats/sparse24.py (values [N, Kp/2], meta uint8 [N, Kp/8], Kp = ceil(K/16)*16).
+// Messages mirror lowbit/_checks.py (sparse24_*).
+#include <cstdio>
+
+namespace lowbit {
+
+inline int64_t sparse24_padded_k(int64_t K) { return (K + 15) / 16 * 16; }
+
+inline bool sparse24_nibble_ok(uint32_t v) { return (v & 3u) < ((v >> 2) & 3u); }
+
+// Data check: every nibble names two distinct columns in increasing order. The first bad byte
+// in row-major order is reported, as in Python. meta must be contiguous.
+inline void check_sparse24_meta_data(const char* op, const at::Tensor& meta) {
+  if (meta.device().is_meta()) return;
+  const uint8_t* p = meta.const_data_ptr<uint8_t>();
+  const int64_t n = meta.numel(), cols = meta.size(1);
+  bool table[256];
+  for (int v = 0; v < 256; ++v) table[v] = sparse24_nibble_ok(v & 0xF) && sparse24_nibble_ok(v >> 4);
+  bool all_ok = true;
+  for (int64_t i = 0; i < n; ++i) all_ok &= table[p[i]];
+  if (all_ok) return;
+  for (int64_t i = 0; i < n; ++i) {
+    if (table[p[i]]) continue;
+    char hex[8];
+    std::snprintf(hex, sizeof hex, "0x%02x", p[i]);
+    LOWBIT_FAIL(op, "meta[", i / cols, ", ", i % cols, "]=", hex, " holds a group whose two 2-bit column indices "
+                "are not strictly increasing (valid nibbles: 0x4, 0x8, 0x9, 0xc, 0xd, 0xe)");
+  }
+}
+
+inline int64_t check_sparse24_weight(const char* op, int64_t K, const at::Tensor& values, const at::Tensor& meta,
+                                     const at::Tensor& ref, const char* ref_name) {
+  const auto vt = values.scalar_type();
+  if (!is_float_dtype(vt) && vt != c10::ScalarType::Char)
+    LOWBIT_FAIL(op, "values must have dtype float32, float16, bfloat16, int8, got ", dtype_name(vt));
+  check_dim(op, "values", values, 2);
+  check_dtype(op, "meta", meta, c10::ScalarType::Byte);
+  check_dim(op, "meta", meta, 2);
+  check_same_device(op, "values", values, ref_name, ref);
+  check_same_device(op, "meta", meta, ref_name, ref);
+  check_nonempty(op, "values", values);
+  const int64_t N = values.size(0), Kp = sparse24_padded_k(K);
+  if (values.size(1) != Kp / 2)
+    LOWBIT_FAIL(op, "values must have shape [N, ceil(K/16)*8]=[", N, ", ", Kp / 2, "] for K=", K, ", got ",
+                shape_str(values));
+  if (meta.size(0) != N || meta.size(1) != Kp / 8)
+    LOWBIT_FAIL(op, "meta must have shape [N, ceil(K/16)*2]=[", N, ", ", Kp / 8, "] for K=", K, ", got ",
+                shape_str(meta));
+  return N;
+}
+
+// meta_c: the contiguous meta the kernel will read, checked for data here unless it is nullptr
+// (a caller with a faster scan runs check_sparse24_meta_data itself when that scan fails).
+inline void check_sparse24_mm(const char* op, const at::Tensor& x, const at::Tensor& values, const at::Tensor& meta,
+                              const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& bias,
+                              const at::Tensor* meta_c) {
+  check_float_dtype(op, "x", x);
+  check_dim(op, "x", x, 2);
+  check_nonempty(op, "x", x);
+  const int64_t N = check_sparse24_weight(op, x.size(1), values, meta, x, "x");
+  if (!scale.has_value()) {
+    if (values.scalar_type() == c10::ScalarType::Char)
+      LOWBIT_FAIL(op, "scale (float32 [N]) is required when values are int8");
+  } else {
+    check_dtype(op, "scale", *scale, c10::ScalarType::Float);
+    check_dim(op, "scale", *scale, 1);
+    if (scale->size(0) != N) LOWBIT_FAIL(op, "scale must have shape [N]=[", N, "], got ", shape_str(*scale));
+    check_same_device(op, "scale", *scale, "x", x);
+  }
+  check_bias(op, bias, N, "x", x);
+  if (meta_c) check_sparse24_meta_data(op, *meta_c);
+}
+
+inline c10::ScalarType check_sparse24_int8_scaled_mm(const char* op, const at::Tensor& a, const at::Tensor& values,
+                                                     const at::Tensor& meta, const at::Tensor& scale_a,
+                                                     const at::Tensor& scale_b, const std::optional<at::Tensor>& bias,
+                                                     std::optional<c10::ScalarType> out_dtype,
+                                                     const at::Tensor* meta_c) {
+  check_dtype(op, "a", a, c10::ScalarType::Char);
+  check_dim(op, "a", a, 2);
+  check_nonempty(op, "a", a);
+  const int64_t N = check_sparse24_weight(op, a.size(1), values, meta, a, "a");
+  check_dtype(op, "values", values, c10::ScalarType::Char);
+  if (a.size(1) > kInt8MaxK)
+    LOWBIT_FAIL(op, "K=", a.size(1), " exceeds ", kInt8MaxK, ", beyond which int32 accumulation could overflow");
+  check_scale_vector(op, "scale_a", scale_a, a.size(0), "M");
+  check_scale_vector(op, "scale_b", scale_b, N, "N");
+  check_same_device(op, "scale_a", scale_a, "a", a);
+  check_same_device(op, "scale_b", scale_b, "a", a);
+  check_bias(op, bias, N, "a", a);
+  const c10::ScalarType out = check_out_dtype(op, out_dtype);
+  if (meta_c) check_sparse24_meta_data(op, *meta_c);
+  return out;
+}
+
+}  // namespace lowbit

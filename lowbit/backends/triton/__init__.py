@@ -11,10 +11,11 @@ from __future__ import annotations
 import torch
 
 from . import fp8, int4, int8
+from . import sparse24
 
 KERNELS = {}
 MIN_CAPABILITY = {}
-for _module in (int8, int4, fp8):
+for _module in (int8, int4, fp8, sparse24):
     KERNELS.update(_module.KERNELS)
     MIN_CAPABILITY.update(getattr(_module, "MIN_CAPABILITY", {}))
 # ---- binary

@@ -43,6 +43,7 @@ import triton
 from . import int8
 from . import int4
 from . import fp8
+from . import sparse24
 
 TARGETS = (80, 89, 90)
 
@@ -386,6 +387,51 @@ def _binary_entries():
 
 AOT_KERNELS += _binary_entries()
 DEVICE_FUNCTIONS += [binary._popcount32, binary._real_bits]
+
+
+# ============================================================================ SPARSE24
+# As the JIT specialises launches from lowbit.backends.triton.sparse24: x (or a) is handed over
+# as for the INT8 GEMMs (K-contiguous, aligned, K padded to 16); values and meta are contiguous
+# rows (their lengths Kp/2 and Kp/8 are multiples of 8 and 2, so only the values' row stride
+# is aligned for 16-bit and wider values); scales and bias are vectors of stride 1. Variants
+# cover each x dtype, float/int8 values (weight-only scale), the int8 W8A8 dot and its
+# out dtypes, bias or not, odd N.
+def _sparse24_entries():
+    entries = []
+
+    def add(name, fn, x_ty, v_ty, c_ty, *, scale, bias, int8_dot, odd_n, configs):
+        unit = ("stride_xk", "stride_vk", "stride_mk", "stride_cn")
+        unit += ("stride_s",) if (scale or int8_dot) else ()
+        unit += ("stride_sa",) if int8_dot else ()
+        unit += ("stride_bias",) if bias else ()
+        aligned = ("x_ptr", "v_ptr", "meta_ptr", "c_ptr", "K", "KP", "stride_xm")
+        aligned += ("stride_vn",) if v_ty in ("*fp32", "*fp16", "*bf16") else ()
+        if not odd_n:
+            aligned += ("N", "stride_cm")
+        sig, ones, al = _spec(fn, {"x_ptr": x_ty, "v_ptr": v_ty, "meta_ptr": "*u8", "c_ptr": c_ty,
+                                   "scale_ptr": "*fp32", "scale_a_ptr": "*fp32", "bias_ptr": "*fp32"},
+                              unit=unit, aligned=aligned)
+        meta = {**ones, "HAS_SCALE": scale, "HAS_BIAS": bias, "IEEE": x_ty == "*fp32" and not int8_dot,
+                "INT8_DOT": int8_dot}
+        entries.append(AotKernel(name, fn, sig, meta, _configs(configs), aligned=al, gemm=True,
+                                 tensor_cores=x_ty != "*fp32"))
+
+    add("sparse24_mm[fp16,values=fp16]", sparse24._sparse24_mm_tc, "*fp16", "*fp16", "*fp16", scale=False,
+        bias=True, int8_dot=False, odd_n=False, configs=sparse24.float_configs)
+    add("sparse24_mm[bf16,values=bf16][odd-N]", sparse24._sparse24_mm_tc, "*bf16", "*bf16", "*bf16", scale=False,
+        bias=False, int8_dot=False, odd_n=True, configs=sparse24.float_configs)
+    add("sparse24_mm[bf16,values=int8,scale]", sparse24._sparse24_mm_tc, "*bf16", "*i8", "*bf16", scale=True,
+        bias=True, int8_dot=False, odd_n=False, configs=sparse24.float_configs)
+    add("sparse24_mm[fp32,values=fp32][odd-N]", sparse24._sparse24_mm_fp32, "*fp32", "*fp32", "*fp32", scale=False,
+        bias=True, int8_dot=False, odd_n=True, configs=sparse24.fp32_configs)
+    add("sparse24_int8_scaled_mm[out=fp32]", sparse24._sparse24_mm_int8, "*i8", "*i8", "*fp32", scale=False,
+        bias=True, int8_dot=True, odd_n=False, configs=sparse24.int8_configs)
+    add("sparse24_int8_scaled_mm[out=bf16][odd-N]", sparse24._sparse24_mm_int8, "*i8", "*i8", "*bf16", scale=False,
+        bias=False, int8_dot=True, odd_n=True, configs=sparse24.int8_configs)
+    return entries
+
+
+AOT_KERNELS += _sparse24_entries()
 
 
 # ============================================================================ completeness

@@ -1,0 +1,541 @@
+// SPARSE24 family, CPU kernels: dense activations times a compressed 2:4 weight (format:
+// lowbit/formats/sparse24.py, spec: lowbit/backends/reference/sparse24.py).
+//
+// The weight is never decompressed: each kept value is multiplied by the activation its
+// metadata names, gathered in registers, so the kernel streams half the values of the dense
+// weight plus 1 bit of metadata per weight, and does half the multiply-adds.
+//
+// Float values (sparse24_mm). x is copied once per call into fp32 with the middle two column
+// quads of every 16 swapped: A = columns 0-3 | 8-11, B = 4-7 | 12-15. A vector of 8 kept values
+// (groups 0, 1 | 2, 3) then finds its activations with two in-lane vpermilps (A for the even
+// group of each 128-bit half, B for the odd one) and one blend, and vpermilps reads only the
+// low 2 bits of each index lane: the 16-bit metadata word shifted by 2j is the index of value j,
+// no mask and no table. Accumulation fp32, scale and bias in the epilogue.
+//
+// int8 values and int8 activations (sparse24_int8_scaled_mm). 32 kept values (64 columns) per
+// step: pdep spreads their 2-bit indices into bytes, two vpshufb and a blend gather the
+// activations (x stored with the middle 16-column quarters of every 64 swapped), and
+// vpmaddubsw(|x|, sign(x) * w) + vpmaddwd accumulate in int32: exact (a tile holding the value
+// -128, which sign() cannot negate, is recomputed in scalar).
+//
+// Parallel over output channels in blocks of 16, one at::parallel_for per call; for large M the
+// K range is split into chunks so a block's values stay in L1/L2 while every row of x passes.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <optional>
+
+#include "lowbit/checks.h"
+#include "lowbit/cpu/isa.h"
+#include "lowbit/cpu/vec_avx2.h"
+#include "lowbit/sparse24_layout.h"
+
+namespace lowbit {
+namespace {
+
+namespace L = ::lowbit::sparse24_layout;
+
+constexpr int64_t kRowBlock = 16;   // output channels per work item
+constexpr int64_t kSmallM = 4;      // up to here, one pass over K per row block
+
+enum class ValueKind { kFloat, kHalf, kBFloat16, kInt8 };
+
+ValueKind value_kind(c10::ScalarType t) {
+  switch (t) {
+    case c10::ScalarType::Half: return ValueKind::kHalf;
+    case c10::ScalarType::BFloat16: return ValueKind::kBFloat16;
+    case c10::ScalarType::Char: return ValueKind::kInt8;
+    default: return ValueKind::kFloat;
+  }
+}
+
+struct FloatProblem {
+  int64_t M, N, K, Kp;
+  const void* values;     // [N, Kp/2]
+  ValueKind kind;
+  const uint8_t* meta;    // [N, Kp/8]
+  const float* scale;     // [N] or nullptr
+  const float* bias;      // [N] fp32 or nullptr
+  const float* x;         // [M, Kp] fp32, zero-padded, quads permuted when `permuted`
+  float* partial;         // [M, N] sums over earlier K chunks (large M) or nullptr
+  void* out;              // [M, N] in out_type
+  c10::ScalarType out_type;
+};
+
+struct Int8Problem {
+  int64_t M, N, K, Kp, Kx;  // Kx: row stride of x (Kp rounded up to 64)
+  const int8_t* values;     // [N, Kp/2]
+  const uint8_t* meta;      // [N, Kp/8]
+  const int8_t* x;          // [M, Kx], zero-padded, columns in order (the scalar path)
+  const float* scale_a;     // [M] or [1]
+  bool scale_a_scalar;
+  const float* scale_b;     // [N] or [1]
+  bool scale_b_scalar;
+  const float* bias;        // [N] fp32 or nullptr
+  void* out;
+  c10::ScalarType out_type;
+};
+
+// Final rounding to the output dtype, inside the parallel region. Defined outside the AVX2
+// target so out-of-line copies of c10's conversions stay portable.
+inline void store_out(void* out, c10::ScalarType t, int64_t i, float v) {
+  switch (t) {
+    case c10::ScalarType::Half: static_cast<c10::Half*>(out)[i] = c10::Half(v); break;
+    case c10::ScalarType::BFloat16: static_cast<c10::BFloat16*>(out)[i] = c10::BFloat16(v); break;
+    default: static_cast<float*>(out)[i] = v; break;
+  }
+}
+
+// (acc * scale + bias), rounded op by op like the reference.
+inline void float_epilogue(const FloatProblem& p, int64_t m, int64_t n, float v) {
+  if (p.scale) {
+    v = v * p.scale[n];
+    cpu::fp_barrier(v);
+  }
+  if (p.bias) v = v + p.bias[n];
+  store_out(p.out, p.out_type, m * p.N + n, v);
+}
+
+// float(acc) * scale_a * scale_b + bias, each step rounded, as in int8_scaled_mm's reference.
+inline void int8_epilogue(const Int8Problem& p, int64_t m, int64_t n, int32_t acc) {
+  float v = static_cast<float>(acc) * p.scale_a[p.scale_a_scalar ? 0 : m];
+  cpu::fp_barrier(v);
+  v = v * p.scale_b[p.scale_b_scalar ? 0 : n];
+  cpu::fp_barrier(v);
+  if (p.bias) v = v + p.bias[n];
+  store_out(p.out, p.out_type, m * p.N + n, v);
+}
+
+float value_at(const FloatProblem& p, int64_t i) {
+  switch (p.kind) {
+    case ValueKind::kHalf: return static_cast<float>(static_cast<const c10::Half*>(p.values)[i]);
+    case ValueKind::kBFloat16: return static_cast<float>(static_cast<const c10::BFloat16*>(p.values)[i]);
+    case ValueKind::kInt8: return static_cast<float>(static_cast<const int8_t*>(p.values)[i]);
+    default: return static_cast<const float*>(p.values)[i];
+  }
+}
+
+// Position of column c (0..15) of a 16-column block in the permuted x (middle quads swapped).
+inline int64_t permuted_pos(int64_t c) {
+  const int64_t q = c / 4;
+  return (q == 1 ? 2 : q == 2 ? 1 : q) * 4 + c % 4;
+}
+
+// ----------------------------------------------------------------------------- portable path
+void float_scalar(const FloatProblem& p) {
+  const int64_t half = p.Kp / 2;
+  at::parallel_for(0, p.N, kRowBlock, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      const uint8_t* meta = p.meta + n * (p.Kp / 8);
+      for (int64_t m = 0; m < p.M; ++m) {
+        const float* x = p.x + m * p.Kp;
+        float acc = 0.0f;
+        for (int64_t j = 0; j < half; ++j) acc += value_at(p, n * half + j) * x[L::kept_column(meta, j)];
+        float_epilogue(p, m, n, acc);
+      }
+    }
+  });
+}
+
+int32_t int8_dot_scalar(const Int8Problem& p, int64_t m, int64_t n, int64_t j0, int64_t j1) {
+  const uint8_t* meta = p.meta + n * (p.Kp / 8);
+  const int8_t* v = p.values + n * (p.Kp / 2);
+  const int8_t* x = p.x + m * p.Kx;
+  int32_t acc = 0;
+  for (int64_t j = j0; j < j1; ++j) acc += int32_t(v[j]) * int32_t(x[L::kept_column(meta, j)]);
+  return acc;
+}
+
+void int8_scalar(const Int8Problem& p) {
+  at::parallel_for(0, p.N, kRowBlock, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n)
+      for (int64_t m = 0; m < p.M; ++m) int8_epilogue(p, m, n, int8_dot_scalar(p, m, n, 0, p.Kp / 2));
+  });
+}
+
+// ----------------------------------------------------------------------------- AVX2 path
+#if LOWBIT_HAVE_AVX2_KERNELS
+#define S24_AVX2 __attribute__((target("avx2,fma,f16c,bmi2")))
+#define S24_AVX2_INLINE S24_AVX2 inline __attribute__((always_inline))
+
+S24_AVX2_INLINE __m256 load_values8(const float* p) { return _mm256_loadu_ps(p); }
+S24_AVX2_INLINE __m256 load_values8(const c10::Half* p) { return cpu::avx2::load8(p); }
+S24_AVX2_INLINE __m256 load_values8(const c10::BFloat16* p) { return cpu::avx2::load8(p); }
+S24_AVX2_INLINE __m256 load_values8(const int8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+
+S24_AVX2_INLINE uint32_t load_u16(const uint8_t* p) {
+  uint16_t w;
+  std::memcpy(&w, p, 2);
+  return w;
+}
+
+S24_AVX2_INLINE uint32_t load_u32(const uint8_t* p) {
+  uint32_t w;
+  std::memcpy(&w, p, 4);
+  return w;
+}
+
+// MR rows of x times NR weight rows over 16-column blocks [b0, b1).
+// Blocks go in pairs: one 32-bit broadcast load of metadata serves both (shifts 0..14 and
+// 16..30; vpermilps reads only the low 2 bits of each lane, so the bits above need no mask).
+template <typename V, int MR, int NR>
+S24_AVX2_INLINE void float_block(const FloatProblem& p, const V* vals, const float* x, int64_t b, __m256i idx[NR],
+                                 __m256 acc[NR][MR]) {
+  __m256 xa[MR], xb[MR];
+  for (int m = 0; m < MR; ++m) {
+    xa[m] = _mm256_loadu_ps(x + m * p.Kp + 16 * b);
+    xb[m] = _mm256_loadu_ps(x + m * p.Kp + 16 * b + 8);
+  }
+  for (int r = 0; r < NR; ++r) {
+    const __m256 w = load_values8(vals + r * (p.Kp / 2) + 8 * b);
+    for (int m = 0; m < MR; ++m) {
+      const __m256 g = _mm256_blend_ps(_mm256_permutevar_ps(xa[m], idx[r]), _mm256_permutevar_ps(xb[m], idx[r]), 0xCC);
+      acc[r][m] = _mm256_fmadd_ps(w, g, acc[r][m]);
+    }
+  }
+}
+
+template <typename V, int MR, int NR>
+S24_AVX2 void float_tile(const FloatProblem& p, int64_t m0, int64_t n0, int64_t b0, int64_t b1, bool first,
+                         bool last) {
+  const __m256i shift_lo = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14);
+  const __m256i shift_hi = _mm256_setr_epi32(16, 18, 20, 22, 24, 26, 28, 30);
+  __m256 acc[NR][MR];
+  for (int r = 0; r < NR; ++r)
+    for (int m = 0; m < MR; ++m) acc[r][m] = _mm256_setzero_ps();
+  const V* vals = static_cast<const V*>(p.values) + n0 * (p.Kp / 2);
+  const uint8_t* meta = p.meta + n0 * (p.Kp / 8);
+  const float* x = p.x + m0 * p.Kp;
+  int64_t b = b0;
+  for (; b + 2 <= b1; b += 2) {
+    __m256i word[NR], idx[NR];
+    for (int r = 0; r < NR; ++r)
+      word[r] = _mm256_set1_epi32(static_cast<int32_t>(load_u32(meta + r * (p.Kp / 8) + 2 * b)));
+    for (int r = 0; r < NR; ++r) idx[r] = _mm256_srlv_epi32(word[r], shift_lo);
+    float_block<V, MR, NR>(p, vals, x, b, idx, acc);
+    for (int r = 0; r < NR; ++r) idx[r] = _mm256_srlv_epi32(word[r], shift_hi);
+    float_block<V, MR, NR>(p, vals, x, b + 1, idx, acc);
+  }
+  if (b < b1) {
+    __m256i idx[NR];
+    for (int r = 0; r < NR; ++r)
+      idx[r] = _mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int32_t>(load_u16(meta + r * (p.Kp / 8) + 2 * b))),
+                                 shift_lo);
+    float_block<V, MR, NR>(p, vals, x, b, idx, acc);
+  }
+  for (int r = 0; r < NR; ++r)
+    for (int m = 0; m < MR; ++m) {
+      const int64_t i = (m0 + m) * p.N + n0 + r;
+      float s = cpu::avx2::hsum(acc[r][m]);
+      if (!first) s = p.partial[i] + s;
+      if (last) float_epilogue(p, m0 + m, n0 + r, s);
+      else p.partial[i] = s;
+    }
+}
+
+template <typename V, int MR>
+S24_AVX2 void float_rows(const FloatProblem& p, int64_t m0, int64_t n0, int64_t n1, int64_t b0, int64_t b1,
+                         bool first, bool last) {
+  // Four weight rows share each x load for one row of x; with more rows of x, registers hold
+  // 2 x 2MR activations, so two weight rows.
+  constexpr int NR = MR == 1 ? 4 : 2;
+  int64_t n = n0;
+  for (; n + NR <= n1; n += NR) float_tile<V, MR, NR>(p, m0, n, b0, b1, first, last);
+  for (; n < n1; ++n) float_tile<V, MR, 1>(p, m0, n, b0, b1, first, last);
+}
+
+template <typename V>
+S24_AVX2 void float_avx2(const FloatProblem& p, int64_t chunk_blocks) {
+  const int64_t nblocks = p.Kp / 16;
+  at::parallel_for(0, (p.N + kRowBlock - 1) / kRowBlock, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t n0 = c * kRowBlock, n1 = std::min(p.N, n0 + kRowBlock);
+      for (int64_t b0 = 0; b0 < nblocks; b0 += chunk_blocks) {
+        const int64_t b1 = std::min(nblocks, b0 + chunk_blocks);
+        const bool first = b0 == 0, last = b1 == nblocks;
+        int64_t m = 0;
+        for (; m + 4 <= p.M; m += 4) float_rows<V, 4>(p, m, n0, n1, b0, b1, first, last);
+        switch (p.M - m) {
+          case 3: float_rows<V, 3>(p, m, n0, n1, b0, b1, first, last); break;
+          case 2: float_rows<V, 2>(p, m, n0, n1, b0, b1, first, last); break;
+          case 1: float_rows<V, 1>(p, m, n0, n1, b0, b1, first, last); break;
+          default: break;
+        }
+      }
+    }
+  });
+}
+
+// 32 kept values of one weight row (64 columns): byte j of the result is the vpshufb index of
+// value j inside its 16-column quarter of x. pdep puts each value's 2-bit index in its own byte;
+// OR-ing the group offsets (0, 0, 4, 4, ... 12, 12) makes them byte indices.
+S24_AVX2_INLINE __m256i shuffle_index(uint64_t meta) {
+  constexpr uint64_t kSpread = 0x0303030303030303ull, kOffsets = 0x0C0C080804040000ull;
+  const uint64_t q0 = _pdep_u64(meta & 0xFFFFu, kSpread) | kOffsets;
+  const uint64_t q1 = _pdep_u64((meta >> 16) & 0xFFFFu, kSpread) | kOffsets;
+  const uint64_t q2 = _pdep_u64((meta >> 32) & 0xFFFFu, kSpread) | kOffsets;
+  const uint64_t q3 = _pdep_u64(meta >> 48, kSpread) | kOffsets;
+  return _mm256_set_epi64x(static_cast<int64_t>(q3), static_cast<int64_t>(q2), static_cast<int64_t>(q1),
+                           static_cast<int64_t>(q0));
+}
+
+// MR rows of x times NR weight rows over all of K, 64 columns (32 kept values) a step. x is
+// stored with the middle 16-byte quarters of every 64 columns swapped (A = columns 0-15 | 32-47,
+// B = 16-31 | 48-63), so two vpshufb and a dword blend gather the 32 activations in value order.
+// The products run as vpmaddubsw(|x|, sign(x) * w) (pairs of u8 x s8 in int16: at most
+// 2 * 128 * 127, no saturation), then vpmaddwd by 1 into int32: exact, as long as no value is
+// -128 (sign() cannot negate it). Such a tile is flagged and recomputed in scalar.
+template <int MR, int NR>
+S24_AVX2 void int8_tile(const Int8Problem& p, const int8_t* xperm, int64_t m0, int64_t n0) {
+  const int64_t nblocks = p.Kp / 64;
+  const __m256i ones = _mm256_set1_epi16(1);
+  const __m256i minus128 = _mm256_set1_epi8(-128);
+  __m256i acc[NR][MR];
+  __m256i bad = _mm256_setzero_si256();
+  for (int r = 0; r < NR; ++r)
+    for (int m = 0; m < MR; ++m) acc[r][m] = _mm256_setzero_si256();
+  const int8_t* vals = p.values + n0 * (p.Kp / 2);
+  const uint8_t* meta = p.meta + n0 * (p.Kp / 8);
+  const int8_t* x = xperm + m0 * p.Kx;
+  for (int64_t b = 0; b < nblocks; ++b) {
+    for (int r = 0; r < NR; ++r) {
+      const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(vals + r * (p.Kp / 2) + 32 * b));
+      uint64_t word;
+      std::memcpy(&word, meta + r * (p.Kp / 8) + 8 * b, 8);
+      const __m256i idx = shuffle_index(word);
+      bad = _mm256_or_si256(bad, _mm256_cmpeq_epi8(w, minus128));
+      for (int m = 0; m < MR; ++m) {
+        const __m256i xa = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + m * p.Kx + 64 * b));
+        const __m256i xb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + m * p.Kx + 64 * b + 32));
+        const __m256i g = _mm256_blend_epi32(_mm256_shuffle_epi8(xa, idx), _mm256_shuffle_epi8(xb, idx), 0xCC);
+        const __m256i prod = _mm256_maddubs_epi16(_mm256_abs_epi8(g), _mm256_sign_epi8(w, g));
+        acc[r][m] = _mm256_add_epi32(acc[r][m], _mm256_madd_epi16(prod, ones));
+      }
+    }
+  }
+  const bool exact = _mm256_testz_si256(bad, bad);
+  // The last Kp % 64 columns (16, 32 or 48) in scalar.
+  const int64_t j_tail = nblocks * 32;
+  for (int r = 0; r < NR; ++r)
+    for (int m = 0; m < MR; ++m) {
+      int32_t s;
+      if (exact) s = cpu::avx2::hsum(acc[r][m]) + int8_dot_scalar(p, m0 + m, n0 + r, j_tail, p.Kp / 2);
+      else s = int8_dot_scalar(p, m0 + m, n0 + r, 0, p.Kp / 2);
+      int8_epilogue(p, m0 + m, n0 + r, s);
+    }
+}
+
+template <int MR>
+S24_AVX2 void int8_rows(const Int8Problem& p, const int8_t* xperm, int64_t m0, int64_t n0, int64_t n1) {
+  constexpr int NR = MR == 1 ? 4 : 2;
+  int64_t n = n0;
+  for (; n + NR <= n1; n += NR) int8_tile<MR, NR>(p, xperm, m0, n);
+  for (; n < n1; ++n) int8_tile<MR, 1>(p, xperm, m0, n);
+}
+
+S24_AVX2 void int8_avx2(const Int8Problem& p, const int8_t* xperm) {
+  // A row block's values (16 rows x Kp/2 bytes) stay in L2 while every 4 rows of x pass.
+  at::parallel_for(0, (p.N + kRowBlock - 1) / kRowBlock, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t n0 = c * kRowBlock, n1 = std::min(p.N, n0 + kRowBlock);
+      int64_t m = 0;
+      for (; m + 4 <= p.M; m += 4) int8_rows<4>(p, xperm, m, n0, n1);
+      switch (p.M - m) {
+        case 3: int8_rows<3>(p, xperm, m, n0, n1); break;
+        case 2: int8_rows<2>(p, xperm, m, n0, n1); break;
+        case 1: int8_rows<1>(p, xperm, m, n0, n1); break;
+        default: break;
+      }
+    }
+  });
+}
+
+// True when every metadata nibble is valid: a 16-entry vpshufb table per nibble, 32 bytes a step
+// (the portable byte-table scan in checks.h costs a quarter of a M = 1 GEMM).
+S24_AVX2 bool meta_valid_avx2(const uint8_t* p, int64_t n) {
+  const __m256i table = _mm256_setr_epi8(0, 0, 0, 0, -1, 0, 0, 0, -1, -1, 0, 0, -1, -1, -1, 0,  //
+                                         0, 0, 0, 0, -1, 0, 0, 0, -1, -1, 0, 0, -1, -1, -1, 0);
+  const __m256i low = _mm256_set1_epi8(0x0F);
+  __m256i ok = _mm256_set1_epi8(-1);
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + i));
+    const __m256i lo = _mm256_shuffle_epi8(table, _mm256_and_si256(b, low));
+    const __m256i hi = _mm256_shuffle_epi8(table, _mm256_and_si256(_mm256_srli_epi16(b, 4), low));
+    ok = _mm256_and_si256(ok, _mm256_and_si256(lo, hi));
+  }
+  bool all = _mm256_movemask_epi8(ok) == -1;
+  for (; i < n; ++i) all &= L::byte_valid(p[i]);
+  return all;
+}
+#endif  // LOWBIT_HAVE_AVX2_KERNELS
+
+bool use_avx2() {
+  static const bool ok = [] {
+#if LOWBIT_HAVE_AVX2_KERNELS
+    return cpu::has_avx2() && __builtin_cpu_supports("bmi2");
+#else
+    return false;
+#endif
+  }();
+  return ok;
+}
+
+// The data check on the AVX2 path; on failure the portable scan finds the first bad byte and
+// raises the message every backend gives.
+void check_meta_fast(const char* op, const at::Tensor& meta_c) {
+#if LOWBIT_HAVE_AVX2_KERNELS
+  if (use_avx2() && !meta_valid_avx2(meta_c.const_data_ptr<uint8_t>(), meta_c.numel()))
+    check_sparse24_meta_data(op, meta_c);
+#endif
+}
+
+// x [M, K] (any float dtype, any strides) -> fp32 [M, Kp], zero past K, quads permuted for AVX2.
+template <typename T>
+void fill_x(const at::Tensor& x, int64_t Kp, bool permute, float* dst) {
+  const int64_t M = x.size(0), K = x.size(1), sm = x.stride(0), sk = x.stride(1);
+  const T* src = x.const_data_ptr<T>();
+  for (int64_t m = 0; m < M; ++m) {
+    float* row = dst + m * Kp;
+    for (int64_t k = K; k < Kp; ++k) row[k / 16 * 16 + (permute ? permuted_pos(k % 16) : k % 16)] = 0.0f;
+    for (int64_t k = 0; k < K; ++k)
+      row[k / 16 * 16 + (permute ? permuted_pos(k % 16) : k % 16)] = static_cast<float>(src[m * sm + k * sk]);
+  }
+}
+
+at::Tensor x_to_fp32(const at::Tensor& x, int64_t Kp, bool permute) {
+  at::Tensor out = at::empty({x.size(0), Kp}, x.options().dtype(at::kFloat));
+  float* dst = out.mutable_data_ptr<float>();
+  switch (x.scalar_type()) {
+    case at::kHalf: fill_x<c10::Half>(x, Kp, permute, dst); break;
+    case at::kBFloat16: fill_x<c10::BFloat16>(x, Kp, permute, dst); break;
+    default: fill_x<float>(x, Kp, permute, dst); break;
+  }
+  return out;
+}
+
+at::Tensor sparse24_mm_cpu(const at::Tensor& x, const at::Tensor& values, const at::Tensor& meta,
+                           const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& bias) {
+  const char* op = "sparse24_mm";
+  const at::Tensor meta_c = (meta.scalar_type() == at::kByte && meta.dim() == 2) ? meta.contiguous() : meta;
+  check_sparse24_mm(op, x, values, meta, scale, bias, use_avx2() ? nullptr : &meta_c);
+  check_meta_fast(op, meta_c);
+  const int64_t M = x.size(0), K = x.size(1), N = values.size(0), Kp = L::padded_k(K);
+  const at::Tensor v = values.contiguous();
+  const at::Tensor s = scale.has_value() ? scale->contiguous() : at::Tensor();
+  const at::Tensor b32 = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
+  at::Tensor out = at::empty({M, N}, x.options());
+  const bool avx2 = use_avx2();
+  const at::Tensor x32 = x_to_fp32(x, Kp, avx2);
+
+  FloatProblem p;
+  p.M = M;
+  p.N = N;
+  p.K = K;
+  p.Kp = Kp;
+  p.values = v.const_data_ptr();
+  p.kind = value_kind(v.scalar_type());
+  p.meta = meta_c.const_data_ptr<uint8_t>();
+  p.scale = s.defined() ? s.const_data_ptr<float>() : nullptr;
+  p.bias = b32.defined() ? b32.const_data_ptr<float>() : nullptr;
+  p.x = x32.const_data_ptr<float>();
+  p.partial = nullptr;
+  p.out = out.mutable_data_ptr();
+  p.out_type = out.scalar_type();
+  if (!avx2) {
+    float_scalar(p);
+    return out;
+  }
+#if LOWBIT_HAVE_AVX2_KERNELS
+  // Small M: one pass over all of K. Large M: chunks of 64 blocks (1024 columns), so a row
+  // block's values (16 x 512 values) stay in L1/L2 while every row of x passes over them.
+  const int64_t nblocks = Kp / 16;
+  const int64_t chunk = M <= kSmallM ? nblocks : 64;
+  at::Tensor partial;
+  if (chunk < nblocks) {
+    partial = at::empty({M, N}, x.options().dtype(at::kFloat));
+    p.partial = partial.mutable_data_ptr<float>();
+  }
+  switch (p.kind) {
+    case ValueKind::kHalf: float_avx2<c10::Half>(p, chunk); break;
+    case ValueKind::kBFloat16: float_avx2<c10::BFloat16>(p, chunk); break;
+    case ValueKind::kInt8: float_avx2<int8_t>(p, chunk); break;
+    default: float_avx2<float>(p, chunk); break;
+  }
+#endif
+  return out;
+}
+
+at::Tensor sparse24_int8_scaled_mm_cpu(const at::Tensor& a, const at::Tensor& values, const at::Tensor& meta,
+                                       const at::Tensor& scale_a, const at::Tensor& scale_b,
+                                       const std::optional<at::Tensor>& bias,
+                                       std::optional<c10::ScalarType> out_dtype) {
+  const char* op = "sparse24_int8_scaled_mm";
+  const at::Tensor meta_c = (meta.scalar_type() == at::kByte && meta.dim() == 2) ? meta.contiguous() : meta;
+  const c10::ScalarType out_type =
+      check_sparse24_int8_scaled_mm(op, a, values, meta, scale_a, scale_b, bias, out_dtype,
+                                    use_avx2() ? nullptr : &meta_c);
+  check_meta_fast(op, meta_c);
+  const int64_t M = a.size(0), K = a.size(1), N = values.size(0), Kp = L::padded_k(K);
+  const int64_t Kx = (Kp + 63) / 64 * 64;
+  const at::Tensor v = values.contiguous();
+  const at::Tensor sa = scale_a.contiguous(), sb = scale_b.contiguous();
+  const at::Tensor b32 = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
+  at::Tensor xpad = at::zeros({M, Kx}, a.options());
+  xpad.narrow(1, 0, K).copy_(a);
+  at::Tensor out = at::empty({M, N}, a.options().dtype(out_type));
+
+  Int8Problem p;
+  p.M = M;
+  p.N = N;
+  p.K = K;
+  p.Kp = Kp;
+  p.Kx = Kx;
+  p.values = v.const_data_ptr<int8_t>();
+  p.meta = meta_c.const_data_ptr<uint8_t>();
+  p.x = xpad.const_data_ptr<int8_t>();
+  p.scale_a = sa.const_data_ptr<float>();
+  p.scale_a_scalar = sa.numel() == 1;
+  p.scale_b = sb.const_data_ptr<float>();
+  p.scale_b_scalar = sb.numel() == 1;
+  p.bias = b32.defined() ? b32.const_data_ptr<float>() : nullptr;
+  p.out = out.mutable_data_ptr();
+  p.out_type = out_type;
+  if (!use_avx2()) {
+    int8_scalar(p);
+    return out;
+  }
+#if LOWBIT_HAVE_AVX2_KERNELS
+  // The AVX2 copy of x: the middle 16-column quarters of every 64 columns swapped (int8_tile).
+  at::Tensor xperm = at::empty({M, Kx}, a.options());
+  {
+    const int8_t* src = xpad.const_data_ptr<int8_t>();
+    int8_t* dst = xperm.mutable_data_ptr<int8_t>();
+    static constexpr int kQuarter[4] = {0, 2, 1, 3};
+    for (int64_t i = 0; i < M * Kx / 64; ++i)
+      for (int q = 0; q < 4; ++q) std::memcpy(dst + 64 * i + 16 * q, src + 64 * i + 16 * kQuarter[q], 16);
+  }
+  int8_avx2(p, xperm.const_data_ptr<int8_t>());
+#endif
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lowbit, CPU, m) {
+  m.impl("sparse24_mm", &sparse24_mm_cpu);
+  m.impl("sparse24_int8_scaled_mm", &sparse24_int8_scaled_mm_cpu);
+}
+
+}  // namespace lowbit
