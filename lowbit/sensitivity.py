@@ -107,7 +107,7 @@ class SensitivityTable:
         import matplotlib.pyplot as plt
 
         layers, schemes = self.layers, list(self.schemes)
-        fig, ax = plt.subplots(figsize=(max(6.0, 0.32 * len(layers) * max(1, len(schemes))), 4.5))
+        fig, ax = plt.subplots(figsize=(min(24.0, max(6.0, 0.25 * len(layers) * max(1, len(schemes)))), 5.5))
         width = 0.8 / max(1, len(schemes))
         for j, s in enumerate(schemes):
             ys = [self.row(n, s)["sqnr_db"] for n in layers]
@@ -115,7 +115,7 @@ class SensitivityTable:
             ax.bar([i + (j - (len(schemes) - 1) / 2) * width for i in range(len(layers))], ys, width, label=s)
         ax.set_xticks(range(len(layers)))
         ax.set_xticklabels(layers, rotation=90, fontsize=7)
-        ax.set_ylabel("model output SQNR (dB), this layer alone quantized")
+        ax.set_ylabel("output SQNR (dB), layer alone quantized")
         ax.set_title(title or "lowbit.sensitivity: lower bar = more sensitive layer")
         ax.legend()
         ax.grid(axis="y", alpha=0.3)
