@@ -99,7 +99,9 @@ def kernel_resources(so_path: str) -> list[dict]:
         raise RuntimeError(f"{tool} failed on {so_path}: {proc.stderr.strip()}")
     rows = parse_resource_usage(proc.stdout)
     for row in rows:
-        row["op"] = op_for_kernel(demangle(row["kernel"]))
+        # The mangled name first: the demangled one elides CUTLASS's template arguments
+        # (cutlass::Kernel2<...>), which is where lowbit's wrapper types name the op.
+        row["op"] = op_for_kernel(row["kernel"]) or op_for_kernel(demangle(row["kernel"]))
     return rows
 
 
@@ -119,6 +121,9 @@ KERNEL_OPS: tuple[tuple[str, str], ...] = (
     ("fp8_wo_", "fp8_weight_only_mm"),
     ("cutlass::Kernel", "int8_mm, int8_scaled_mm"),
     ("_ZN7cutlass6Kernel", "int8_mm, int8_scaled_mm"),  # when c++filt gives up on a long name
+    # ---- fp8 native tensor-core GEMMs (CUTLASS; matched on the mangled name, see kernel_resources)
+    ("fp8_sm908Sm90Only", "fp8_scaled_mm"),  # sm_90a: TMA + wgmma, 3.x device_kernel<...>
+    ("fp8_sm898Sm89Only", "fp8_scaled_mm"),  # sm_89: mma.sync e4m3/e5m2, 2.x Kernel2<...>
 )
 
 
