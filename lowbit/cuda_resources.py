@@ -150,11 +150,13 @@ def demangle(name: str) -> str:
 
 
 def short_name(demangled: str, max_len: int = 100) -> str:
-    """`void ns::kernel<T, 8>(args)` -> `ns::kernel<T, 8>`; template arguments elided if too long."""
+    """`void ns::kernel<T, 8>(args)` -> `ns::kernel<T, 8>`; template arguments elided if too long:
+    below the first level if that fits (`cutlass::device_kernel<lowbit::...::Sm90Only<...>>`
+    still names the wrapper), else all of them."""
     s = demangled.replace("(anonymous namespace)::", "")
     if s.startswith("void "):
         s = s[len("void "):]
-    full, elided, depth = [], [], 0
+    full, elided, elided_deep, depth = [], [], [], 0
     for ch in s:
         if ch == "(" and depth == 0:
             break
@@ -162,13 +164,25 @@ def short_name(demangled: str, max_len: int = 100) -> str:
         if ch == "<":
             if depth == 0:
                 elided.append("<...>")
+            if depth == 1:
+                elided_deep.append("<...>")
+            elif depth == 0:
+                elided_deep.append(ch)
             depth += 1
         elif ch == ">":
             depth -= 1
-        elif depth == 0:
-            elided.append(ch)
+            if depth == 0:
+                elided_deep.append(ch)
+        else:
+            if depth == 0:
+                elided.append(ch)
+            if depth <= 1:
+                elided_deep.append(ch)
     name = "".join(full)
-    return name if len(name) <= max_len else "".join(elided)
+    if len(name) <= max_len:
+        return name
+    deep = "".join(elided_deep)
+    return deep if len(deep) <= max_len and "<...>" in deep else "".join(elided)
 
 
 def extension_path() -> str | None:

@@ -523,3 +523,10 @@ def test_fp8_native_kernels_only_in_their_arch(family):
             else:
                 # Every other object carries an empty stub: no tensor-core or async-copy code.
                 assert not any(op in body for op in TENSOR_CORE_OPCODES), f"{family} on {arch} is not a stub"
+
+
+def test_short_names_keep_the_first_template_level_when_it_fits():
+    # `lowbit info --kernels` then names lowbit's wrapper of a CUTLASS kernel, not just CUTLASS's entry point.
+    inner = "cutlass::gemm::kernel::GemmUniversal<" + "x" * 300 + ">"
+    assert cuda_resources.short_name(f"void cutlass::device_kernel<lowbit::cuda::fp8_sm90::Sm90Only<{inner}>>(int)") \
+        == "cutlass::device_kernel<lowbit::cuda::fp8_sm90::Sm90Only<...>>"
