@@ -99,7 +99,9 @@ def kernel_resources(so_path: str) -> list[dict]:
         raise RuntimeError(f"{tool} failed on {so_path}: {proc.stderr.strip()}")
     rows = parse_resource_usage(proc.stdout)
     for row in rows:
-        row["op"] = op_for_kernel(demangle(row["kernel"]))
+        # The mangled name first: the demangled one elides CUTLASS's template arguments
+        # (cutlass::Kernel2<...>), which is where lowbit's wrapper types name the op.
+        row["op"] = op_for_kernel(row["kernel"]) or op_for_kernel(demangle(row["kernel"]))
     return rows
 
 
@@ -126,6 +128,9 @@ KERNEL_OPS: tuple[tuple[str, str], ...] = (
     ("sparse24_", "sparse24_mm, sparse24_int8_scaled_mm"),
     ("cutlass::Kernel", "int8_mm, int8_scaled_mm"),
     ("_ZN7cutlass6Kernel", "int8_mm, int8_scaled_mm"),  # when c++filt gives up on a long name
+    # ---- fp8 native tensor-core GEMMs (CUTLASS; matched on the mangled name, see kernel_resources)
+    ("fp8_sm908Sm90Only", "fp8_scaled_mm"),  # sm_90a: TMA + wgmma, 3.x device_kernel<...>
+    ("fp8_sm898Sm89Only", "fp8_scaled_mm"),  # sm_89: mma.sync e4m3/e5m2, 2.x Kernel2<...>
 )
 # ---- binary
 KERNEL_OPS += (
@@ -158,11 +163,13 @@ def demangle(name: str) -> str:
 
 
 def short_name(demangled: str, max_len: int = 100) -> str:
-    """`void ns::kernel<T, 8>(args)` -> `ns::kernel<T, 8>`; template arguments elided if too long."""
+    """`void ns::kernel<T, 8>(args)` -> `ns::kernel<T, 8>`; template arguments elided if too long:
+    below the first level if that fits (`cutlass::device_kernel<lowbit::...::Sm90Only<...>>`
+    still names the wrapper), else all of them."""
     s = demangled.replace("(anonymous namespace)::", "")
     if s.startswith("void "):
         s = s[len("void "):]
-    full, elided, depth = [], [], 0
+    full, elided, elided_deep, depth = [], [], [], 0
     for ch in s:
         if ch == "(" and depth == 0:
             break
@@ -170,13 +177,25 @@ def short_name(demangled: str, max_len: int = 100) -> str:
         if ch == "<":
             if depth == 0:
                 elided.append("<...>")
+            if depth == 1:
+                elided_deep.append("<...>")
+            elif depth == 0:
+                elided_deep.append(ch)
             depth += 1
         elif ch == ">":
             depth -= 1
-        elif depth == 0:
-            elided.append(ch)
+            if depth == 0:
+                elided_deep.append(ch)
+        else:
+            if depth == 0:
+                elided.append(ch)
+            if depth <= 1:
+                elided_deep.append(ch)
     name = "".join(full)
-    return name if len(name) <= max_len else "".join(elided)
+    if len(name) <= max_len:
+        return name
+    deep = "".join(elided_deep)
+    return deep if len(deep) <= max_len and "<...>" in deep else "".join(elided)
 
 
 def extension_path() -> str | None:

@@ -42,12 +42,14 @@ INT8_KERNELS = [
     "int8_wo_gemv_kernel",
     "int8_wo_wmma_kernel",
     "int8_wo_simt_f32_kernel",
-    "DefaultGemmWithVisitor",  # CUTLASS int8 GEMM with the scaled epilogue visitor tree
+    "DefaultGemmWithVisitorIa",  # CUTLASS int8 GEMM with the scaled epilogue visitor tree (A = int8_t)
     "cutlass6KernelINS_4gemm6kernel4Gemm",  # CUTLASS int8 GEMM, int32 out
 ]
 INT4_KERNELS = ["int4_wo_gemv_kernel", "int4_wo_mma_kernel", "int4_wo_simt_f32_kernel"]
 FP8_KERNELS = ["fp8_quantize_groups_kernel", "fp8_quantize_flat_kernel", "fp8_amax_kernel", "fp8_gemv_kernel",
-               "fp8_mm_wmma_kernel", "fp8_wo_simt_f32_kernel"]
+               "fp8_mm_wmma_kernel", "fp8_wo_simt_f32_kernel",
+               # Native FP8 GEMMs (CUTLASS): the real kernel in one arch's object, a stub elsewhere.
+               "fp8_sm908Sm90Only", "fp8_sm898Sm89Only"]
 # ---- sparse24
 SPARSE24_KERNELS = ["sparse24_reorder_meta_kernel", "sparse24_meta_valid_kernel", "sparse24_simt_float_kernel",
                     "sparse24_simt_int8_kernel", "sparse24_float_epilogue_kernel", "sparse24_int8_epilogue_kernel",
@@ -137,7 +139,7 @@ def _sass_by_function(so: str) -> dict[tuple[str, str], str]:
 # the CUTLASS int8 GEMMs, HMMA.16816 for mma.sync m16n8k16, HMMA for WMMA), IDP.4A for the
 # SIMT fallback, and for the streaming kernels the 128-bit / async loads they were written for.
 SASS_EXPECTED = {
-    "DefaultGemmWithVisitor": ["IMMA"],
+    "DefaultGemmWithVisitorIa": ["IMMA"],
     "cutlass6KernelINS_4gemm6kernel4Gemm": ["IMMA"],
     "int8_wo_wmma_kernel": ["HMMA"],
     "int8_gemm_simt_kernel": ["IDP.4A"],
@@ -616,3 +618,41 @@ def test_binary_mma_fragment_maps_match_the_ptx_layout(binary_probe):
     # lanes of one register read 32 distinct banks.
     for i in range(4):
         assert len({(r * 12 + w) % 32 for (lane, j), (r, w) in a.items() if j == i}) == 32
+
+
+# ----------------------------------------------------------------------------- FP8 native GEMMs
+# Kernels compiled for one architecture only: (kernel substring, arch) -> SASS opcodes. The
+# sm_90a CUTLASS 3.x kernel: fp8 wgmma (QGMMA) fed by TMA (UTMALDG), results stored by TMA
+# (UTMASTG); the sm_89 CUTLASS 2.x kernel: fp8 mma.sync (QMMA) fed by cp.async (LDGSTS).
+FP8_NATIVE = {
+    "fp8_sm908Sm90Only": ("sm_90a", ["QGMMA", "UTMALDG", "UTMASTG"]),
+    "fp8_sm898Sm89Only": ("sm_89", ["QMMA", "LDGSTS"]),
+}
+TENSOR_CORE_OPCODES = ("QGMMA", "HGMMA", "IGMMA", "QMMA", "HMMA", "IMMA", "UTMALDG", "LDGSTS")
+
+
+@needs_cuda_build
+@pytest.mark.parametrize("family", FP8_NATIVE)
+def test_fp8_native_kernels_only_in_their_arch(family):
+    so = cuda_resources.extension_path()
+    if cuda_resources.cuobjdump_path() is None:
+        pytest.skip("cuobjdump not found")
+    funcs = _sass_by_function(so)
+    home, opcodes = FP8_NATIVE[family]
+    for arch in expected_archs():
+        bodies = [body for (a, n), body in funcs.items() if a == arch and family in n]
+        assert bodies, f"{family} not found in the {arch} SASS"
+        for body in bodies:
+            if arch == home:
+                for opcode in opcodes:
+                    assert opcode in body, f"{family} on {arch} has no {opcode} instruction"
+            else:
+                # Every other object carries an empty stub: no tensor-core or async-copy code.
+                assert not any(op in body for op in TENSOR_CORE_OPCODES), f"{family} on {arch} is not a stub"
+
+
+def test_short_names_keep_the_first_template_level_when_it_fits():
+    # `lowbit info --kernels` then names lowbit's wrapper of a CUTLASS kernel, not just CUTLASS's entry point.
+    inner = "cutlass::gemm::kernel::GemmUniversal<" + "x" * 300 + ">"
+    assert cuda_resources.short_name(f"void cutlass::device_kernel<lowbit::cuda::fp8_sm90::Sm90Only<{inner}>>(int)") \
+        == "cutlass::device_kernel<lowbit::cuda::fp8_sm90::Sm90Only<...>>"

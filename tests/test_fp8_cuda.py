@@ -9,7 +9,10 @@ indexing of every path independently of rounding.
 
 The shapes cover every path: the streaming small-M kernel (M <= 16 for fp8_scaled_mm, M <= 8
 weight-only) and the 64x64 tiles (WMMA f16/bf16; fp32 FMA for f32 x), each with the vectorized
-(K % 16 == 0, aligned) and the element-wise loads, block scales, and misaligned or strided inputs.
+(K % 16 == 0, aligned) and the element-wise loads, block scales, and misaligned or strided inputs;
+on sm_89 / sm_90a also the native FP8 tensor-core kernels (CUTLASS), which the random-data
+tests hold to a looser, derived bound (NATIVE_TC_REL) and the small-integer tests to bit
+equality.
 """
 
 from __future__ import annotations
@@ -180,9 +183,31 @@ def expected(a, b, sa, sb, bias, block):
     return exact, magnitude
 
 
-def assert_within_bound(out, exact, magnitude, K, out_dtype):
+def native_fp8_path(M, N, K, fmts, block):
+    """Whether fp8_scaled_mm runs on the native FP8 tensor cores here (csrc/cuda/fp8.cu's rule:
+    CUTLASS wgmma on 9.0, mma.sync on 8.9; M > 16, same-format operands, row/column or scalar
+    scales, K % 16 == 0, N % 8 == 0)."""
+    return (torch.cuda.get_device_capability() in ((8, 9), (9, 0)) and M > 16 and not block
+            and fmts[0] == fmts[1] and K % 16 == 0 and N % 8 == 0)
+
+
+# The FP8 tensor cores do not add in full fp32 inside an instruction chain: they align the
+# addends of one MMA (the running sum and 32 products) to the largest and keep ~14 bits (the
+# DeepSeek-V3 report's measurement on Hopper). Model used here, with a bit to spare: each
+# addend loses at most 2^-12 of the largest |addend| of its instruction, and that is at most
+# the sum of |terms| of its promotion interval (CUTLASS adds the chain into a separate fp32
+# accumulator once per K tile: 128 on sm_90a, 4 instructions; 64 on sm_89, 2). So per tile
+# error <= 4 * 33 * 2^-12 * sum|terms of the tile| < 2^-4.9 * that, and over the tiles
+# <= 2^-4.9 * sum|terms|. Loose by design (a worst case, not a typical error); the sharp
+# check of the native path is test_fp8_scaled_mm_native_exact_on_small_integers.
+NATIVE_TC_REL = 4 * 33 * 2.0**-12
+
+
+def assert_within_bound(out, exact, magnitude, K, out_dtype, native=False):
     err = (out.cpu().double() - exact).abs()
     bound = float_bound(exact, magnitude, K, out_dtype)
+    if native:
+        bound = bound + NATIVE_TC_REL * magnitude
     assert (err <= bound).all(), f"max excess {(err - bound).max().item()}"
 
 
@@ -217,7 +242,7 @@ def test_fp8_scaled_mm_within_bound(M, N, K, fmts, scales):
             od = out_dtype or torch.float32
             assert out.dtype == od and out.shape == (M, N)
             exact, magnitude = expected(a, b, sa, sb, bi, scales == "block")
-            assert_within_bound(out, exact, magnitude, K, od)
+            assert_within_bound(out, exact, magnitude, K, od, native_fp8_path(M, N, K, fmts, scales == "block"))
 
 
 @pytest.mark.parametrize("M", [3, 16, 40])
@@ -241,6 +266,29 @@ def test_fp8_scaled_mm_exact_on_small_integers(M, N, K, block):
     assert_bits_equal(out, on_cpu(ref.fp8_scaled_mm, a, b, sa, sb, bias))
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("M,N,K", [(17, 8, 16), (64, 72, 256), (200, 136, 1040), (300, 264, 4096)])
+@pytest.mark.parametrize("out_dtype", FLOAT_DTYPES)
+def test_fp8_scaled_mm_native_exact_on_small_integers(fmt, M, N, K, out_dtype):
+    # The shapes the native FP8 kernels take (sm_89 / sm_90a; elsewhere the same assertions
+    # hold for the dequantizing kernels). |values| <= 4: products <= 16, so a tensor-core chain
+    # (one promotion interval, <= 128 products) stays below 2^11 and keeps integers exact even
+    # with ~13 retained bits, and the fp32 sums across intervals stay below 2^17; power-of-two
+    # scales and integer bias keep the epilogue exact. Bit-equal to the reference pins
+    # the operand indexing, both scale vectors, the bias and the output conversion (also for
+    # M, N not multiples of the 128x128 tile, and K spanning many promotion intervals).
+    g = torch.Generator(device="cpu").manual_seed(M * 7 + K)
+    a = torch.randint(-4, 5, (M, K), generator=g).float().to(FORMATS[fmt]).to(dev())
+    b = torch.randint(-4, 5, (N, K), generator=g).float().to(FORMATS[fmt]).to(dev())
+    sa = (2.0 ** torch.randint(-3, 4, (M,), generator=g).float()).to(dev())
+    sb = (2.0 ** torch.randint(-3, 4, (N,), generator=g).float()).to(dev())
+    bias = torch.randint(-8, 9, (N,), generator=g).float().to(dev())
+    for bi in (None, bias):
+        for sai, sbi in ((sa, sb), (sa[:1].reshape(()), sb[:1])):  # row x column, and scalars
+            out = torch.ops.lowbit.fp8_scaled_mm(a, b, sai, sbi, bi, out_dtype)
+            assert_bits_equal(out, on_cpu(ref.fp8_scaled_mm, a, b, sai, sbi, bi, out_dtype))
+
+
 def test_fp8_scaled_mm_misaligned_and_non_contiguous():
     for M in (4, 40):  # small-M kernel and tiles
         N, K = 48, 256
@@ -252,6 +300,17 @@ def test_fp8_scaled_mm_misaligned_and_non_contiguous():
                                       (a.T.contiguous().T, b.T.contiguous().T, sa, sb, bias)):
             out = torch.ops.lowbit.fp8_scaled_mm(ai, bi, sai, sbi, bsi)
             assert_within_bound(out, exact, magnitude, K, torch.float32)
+    # The same for the native path's inputs (same formats; misaligned operands are copied).
+    M, N, K = 40, 48, 256
+    a, b = rand_fp8("e4m3", M, K), rand_fp8("e4m3", N, K)
+    sa, sb = mm_scales("row-col", M, N, K)
+    bias = torch.randn(N, device=dev())
+    exact, magnitude = expected(a, b, sa, sb, bias, False)
+    native = native_fp8_path(M, N, K, ("e4m3", "e4m3"), False)
+    for ai, bi, sai, sbi, bsi in ((misaligned(a), misaligned(b), misaligned(sa), misaligned(sb), misaligned(bias)),
+                                  (a.T.contiguous().T, b.T.contiguous().T, sa, sb, bias)):
+        out = torch.ops.lowbit.fp8_scaled_mm(ai, bi, sai, sbi, bsi)
+        assert_within_bound(out, exact, magnitude, K, torch.float32, native)
 
 
 WO_M = [1, 2, 5, 8, 9, 64, 130]

@@ -8,6 +8,14 @@
 //                        lowbit/fp8.h's RNE and saturation policy, so bit-exact with the reference.
 //                        Per-tensor scales: a grid-wide amax (atomicMax on the float bits), then a
 //                        flat pass.
+//   fp8_scaled_mm        Native FP8 tensor cores, for M > 16 without block scales, e4m3 x e4m3
+//                        or e5m2 x e5m2, K % 16 == 0 and N % 8 == 0 (lowbit/cuda/fp8_native.h):
+//                        sm_90a: CUTLASS 3.x TMA + wgmma kernel (csrc/cuda/fp8_sm90.cu);
+//                        sm_89: CUTLASS 2.x mma.sync e4m3/e5m2 kernel (csrc/cuda/fp8_sm89.cu);
+//                        both with the scale/bias epilogue fused as a visitor tree, both
+//                        accumulating in fp32 with CUTLASS's per-K-tile promotion (see those
+//                        headers). Every other call, and every call on sm_80, takes the
+//                        dequantizing kernels below.
 //   fp8_scaled_mm        small M (<= 16 scaled_mm without block scales, <= 8 weight-only): one
 //   fp8_weight_only_mm   warp per row of the fp8 matrix, both operands decoded in registers, fp32
 //                        FMA (memory-bound decode). Larger M: 64x64 tiles, the fp8 tile decoded
@@ -15,14 +23,15 @@
 //                        (weight-only, f16/bf16 x), multiplied on tensor cores (WMMA, fp32
 //                        accumulate); f32 x uses fp32 FMA (TF32 would round x). Block scales
 //                        (1x128 x 128x128) multiply each 128-wide K block's fp32 partial sum.
-// The same kernels serve sm_80, sm_89 and sm_90a.
+// The dequantizing kernels serve sm_80, sm_89 and sm_90a.
 //
-// Why not FP8 tensor cores (sm_89 mma.sync e4m3/e5m2, sm_90a wgmma via CUTLASS): decoding to
-// fp16 is exact (every fp8 value is an fp16, products are exact in fp32), so the only error is
-// the fp32 accumulation the reference's error bound allows. Hopper's FP8 wgmma is reported to
-// keep only ~14 bits in its accumulation chain (DeepSeek-V3 report), which that bound does not
-// allow beyond tiny K; CUTLASS's FP8 kernels would also cost tens of CPU-seconds per format x
-// output instantiation in CI.
+// Why the dequantizing kernels stay for block scales, mixed pairings and weight-only:
+// decoding to fp16 is exact (every fp8 value is an fp16, products are exact in fp32), so the
+// only error is the fp32 accumulation. The FP8 tensor cores keep fewer bits inside one
+// instruction chain (the DeepSeek-V3 report measured ~14 on Hopper); CUTLASS promotes to fp32
+// once per K tile, which the tests bound separately (tests/test_fp8_cuda.py). CUTLASS's sm_90
+// blockwise-scaled FP8 kernel (KernelTmaWarpSpecializedCooperativeFP8Blockwise) is not used
+// yet; each native instantiation costs ~30 CPU-seconds in CI, so there are six per arch.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
@@ -32,6 +41,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <string>
 #include <tuple>
 #include <type_traits>
@@ -40,6 +50,7 @@
 #include "lowbit/checks.h"
 #include "lowbit/cuda/common.cuh"
 #include "lowbit/cuda/host.cuh"
+#include "lowbit/cuda/fp8_native.h"
 #include "lowbit/cuda/fp8_tiles.cuh"
 #include "lowbit/fp8.h"
 
@@ -579,6 +590,27 @@ void launch_wmma(const AT* a, const uint8_t* b, int64_t M, int64_t N, int64_t K,
 // A scalar-or-vector scale as (pointer, stride): stride 0 broadcasts a scalar.
 int64_t vector_stride(const at::Tensor& s) { return s.numel() == 1 ? 0 : 1; }
 
+at::Tensor aligned_copy_if_needed(const at::Tensor& t) { return aligned16(t.data_ptr()) ? t : t.clone(); }
+
+// 90 or 89 when the device runs this library's native FP8 kernel for its architecture (a
+// 9.0 / 8.9 GPU and a build that has that architecture's object), else 0. Cached per device:
+// it costs three driver queries.
+int native_arch(int device) {
+  static std::atomic<int> cached[64] = {};  // 0: not asked yet; else arch + 1
+  auto ask = [device] {
+    if (fp8_native::sm90_available(device)) return 90;
+    if (fp8_native::sm89_available(device)) return 89;
+    return 0;
+  };
+  if (device < 0 || device >= 64) return ask();
+  int v = cached[device].load(std::memory_order_relaxed);
+  if (v == 0) {
+    v = ask() + 1;
+    cached[device].store(v, std::memory_order_relaxed);
+  }
+  return v - 1;
+}
+
 at::Tensor fp8_scaled_mm_cuda(const at::Tensor& a_in, const at::Tensor& b_in, const at::Tensor& scale_a_in,
                               const at::Tensor& scale_b_in, const std::optional<at::Tensor>& bias_in,
                               std::optional<c10::ScalarType> out_dtype_in) {
@@ -598,6 +630,24 @@ at::Tensor fp8_scaled_mm_cuda(const at::Tensor& a_in, const at::Tensor& b_in, co
   const float* bias_ptr = bias.defined() ? ptr<const float>(bias) : nullptr;
   const bool a_e4m3 = is_e4m3(a.scalar_type()), b_e4m3 = is_e4m3(b.scalar_type());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+
+  if (!block && M > 2 * gemv::kMaxRows && fp8_native::native_pairing(a.scalar_type(), b.scalar_type()) &&
+      fp8_native::shape_ok(N, K)) {
+    const int arch = native_arch(a.get_device());
+    if (arch != 0) {
+      // The visitor trees read full, 16-byte-aligned vectors: expand scalar scales (M or N
+      // floats, negligible) and copy a misaligned operand once.
+      const at::Tensor an = aligned_copy_if_needed(a), bn = aligned_copy_if_needed(b);
+      const at::Tensor sa_vec = sa.reshape({-1}).expand({M}).contiguous();
+      const at::Tensor sb_vec = aligned_copy_if_needed(sb.reshape({-1}).expand({N}).contiguous());
+      at::Tensor bias_vec;
+      if (bias.defined()) bias_vec = aligned_copy_if_needed(bias);
+      const float* bias_vec_ptr = bias_vec.defined() ? ptr<const float>(bias_vec) : nullptr;
+      if (arch == 90) fp8_native::scaled_mm_sm90(an, bn, sa_vec, sb_vec, bias_vec_ptr, out, stream);
+      else fp8_native::scaled_mm_sm89(an, bn, sa_vec, sb_vec, bias_vec_ptr, out, stream);
+      return out;
+    }
+  }
 
   dispatch_float(out_dtype, [&](auto tag) {
     using OutT = typename decltype(tag)::type;
