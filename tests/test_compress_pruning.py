@@ -103,32 +103,29 @@ def test_remove_bakes_masks_and_unlocks_quantize():
     assert torch.all(m[0].qweight[zeros] == 0)  # pruned weights stay exact zeros in int8
 
 
-def test_nm_hand_off(monkeypatch):
-    monkeypatch.delitem(sys.modules, "lowbit.quant.nm_prune", raising=False)
-    import importlib.util
-    if importlib.util.find_spec("lowbit.quant.nm_prune") is None:
-        with pytest.raises(ImportError, match="lowbit.quant.nm_prune"):
-            P.nm_prune(_mlp())
-    calls = []
-
-    def nm_mask(w, n, m):  # a stand-in with the contract: keep the n largest of every m along K
-        calls.append((tuple(w.shape), n, m))
-        g = w.abs().reshape(w.shape[0], -1, m)
-        keep = torch.zeros_like(g, dtype=torch.bool).scatter_(-1, g.topk(n, -1).indices, True)
-        return keep.reshape(w.shape)
-
-    fake = types.ModuleType("lowbit.quant.nm_prune")
-    fake.nm_mask = nm_mask
-    monkeypatch.setitem(sys.modules, "lowbit.quant.nm_prune", fake)
-    model = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 4))
-    masks = P.nm_prune(model, 2, 4)
-    assert calls == [((8, 16), 2, 4), ((4, 8), 2, 4)]
-    for name, mask in masks.items():
-        w = model.get_submodule(name).weight
-        assert torch.all((w != 0).reshape(w.shape[0], -1, 4).sum(-1) <= 2)
+def test_nm_hand_off_masks_are_the_pruners_and_compress_losslessly():
+    from lowbit.quant.nm_prune import is_nm_sparse, nm_prune_mask
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 8))
+    dense = [model[0].weight.detach().clone(), model[2].weight.detach().clone()]
+    norms = torch.rand(32) + 0.5
+    masks = P.nm_prune(model, 2, 4, saliency={"0": norms})
+    assert set(masks) == {"0", "2"}
+    assert torch.equal(masks["0"], nm_prune_mask(dense[0], 2, 4, saliency=norms))
+    assert torch.equal(masks["2"], nm_prune_mask(dense[1], 2, 4))
+    P.remove(model)
+    assert is_nm_sparse(model[0].weight, 2, 4) and is_nm_sparse(model[2].weight, 2, 4)
+    pruned = [model[0].weight.detach().clone(), model[2].weight.detach().clone()]
+    x = torch.randn(5, 32)
+    expected = model(x)
+    lowbit.quantize(model, "sparse24")
+    assert [type(model[i]).__name__ for i in (0, 2)] == ["Sparse24Linear", "Sparse24Linear"]
+    # The 2:4 compression keeps every surviving weight: the layers compute the pruned model.
+    for layer, w in zip((model[0], model[2]), pruned):
+        assert torch.equal(layer.dequantize(torch.float32), w)
+    torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
 
 
-# ----------------------------------------------------------------------------- structured
 def test_linear_neurons_equal_zeroed_model():
     torch.manual_seed(0)
     m = _mlp()

@@ -28,13 +28,13 @@ entries of the BatchNorm that follows it, and the matching input columns of ever
 
 from __future__ import annotations
 
-import importlib
 import math
 from typing import Callable, Iterable, Sequence
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
+from ..quant.nm_prune import nm_prune_mask
 
 PRUNABLE = (nn.Linear, nn.Conv2d)
 
@@ -201,26 +201,22 @@ def masked_nbytes(weight_numel: int, nnz: int, value_bytes: float = 4.0) -> floa
 
 
 # ----------------------------------------------------------------------------- N:M hand-off
-def nm_prune(model: nn.Module, n: int = 2, m: int = 4, filter_fn=None) -> dict[str, torch.Tensor]:
+def nm_prune(model: nn.Module, n: int = 2, m: int = 4, filter_fn=None,
+             saliency: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """Mask every Linear to N:M sparsity (at most `n` nonzeros in each run of `m` along K).
 
-    The N:M selection and the 2:4 sparse kernels belong to :mod:`lowbit.quant.nm_prune` (built
-    separately); this is the hand-off point. It calls ``lowbit.quant.nm_prune.nm_mask(weight, n,
-    m) -> bool mask`` for each layer and installs the result with :func:`set_mask`, so the mask
-    survives fine-tuning exactly like a magnitude mask.
+    The selection is :func:`lowbit.quant.nm_prune.nm_prune_mask` (the pruner behind the 2:4
+    sparse kernels, optionally by a per-layer saliency such as ``|w| * ||x||``); the mask is
+    installed with :func:`set_mask`, so it survives fine-tuning exactly like a magnitude mask.
+    After :func:`remove`, ``lowbit.quantize(model, "sparse24")`` compresses the layers into the
+    2:4 kernels' format without changing a weight (the pattern is already N:M).
     """
-    try:
-        mod = importlib.import_module("lowbit.quant.nm_prune")
-    except ImportError as e:
-        raise ImportError("lowbit.compress.nm_prune: N:M masks come from lowbit.quant.nm_prune, which this "
-                          f"lowbit does not have ({e})") from None
-    make_mask = getattr(mod, "nm_mask", None)
-    if make_mask is None:
-        raise ImportError("lowbit.compress.nm_prune: lowbit.quant.nm_prune has no nm_mask(weight, n, m)")
     masks = {}
     with torch.no_grad():
         for name, layer in prunable_layers(model, filter_fn, types=(nn.Linear,)):
-            mask = make_mask(_dense_weight(layer).detach(), n, m).to(torch.bool)
+            weight = _dense_weight(layer).detach()
+            layer_saliency = None if saliency is None else saliency.get(name)
+            mask = nm_prune_mask(weight, n, m, saliency=layer_saliency).to(torch.bool)
             set_mask(layer, mask)
             masks[name] = mask
     return masks
