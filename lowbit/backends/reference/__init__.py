@@ -5,3 +5,4 @@ optimized kernels must reproduce (see docs/ops.md).
 """
 
 from . import fp8, int4, int8  # noqa: F401
+from . import codebook  # noqa: F401
