@@ -22,3 +22,5 @@ from .learners import (  # noqa: F401
     scalar_kmeans_quantize,
     two_level_quantize,
 )
+from .finetune import finetune_codebooks, output_error  # noqa: F401
+from .lattice import e8_nearest, dn_nearest, lattice_points, lattice_quantize  # noqa: F401
