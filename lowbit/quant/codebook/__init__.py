@@ -8,7 +8,7 @@ seeded and deterministic, with distance computations in bounded blocks.
 
 from __future__ import annotations
 
-from .kmeans import KMeansResult, kmeans, kmeans1d, kmeans_batched, kmeans_plusplus  # noqa: F401
+from .clustering import KMeansResult, kmeans, kmeans1d, kmeans_batched, kmeans_plusplus  # noqa: F401
 from .learners import (  # noqa: F401
     CodebookFit,
     additive_quantize,

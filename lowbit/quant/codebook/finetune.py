@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from .kmeans import progress_bar
+from .clustering import progress_bar
 from .learners import CodebookFit, _err, decode
 
 

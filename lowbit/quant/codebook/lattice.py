@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from .kmeans import CHUNK_ELEMS
+from .clustering import CHUNK_ELEMS
 from .learners import CodebookFit, _check_weight, _err
 
 LATTICES = {"D4": 4, "E8": 8}

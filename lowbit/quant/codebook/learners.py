@@ -28,7 +28,7 @@ from typing import NamedTuple
 
 import torch
 
-from .kmeans import CHUNK_ELEMS, kmeans1d, kmeans_batched, make_generator, progress_bar, whiten
+from .clustering import CHUNK_ELEMS, kmeans1d, kmeans_batched, make_generator, progress_bar, whiten
 
 
 class CodebookFit(NamedTuple):
@@ -360,7 +360,7 @@ def ls_codebooks(
     kind = _kind(weight)
     CE = C * E
     if CE > max_joint or kind == "full":
-        from .kmeans import _update
+        from .clustering import _update
 
         cb = cb.clone()
         for c in range(C):
