@@ -41,6 +41,9 @@ from .nn.base import QuantizedLinear, check_parent
 from .nn.fp8 import ACTIVATIONS, FP8Linear
 from .nn.int4 import Int4Linear
 from .nn.int8 import Int8Linear, Int8WeightOnlyLinear
+# ---- codebook
+from .formats import codebook as codebook_fmt
+from .nn.codebook import CodebookLinear
 
 FORMAT = "lowbit"
 FORMAT_VERSION = 1
@@ -56,6 +59,9 @@ _TENSOR_DTYPES = {**_FLOAT_DTYPES, "int8": torch.int8, "uint8": torch.uint8,
 
 _CLASSES: dict[str, type[QuantizedLinear]] = {
     c.__name__: c for c in (Int8Linear, Int8WeightOnlyLinear, Int4Linear, FP8Linear)}
+# ---- codebook
+_CLASSES[CodebookLinear.__name__] = CodebookLinear
+_CODEBOOK_ARGS = ("dim", "bits", "num_codebooks", "groups", "row_groups", "rotation_block")
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -70,6 +76,10 @@ def _module_args(m: QuantizedLinear) -> dict:
         args.update(group_size=m.group_size, symmetric=m.zero is None, scale_dtype=_dtype_name(m.scale.dtype))
     elif isinstance(m, FP8Linear):
         args.update(format=m.format, granularity=m.granularity, activation=m.activation, act_format=m.act_format)
+    # ---- codebook
+    elif isinstance(m, CodebookLinear):
+        args.update({k: getattr(m, k) for k in _CODEBOOK_ARGS}, has_scale=m.scale is not None,
+                    codebook_dtype=_dtype_name(m.codebooks.dtype))
     return args
 
 
@@ -223,6 +233,27 @@ def _parse_args(where: _Where, cls: type[QuantizedLinear], args: dict) -> dict:
         out["activation"] = where.choice(args, "activation", ACTIVATIONS, what)
         out["act_format"] = where.choice(args, "act_format", fp8_fmt.FORMATS, what)
         keys += ["format", "granularity", "activation", "act_format"]
+    # ---- codebook
+    elif cls is CodebookLinear:
+        for k in _CODEBOOK_ARGS:
+            out[k] = where.field(args, k, int, what)
+        out["has_scale"] = where.field(args, "has_scale", bool, what)
+        out["codebook_dtype"] = _FLOAT_DTYPES[where.choice(args, "codebook_dtype", _FLOAT_DTYPES, what)]
+        keys += [*_CODEBOOK_ARGS, "has_scale", "codebook_dtype"]
+        # Sizes the constructor would allocate from: bounded before anything is built.
+        if out["dim"] not in codebook_fmt.DIMS or not 1 <= out["bits"] <= codebook_fmt.MAX_BITS \
+                or not 1 <= out["num_codebooks"] <= 64 or out["groups"] < 1 or out["row_groups"] < 1 \
+                or out["rotation_block"] < 0:
+            where.fail(f"codebook args out of range: dim {out['dim']} (one of {codebook_fmt.DIMS}), bits "
+                       f"{out['bits']} (1..{codebook_fmt.MAX_BITS}), num_codebooks {out['num_codebooks']} (1..64), "
+                       f"groups {out['groups']}, row_groups {out['row_groups']} (>= 1), rotation_block "
+                       f"{out['rotation_block']} (>= 0)")
+        K, N, d = out["in_features"], out["out_features"], out["dim"]
+        if K % d or (K // d) % out["groups"] or N % out["row_groups"] or \
+                (out["rotation_block"] and (K % out["rotation_block"] or out["rotation_block"] % d)):
+            where.fail(f"codebook args do not fit [out, in]=[{N}, {K}]: dim {d} must divide in_features, groups "
+                       f"{out['groups']} the sub-vectors, row_groups {out['row_groups']} out_features, "
+                       f"rotation_block {out['rotation_block']} in_features (and be a multiple of dim)")
     where.no_extra(args, keys, what)
     return out
 
@@ -300,6 +331,16 @@ def _check_values(where: _Where, m: QuantizedLinear, t: dict[str, torch.Tensor])
                 _finite(where, "act_scale", t["act_scale"])
                 if not float(t["act_scale"]) > 0:
                     where.fail("tensor 'act_scale' must be > 0")
+        # ---- codebook
+        elif isinstance(m, CodebookLinear):
+            # Every packed code is in range by construction (2**bits entries); what the kernel
+            # relies on is the shapes, checked as the op checks them, and finite values.
+            codebook_fmt.validate(t["codes"], t["codebooks"], t.get("scale"), t.get("rotation"), m.in_features)
+            x = torch.empty(1, m.in_features, dtype=m.orig_dtype, device=t["codes"].device)
+            _checks.codebook_mm("codebook_mm", x, t["codes"], t["codebooks"], t.get("scale"), t.get("bias"))
+            for name in ("codebooks", "scale", "rotation"):
+                if name in t:
+                    _finite(where, name, t[name])
     except ValueError as e:
         if str(e).startswith("lowbit.load:"):
             raise
