@@ -18,6 +18,11 @@ for _module in (int8, int4, fp8):
     KERNELS.update(_module.KERNELS)
     MIN_CAPABILITY.update(getattr(_module, "MIN_CAPABILITY", {}))
 
+# ---- codebook
+from . import codebook  # noqa: E402
+
+KERNELS.update(codebook.KERNELS)
+
 
 def kernel_for(op: str, device: torch.device):
     fn = KERNELS.get(op)
