@@ -119,6 +119,10 @@ KERNEL_OPS: tuple[tuple[str, str], ...] = (
     ("fp8_wo_", "fp8_weight_only_mm"),
     ("cutlass::Kernel", "int8_mm, int8_scaled_mm"),
     ("_ZN7cutlass6Kernel", "int8_mm, int8_scaled_mm"),  # when c++filt gives up on a long name
+    # ---- codebook
+    ("codebook_gemv", "codebook_mm"),
+    ("codebook_tile", "codebook_mm"),
+    ("codebook_dequant", "codebook_dequant"),
 )
 
 

@@ -28,6 +28,7 @@
 #include <vector>
 
 #include "lowbit/checks.h"
+#include "lowbit/codebook_layout.h"
 
 namespace lowbit {
 namespace {
@@ -72,13 +73,11 @@ inline uint32_t load_u32_clamped(const uint8_t* row, int64_t byte, int64_t row_b
   return v;
 }
 
-// Code number i of a row (bit stream, LSB first). A code of <= 16 bits starting at bit offset
-// <= 7 lies within 3 bytes.
+// Code number i of a row: byte and 16-bit codes directly, other widths by the shared definition.
 inline uint32_t code_at(const Problem& p, const uint8_t* row, int64_t i) {
   if (p.bits == 8) return row[i];
   if (p.bits == 16) return static_cast<uint32_t>(row[2 * i]) | (static_cast<uint32_t>(row[2 * i + 1]) << 8);
-  const int64_t bit = i * p.bits;
-  return (load_u32_clamped(row, bit >> 3, p.row_bytes) >> (bit & 7)) & ((1u << p.bits) - 1);
+  return codebook_layout::code_at(row, i, static_cast<int>(p.bits), p.row_bytes);
 }
 
 inline const float* codebook_of(const Problem& p, int64_t n, int64_t g) {
