@@ -28,7 +28,16 @@ from typing import NamedTuple
 
 import torch
 
-from .clustering import CHUNK_ELEMS, MIN_ROWS, kmeans1d, kmeans_batched, make_generator, progress_bar, whiten
+from .clustering import (
+    CHUNK_ELEMS,
+    MIN_ROWS,
+    kmeans1d,
+    kmeans_batched,
+    make_generator,
+    progress_bar,
+    serial_if_small,
+    whiten,
+)
 
 
 class CodebookFit(NamedTuple):
@@ -298,6 +307,11 @@ def beam_encode(
     under the weighting, one matmul for all of them) and the ``beam`` best extensions survive.
     beam = 1 is greedy residual encoding. Point blocks bound the [points, beam, E] score tensor.
     """
+    with serial_if_small(x.shape[0] * x.shape[1] * beam * cb.shape[2] * cb.shape[1]):
+        return _beam_encode(x, weight, cb, beam)
+
+
+def _beam_encode(x, weight, cb, beam):
     B, n, d = x.shape
     C, E = cb.shape[1], cb.shape[2]
     kind = "none" if weight is None else {2: "point", 3: "diag", 4: "full"}[weight.dim()]
@@ -316,19 +330,19 @@ def beam_encode(
                 e = cb[b, c]  # [E, d]
                 res = xb.unsqueeze(1) - S  # [r, m, d]
                 m = res.shape[1]
+                # One [r*m, d] x [d, E] matmul for every extension of every beam entry.
                 if kind in ("none", "point"):
-                    score = torch.baddbmm(
-                        res.square().sum(-1, keepdim=True), res, e.T.expand(r, d, E), alpha=-2.0
-                    ) + e.square().sum(-1)
+                    cross = torch.addmm(e.square().sum(-1), res.reshape(r * m, d), e.T, alpha=-2.0).view(r, m, E)
+                    score = cross + res.square().sum(-1, keepdim=True)
                 elif kind == "diag":
                     wres = res * wb.unsqueeze(1)
-                    score = (wres * res).sum(-1, keepdim=True) - 2.0 * torch.bmm(wres, e.T.expand(r, d, E))
-                    score = score + (wb @ e.square().T).unsqueeze(1)
+                    cross = (wres.reshape(r * m, d) @ e.T).view(r, m, E)
+                    score = (wres * res).sum(-1, keepdim=True) - 2.0 * cross + (wb @ e.square().T).unsqueeze(1)
                 else:
                     mres = torch.einsum("rde,rme->rmd", wb, res)
                     quad = wb.reshape(r, d * d) @ (e.unsqueeze(-1) * e.unsqueeze(-2)).reshape(E, d * d).T
-                    score = (mres * res).sum(-1, keepdim=True) - 2.0 * torch.bmm(mres, e.T.expand(r, d, E))
-                    score = score + quad.unsqueeze(1)
+                    cross = (mres.reshape(r * m, d) @ e.T).view(r, m, E)
+                    score = (mres * res).sum(-1, keepdim=True) - 2.0 * cross + quad.unsqueeze(1)
                 top = torch.topk(score.reshape(r, m * E), min(beam, m * E), dim=1, largest=False)
                 parent, entry = top.indices // E, top.indices % E
                 S = torch.gather(S, 1, parent.unsqueeze(-1).expand(-1, -1, d)) + e[entry]
