@@ -334,9 +334,12 @@ void fused_scalar_small(const Problem& p, const float* x, int64_t m0, int64_t n0
 // codebooks (pq2, aq2, AQLM-style 1x16): per sub-vector C entry loads (the codebook is L1/L2
 // resident), their sum, one FMA per row of x. d = 4 pairs two sub-vectors into one register
 // (so its groups must hold an even number of sub-vectors: see fused_ok).
-template <int MR, int NR, int D, int kCodeBytes>
+template <int MR, int NR, int D, int kCodeBytes, int kC>
 void fused_vector(const Problem& p, const float* x, int64_t m0, int64_t n0) {
   constexpr int kStep = D == 8 ? 1 : 2;  // sub-vectors per 8 weights
+  // kC: the number of summed codebooks when it is 1 or 2 (a compile-time loop the compiler keeps
+  // in registers; a runtime one cost 4x at C = 2), else 0 and p.C is used.
+  const int64_t C = kC ? kC : p.C;
   __m256 acc[NR][MR];
   for (int r = 0; r < NR; ++r)
     for (int m = 0; m < MR; ++m) acc[r][m] = _mm256_setzero_ps();
@@ -352,16 +355,17 @@ void fused_vector(const Problem& p, const float* x, int64_t m0, int64_t n0) {
       for (int m = 0; m < MR; ++m) xv[m] = _mm256_loadu_ps(x + m * p.Kp + j * D);
       for (int r = 0; r < NR; ++r) {
         __m256 w = _mm256_setzero_ps();
-        for (int64_t c = 0; c < p.C; ++c) {
+#pragma GCC unroll 2
+        for (int64_t c = 0; c < C; ++c) {
           const float* cb = cbs[r] + c * entry;
-          int64_t i0 = j * p.C + c, e0, e1 = 0;
+          int64_t i0 = j * C + c, e0, e1 = 0;
           if constexpr (kCodeBytes == 1) {
             e0 = rows[r][i0];
-            if constexpr (D == 4) e1 = rows[r][i0 + p.C];
+            if constexpr (D == 4) e1 = rows[r][i0 + C];
           } else {
             uint16_t v0, v1 = 0;
             std::memcpy(&v0, rows[r] + 2 * i0, 2);
-            if constexpr (D == 4) std::memcpy(&v1, rows[r] + 2 * (i0 + p.C), 2);
+            if constexpr (D == 4) std::memcpy(&v1, rows[r] + 2 * (i0 + C), 2);
             e0 = v0;
             e1 = v1;
           }
@@ -394,15 +398,22 @@ Fused fused_kind(const Problem& p) {
   return Fused::kNone;
 }
 
+template <int MR, int NR, int D, int kCodeBytes>
+void fused_vector_c(const Problem& p, const float* x, int64_t m0, int64_t n0) {
+  if (p.C == 1) fused_vector<MR, NR, D, kCodeBytes, 1>(p, x, m0, n0);
+  else if (p.C == 2) fused_vector<MR, NR, D, kCodeBytes, 2>(p, x, m0, n0);
+  else fused_vector<MR, NR, D, kCodeBytes, 0>(p, x, m0, n0);
+}
+
 template <int MR, int NR>
 void fused_tile(const Problem& p, Fused kind, const float* x, int64_t m0, int64_t n0) {
   switch (kind) {
     case Fused::kScalar8: fused_scalar_small<MR, NR, false>(p, x, m0, n0); break;
     case Fused::kScalar16: fused_scalar_small<MR, NR, true>(p, x, m0, n0); break;
-    case Fused::kVec4x1: fused_vector<MR, NR, 4, 1>(p, x, m0, n0); break;
-    case Fused::kVec8x1: fused_vector<MR, NR, 8, 1>(p, x, m0, n0); break;
-    case Fused::kVec4x2: fused_vector<MR, NR, 4, 2>(p, x, m0, n0); break;
-    case Fused::kVec8x2: fused_vector<MR, NR, 8, 2>(p, x, m0, n0); break;
+    case Fused::kVec4x1: fused_vector_c<MR, NR, 4, 1>(p, x, m0, n0); break;
+    case Fused::kVec8x1: fused_vector_c<MR, NR, 8, 1>(p, x, m0, n0); break;
+    case Fused::kVec4x2: fused_vector_c<MR, NR, 4, 2>(p, x, m0, n0); break;
+    case Fused::kVec8x2: fused_vector_c<MR, NR, 8, 2>(p, x, m0, n0); break;
     default: break;
   }
 }
