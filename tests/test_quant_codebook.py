@@ -21,10 +21,29 @@ from lowbit.quant.codebook import lattice as lat
 def _one_thread():
     # Small problems: on a shared, loaded 2-core machine one thread is several times faster
     # (OpenMP barriers wait on descheduled threads).
+    # The same holds for scikit-learn's and FAISS's OpenMP pools.
+    import contextlib
+
     n = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield
+    try:
+        import faiss
+
+        faiss_n = faiss.omp_get_max_threads()
+        faiss.omp_set_num_threads(1)
+    except ImportError:
+        faiss = None
+    try:
+        from threadpoolctl import threadpool_limits
+
+        limit = threadpool_limits(1)
+    except ImportError:
+        limit = contextlib.nullcontext()
+    with limit:
+        yield
     torch.set_num_threads(n)
+    if faiss is not None:
+        faiss.omp_set_num_threads(faiss_n)
 
 
 def _monotone(h, rel=1e-6):

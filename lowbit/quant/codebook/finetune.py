@@ -115,19 +115,22 @@ def finetune_codebooks(
                 bar.update(1)
                 bar.set_postfix(objective=f"{cur:.4g}")
     else:
-        scale = float(theta.abs().mean()) or 1.0
-        param = theta.clone().requires_grad_(True)
-        opt = torch.optim.Adam([param], lr=lr if lr is not None else 1e-2 * scale)
+        # Adam written out: torch.optim's first use imports torch.distributed & co (seconds).
+        step_size = lr if lr is not None else 1e-2 * (float(theta.abs().mean()) or 1.0)
+        beta1, beta2, eps = 0.9, 0.999, 1e-12
+        param = theta.clone()
+        m1 = torch.zeros_like(param)
+        m2 = torch.zeros_like(param)
         best, best_loss = theta.clone(), cur
-        for _ in range(steps):
-            opt.zero_grad()
-            D = W - dec(param)
-            obj = (D * apply_h(D)).sum() if use_gram else (D @ X.T).square().sum()
-            obj.backward()
-            opt.step()
-            val = loss(param.detach())
+        for t in range(1, steps + 1):
+            grad = -2.0 * adjoint(apply_h(W - dec(param)), param)
+            m1.mul_(beta1).add_(grad, alpha=1 - beta1)
+            m2.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+            denom = (m2 / (1 - beta2**t)).sqrt_().add_(eps)
+            param = param - step_size * (m1 / (1 - beta1**t)) / denom
+            val = loss(param)
             if val < best_loss:
-                best, best_loss = param.detach().clone(), val
+                best, best_loss = param.clone(), val
             if history is not None:
                 history.append(best_loss)
             if bar is not None:
