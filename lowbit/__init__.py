@@ -24,6 +24,7 @@ from . import nn  # noqa: E402,F401
 from .api import last_report, quantize, summary  # noqa: E402,F401
 from .configs import PRESETS, FP8Config, Int4Config, Int8Config  # noqa: E402,F401
 from .configs import Sparse24Config  # noqa: E402,F401
+from .configs import CodebookConfig  # noqa: E402,F401
 from .serialization import load, save  # noqa: E402,F401
 from .qat import convert, prepare_qat  # noqa: E402,F401
 # ---- ptq: calibration, GPTQ, SmoothQuant, sensitivity and mixed precision

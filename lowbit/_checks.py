@@ -384,3 +384,61 @@ def sparse24_int8_scaled_mm(op, a, values, meta, scale_a, scale_b, bias=None, ou
     out_dtype = out_dtype_arg(op, out_dtype)
     sparse24_meta_data(op, meta)
     return M, N, out_dtype
+
+
+# --------------------------------------------------------------------------- codebook
+# Format: lowbit/formats/codebook.py. codebooks [R, G, C, 2**bits, d]; packed codes uint8
+# [N, ceil(J*C*bits/8)], J = K/d. E == 2**bits makes every packed code in range, so these O(1)
+# shape checks are all a kernel needs.
+CODEBOOK_DIMS = (1, 2, 4, 8)
+CODEBOOK_MAX_BITS = 16
+
+
+def codebook_args(op, codes, codebooks, scale, K, ref, ref_name):
+    """Checks shared by codebook_mm and codebook_dequant; returns (N, R, G, C, bits, d)."""
+    tensor(op, "codes", codes, dtypes=(torch.uint8,), dim=2)
+    tensor(op, "codebooks", codebooks, dtypes=FLOAT_DTYPES, dim=5)
+    same_device(op, **{ref_name: ref, "codes": codes, "codebooks": codebooks})
+    nonempty(op, "codes", codes)
+    nonempty(op, "codebooks", codebooks)
+    R, G, C, E, d = codebooks.shape
+    if E < 2 or E > 2**CODEBOOK_MAX_BITS or E & (E - 1):
+        fail(op, f"codebooks must have 2**bits entries (bits 1..{CODEBOOK_MAX_BITS}) in dim 3, got shape "
+                 f"{_shape(codebooks)}")
+    bits = E.bit_length() - 1
+    if d not in CODEBOOK_DIMS:
+        fail(op, f"codebooks must have a sub-vector dimension (dim 4) of 1, 2, 4 or 8, got shape {_shape(codebooks)}")
+    if K % d:
+        k_name = "x" if ref_name == "x" else "in_features"
+        fail(op, f"{k_name} must have K a multiple of the sub-vector dimension d={d}, got K={K}")
+    J = K // d
+    if J % G:
+        fail(op, f"codebooks has G={G} column groups, which must divide the J=K/d={J} sub-vectors per row")
+    N = codes.shape[0]
+    if N % R:
+        fail(op, f"codebooks has R={R} row groups, which must divide N={N}")
+    nbytes = (J * C * bits + 7) // 8
+    if codes.shape[1] != nbytes:
+        fail(op, f"codes must have shape [N, ceil(J*C*bits/8)]=[{N}, {nbytes}] for J={J}, C={C}, bits={bits}, "
+                 f"got {_shape(codes)}")
+    if scale is not None:
+        tensor(op, "scale", scale, dtypes=FLOAT_DTYPES, dim=1)
+        if scale.shape[0] != N:
+            fail(op, f"scale must have shape [N]=[{N}], got {_shape(scale)}")
+        same_device(op, **{ref_name: ref, "scale": scale})
+    return N, R, G, C, bits, d
+
+
+def codebook_mm(op, x, codes, codebooks, scale=None, bias=None):
+    tensor(op, "x", x, dtypes=FLOAT_DTYPES, dim=2)
+    nonempty(op, "x", x)
+    N, *_ = codebook_args(op, codes, codebooks, scale, x.shape[1], x, "x")
+    bias_arg(op, bias, N, x, "x")
+    return x.shape[0], N
+
+
+def codebook_dequant(op, codes, codebooks, scale, in_features, out_dtype=None):
+    if in_features < 1:
+        fail(op, f"in_features must be positive, got {in_features}")
+    N, *_ = codebook_args(op, codes, codebooks, scale, in_features, codes, "codes")
+    return N, out_dtype_arg(op, out_dtype)

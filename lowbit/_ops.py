@@ -155,6 +155,22 @@ def _binary_scaled_mm_fake(a, b, K, scale_a, scale_b, bias=None, out_dtype=None)
     return a.new_empty((M, N), dtype=out_dtype)
 
 
+# --------------------------------------------------------------------------- codebook
+@_define("codebook_mm", "(Tensor x, Tensor codes, Tensor codebooks, Tensor? scale=None, Tensor? bias=None) -> Tensor")
+def _codebook_mm_fake(x, codes, codebooks, scale=None, bias=None):
+    M, N = _checks.codebook_mm("codebook_mm", x, codes, codebooks, scale, bias)
+    return x.new_empty((M, N), dtype=x.dtype)
+
+
+@_define(
+    "codebook_dequant",
+    "(Tensor codes, Tensor codebooks, Tensor? scale, int in_features, ScalarType? out_dtype=None) -> Tensor",
+)
+def _codebook_dequant_fake(codes, codebooks, scale, in_features, out_dtype=None):
+    N, out_dtype = _checks.codebook_dequant("codebook_dequant", codes, codebooks, scale, in_features, out_dtype)
+    return codebooks.new_empty((N, in_features), dtype=out_dtype)
+
+
 def op_names() -> list[str]:
     """The public ops, in registration order."""
     return list(SCHEMAS)

@@ -556,12 +556,71 @@ def _sparse24_candidates() -> list[Candidate]:
     ]
 
 
+# ---- codebook
+def _codebook_weight(inp: Inputs, d: int, bits: int, C: int = 1):
+    """A codebook-coded inp.w for kernel timing: codebooks sampled from w's own sub-vectors (then
+    from the residuals), codes by greedy nearest entry. Cheap and deterministic; learned codebooks
+    (lowbit.quant.codebook) are more accurate but cost minutes at these sizes, and the kernels'
+    speed does not depend on the values."""
+    from lowbit.formats import codebook as fmt
+
+    def build():
+        g = torch.Generator().manual_seed(0)
+        w = inp.w.detach().to("cpu", torch.float32)
+        N, K = w.shape
+        v = w.reshape(-1, d)
+        residual, books, codes = v.clone(), [], []
+        for _ in range(C):
+            book = residual[torch.randint(0, v.shape[0], (2**bits,), generator=g)].clone()
+            code = torch.cat([torch.cdist(chunk, book).argmin(1) for chunk in residual.split(1 << 16)])
+            residual -= book[code]
+            books.append(book)
+            codes.append(code)
+        codebooks = torch.stack(books).reshape(1, 1, C, 2**bits, d)
+        packed = fmt.from_codes(torch.stack(codes, 1).reshape(N, K // d, C), codebooks, codebook_dtype=torch.float16)
+        return fmt.CodebookWeight(packed.packed.to(inp.device), packed.codebooks.to(inp.device), None, None, K)
+
+    return inp.get(f"cb{d}x{bits}x{C}", build)
+
+
+def _codebook_candidates() -> list[Candidate]:
+    """Codebook weights (scalar 4/3-bit, PQ 2 bits/weight, AQ 2x8) against float F.linear."""
+    t_f32 = lambda s: gemm_traffic(s, weight_bits=32, act_bytes=4, out_bytes=4)  # noqa: E731
+    t_cb = lambda bpw, act_bytes: (lambda s: gemm_traffic(  # noqa: E731
+        s, weight_bits=bpw, act_bytes=act_bytes, out_bytes=act_bytes))
+
+    def lb(d, bits, C, dtype):
+        def build(inp):
+            ops = _lowbit_ops()
+            cw = _codebook_weight(inp, d, bits, C)
+            x = inp.x if dtype == torch.float32 else _bf16(inp, "x16", lambda: inp.x)
+            return lambda: ops.codebook_mm(x, cw.packed, cw.codebooks, None)
+        return build
+
+    C = Candidate
+    out = [
+        C("fp32 F.linear", "codebook", "baseline", "float32", "float", "float", fp32_linear, t_f32, ("cpu",)),
+        C("bf16 F.linear", "codebook", "baseline", "bfloat16", "float", "float", bf16_linear,
+          lambda s: gemm_traffic(s, weight_bits=16, act_bytes=2, out_bytes=2)),
+    ]
+    for name, d, bits, nc in (("kmeans4", 1, 4, 1), ("kmeans3", 1, 3, 1), ("pq2 d4x8", 4, 8, 1),
+                              ("aq2 d8 2x8", 8, 8, 2)):
+        bpw = bits * nc / d
+        out.append(C(f"codebook_mm {name}", "codebook", "lowbit", "float32", "float", "float",
+                     lb(d, bits, nc, torch.float32), t_cb(bpw, 4)))
+        out.append(C(f"codebook_mm {name}", "codebook", "lowbit", "bfloat16", "float", "float",
+                     lb(d, bits, nc, torch.bfloat16), t_cb(bpw, 2)))
+    return out
+
+
 FAMILIES: dict[str, Callable[[], list[Candidate]]] = {
     "int8": _int8_candidates,
     "int4": _int4_candidates,
     "fp8": _fp8_candidates,
     "sparse24": _sparse24_candidates,
 }
+# ---- codebook
+FAMILIES["codebook"] = _codebook_candidates
 
 
 # ---- binary

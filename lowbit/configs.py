@@ -147,6 +147,31 @@ _CONFIG_TYPES: dict[str, type[Config]] = {c.__name__: c for c in (Int8Config, In
                                                                   Sparse24Config)}
 _CONFIG_TYPES[BinaryConfig.__name__] = BinaryConfig
 
+
+# ---- codebook
+@dataclass(frozen=True)
+class CodebookConfig(Config):
+    """Codebook-quantized weights, float activations (:mod:`lowbit.formats.codebook`).
+
+    ``method``: ``"kmeans"`` (scalar k-means weight sharing), ``"pq"`` (product quantization),
+    ``"opq"`` (PQ after a learned block-diagonal rotation), ``"rq"`` (residual), ``"aq"`` (additive,
+    codes chosen jointly) or ``"lattice"`` (training-free D4/E8 points). ``bits`` per code (2**bits
+    entries per codebook), ``dim`` weights per code, ``num_codebooks`` summed codebooks (rq/aq):
+    ``bits * num_codebooks / dim`` bits per weight plus the codebooks. None = the method's default
+    (lowbit.nn.codebook). ``groups``: column groups with their own codebooks (None = default).
+    """
+
+    VERSION: ClassVar[int] = 1
+    method: str = "kmeans"
+    bits: int | None = None
+    dim: int | None = None
+    num_codebooks: int | None = None
+    groups: int | None = None
+    codebook_dtype: str = "float16"
+
+
+_CONFIG_TYPES[CodebookConfig.__name__] = CodebookConfig
+
 Handler = Callable[[nn.Linear, Config], nn.Module]
 _HANDLERS: dict[type, Handler] = {}
 
@@ -207,6 +232,12 @@ PRESETS: dict[str, Config] = {
     # ---- sparse24
     "sparse24": Sparse24Config(),
     "sparse24-int8": Sparse24Config(values_dtype="int8"),
+    # ---- codebook
+    "kmeans4": CodebookConfig(method="kmeans", bits=4, dim=1),
+    "kmeans3": CodebookConfig(method="kmeans", bits=3, dim=1),
+    "pq2": CodebookConfig(method="pq", bits=8, dim=4),
+    "aq2": CodebookConfig(method="aq", bits=8, dim=8, num_codebooks=2),
+    "lattice": CodebookConfig(method="lattice", bits=8, dim=4),
 }
 # ---- binary
 PRESETS["binary"] = BinaryConfig()

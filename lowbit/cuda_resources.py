@@ -137,6 +137,10 @@ KERNEL_OPS += (
     ("binary_mma_kernel", "binary_mm, binary_scaled_mm"),
     ("binary_gemv_kernel", "binary_mm, binary_scaled_mm"),
     ("binary_quantize_kernel", "binary_quantize"),
+    # ---- codebook
+    ("codebook_gemv", "codebook_mm"),
+    ("codebook_tile", "codebook_mm"),
+    ("codebook_dequant", "codebook_dequant"),
 )
 
 

@@ -199,3 +199,31 @@ def sparse24_int8_scaled_mm(
     """2:4 + INT8 (W8A8): exact int32 ``a @ W.T`` for int8 `a` [M, K] and int8 2:4 `values`, then
     ``* scale_a[:, None] * scale_b[None, :] + bias`` in the epilogue (as :func:`int8_scaled_mm`)."""
     return _lowbit.sparse24_int8_scaled_mm(a, values, meta, scale_a, scale_b, bias, out_dtype)
+
+
+# --------------------------------------------------------------------------- codebook
+def codebook_mm(
+    x: torch.Tensor,
+    codes: torch.Tensor,
+    codebooks: torch.Tensor,
+    scale: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``x @ W.T + bias`` for a codebook-coded weight W, decoded inside the kernel (never whole).
+
+    `codes` (packed uint8 [N, ceil(J*C*bits/8)]), `codebooks` ([R, G, C, 2**bits, d]) and
+    `scale` ([N] or None) follow lowbit/formats/codebook.py; ``W[n, j*d:(j+1)*d] = scale[n] *
+    sum_c codebooks[n // (N/R), j // (J/G), c, code(n, j, c)]``. `x` float [M, K]; output in x.dtype.
+    """
+    return _lowbit.codebook_mm(x, codes, codebooks, scale, bias)
+
+
+def codebook_dequant(
+    codes: torch.Tensor,
+    codebooks: torch.Tensor,
+    scale: torch.Tensor | None,
+    in_features: int,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """The decoded weight [N, in_features] of a codebook-coded layer (out_dtype, default float32)."""
+    return _lowbit.codebook_dequant(codes, codebooks, scale, in_features, out_dtype)

@@ -47,6 +47,9 @@ from .formats import binary as binary_fmt
 from .nn.binary import BinaryLinear
 from .formats import sparse24 as sparse24_fmt  # ---- sparse24
 from .nn.sparse24 import Sparse24Linear
+# ---- codebook
+from .formats import codebook as codebook_fmt
+from .nn.codebook import CodebookLinear
 
 FORMAT = "lowbit"
 FORMAT_VERSION = 1
@@ -65,6 +68,9 @@ _CLASSES: dict[str, type[QuantizedLinear]] = {
 # ---- binary
 _TENSOR_DTYPES["int32"] = torch.int32
 _CLASSES[BinaryLinear.__name__] = BinaryLinear
+# ---- codebook
+_CLASSES[CodebookLinear.__name__] = CodebookLinear
+_CODEBOOK_ARGS = ("dim", "bits", "num_codebooks", "groups", "row_groups", "rotation_block")
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -85,6 +91,10 @@ def _module_args(m: QuantizedLinear) -> dict:
         args.update(binary_activations=m.binary_activations)
     elif isinstance(m, Sparse24Linear):  # ---- sparse24
         args.update(values_dtype=_dtype_name(m.values_dtype))
+    # ---- codebook
+    elif isinstance(m, CodebookLinear):
+        args.update({k: getattr(m, k) for k in _CODEBOOK_ARGS}, has_scale=m.scale is not None,
+                    codebook_dtype=_dtype_name(m.codebooks.dtype))
     return args
 
 
@@ -257,6 +267,27 @@ def _parse_args(where: _Where, cls: type[QuantizedLinear], args: dict) -> dict:
         keys += ["values_dtype"]
         if out["values_dtype"] == torch.int8 and out["in_features"] > _checks.INT8_MAX_K:
             where.fail(f"in_features={out['in_features']} exceeds {_checks.INT8_MAX_K} for int8 values")
+    # ---- codebook
+    elif cls is CodebookLinear:
+        for k in _CODEBOOK_ARGS:
+            out[k] = where.field(args, k, int, what)
+        out["has_scale"] = where.field(args, "has_scale", bool, what)
+        out["codebook_dtype"] = _FLOAT_DTYPES[where.choice(args, "codebook_dtype", _FLOAT_DTYPES, what)]
+        keys += [*_CODEBOOK_ARGS, "has_scale", "codebook_dtype"]
+        # Sizes the constructor would allocate from: bounded before anything is built.
+        if out["dim"] not in codebook_fmt.DIMS or not 1 <= out["bits"] <= codebook_fmt.MAX_BITS \
+                or not 1 <= out["num_codebooks"] <= 64 or out["groups"] < 1 or out["row_groups"] < 1 \
+                or out["rotation_block"] < 0:
+            where.fail(f"codebook args out of range: dim {out['dim']} (one of {codebook_fmt.DIMS}), bits "
+                       f"{out['bits']} (1..{codebook_fmt.MAX_BITS}), num_codebooks {out['num_codebooks']} (1..64), "
+                       f"groups {out['groups']}, row_groups {out['row_groups']} (>= 1), rotation_block "
+                       f"{out['rotation_block']} (>= 0)")
+        K, N, d = out["in_features"], out["out_features"], out["dim"]
+        if K % d or (K // d) % out["groups"] or N % out["row_groups"] or \
+                (out["rotation_block"] and (K % out["rotation_block"] or out["rotation_block"] % d)):
+            where.fail(f"codebook args do not fit [out, in]=[{N}, {K}]: dim {d} must divide in_features, groups "
+                       f"{out['groups']} the sub-vectors, row_groups {out['row_groups']} out_features, "
+                       f"rotation_block {out['rotation_block']} in_features (and be a multiple of dim)")
     where.no_extra(args, keys, what)
     return out
 
@@ -347,6 +378,16 @@ def _check_values(where: _Where, m: QuantizedLinear, t: dict[str, torch.Tensor])
                 _finite(where, "values", t["values"])
             else:
                 _finite(where, "scale", t["scale"])
+        # ---- codebook
+        elif isinstance(m, CodebookLinear):
+            # Every packed code is in range by construction (2**bits entries); what the kernel
+            # relies on is the shapes, checked as the op checks them, and finite values.
+            codebook_fmt.validate(t["codes"], t["codebooks"], t.get("scale"), t.get("rotation"), m.in_features)
+            x = torch.empty(1, m.in_features, dtype=m.orig_dtype, device=t["codes"].device)
+            _checks.codebook_mm("codebook_mm", x, t["codes"], t["codebooks"], t.get("scale"), t.get("bias"))
+            for name in ("codebooks", "scale", "rotation"):
+                if name in t:
+                    _finite(where, name, t[name])
     except ValueError as e:
         if str(e).startswith("lowbit.load:"):
             raise

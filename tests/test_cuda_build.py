@@ -55,6 +55,9 @@ SPARSE24_KERNELS = ["sparse24_reorder_meta_kernel", "sparse24_meta_valid_kernel"
                     "sparse24_simt_int8_kernel", "sparse24_float_epilogue_kernel", "sparse24_int8_epilogue_kernel",
                     "10SparseGemm"]
 
+# ---- codebook
+CODEBOOK_KERNELS = ["codebook_gemv_kernel", "codebook_tile_kernel", "codebook_dequant_kernel"]
+
 
 def expected_archs() -> list[str]:
     return ["sm_" + a.replace(".", "") for a in _extension.BUILD_CONFIG.CUDA_ARCHS]
@@ -83,7 +86,7 @@ def test_every_built_arch_has_sass(resources):
 
 
 @needs_cuda_build
-@pytest.mark.parametrize("family", INT8_KERNELS + INT4_KERNELS + FP8_KERNELS + SPARSE24_KERNELS)
+@pytest.mark.parametrize("family", INT8_KERNELS + INT4_KERNELS + FP8_KERNELS + SPARSE24_KERNELS + CODEBOOK_KERNELS)
 def test_every_kernel_present_for_every_arch(resources, family):
     for arch in expected_archs():
         names = [r["kernel"] for r in resources if r["arch"] == arch]
@@ -149,6 +152,9 @@ SASS_EXPECTED = {
     "fp8_gemv_kernel": ["LDG.E"],
     # ---- sparse24: CUTLASS SparseGemm runs the sparse tensor-core MMA (mma.sp)
     "10SparseGemm": [".SP"],
+    # ---- codebook: codebooks staged in shared memory (LDS), decoded weights by FFMA.
+    "codebook_gemv_kernel": ["LDS", "FFMA"],
+    "codebook_tile_kernel": ["LDS", "FFMA"],
 }
 
 
@@ -656,3 +662,57 @@ def test_short_names_keep_the_first_template_level_when_it_fits():
     inner = "cutlass::gemm::kernel::GemmUniversal<" + "x" * 300 + ">"
     assert cuda_resources.short_name(f"void cutlass::device_kernel<lowbit::cuda::fp8_sm90::Sm90Only<{inner}>>(int)") \
         == "cutlass::device_kernel<lowbit::cuda::fp8_sm90::Sm90Only<...>>"
+
+
+# ============================================================================= codebook
+# ----------------------------------------------------------------------------- codebook_layout.h
+CODEBOOK_PROBE = r"""
+#include <cstdio>
+#include <vector>
+
+#include "lowbit/codebook_layout.h"
+using namespace lowbit::codebook_layout;
+
+int main() {
+  long long n, row_bytes, num_codes;
+  int bits;
+  while (std::scanf("%d %lld %lld %lld", &bits, &n, &num_codes, &row_bytes) == 4) {
+    std::vector<uint8_t> data(n * row_bytes);
+    for (auto& b : data) {
+      int v;
+      std::scanf("%d", &v);
+      b = static_cast<uint8_t>(v);
+    }
+    for (long long r = 0; r < n; ++r)
+      for (long long i = 0; i < num_codes; ++i)
+        std::printf("%u ", code_at(data.data() + r * row_bytes, i, bits, row_bytes));
+    std::printf("\n");
+  }
+  std::printf("%lld\n", (long long)entry_index(5, 7, 1, 3, 2, 4, 2, 2, 8));
+  return 0;
+}
+"""
+
+
+def test_codebook_layout_decodes_like_the_python_format(tmp_path):
+    import torch
+
+    from lowbit.formats import codebook as fmt
+    cxx = shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++") or shutil.which("clang++")
+    if cxx is None:
+        pytest.skip("no host C++ compiler")
+    src, exe = tmp_path / "probe.cpp", tmp_path / "probe"
+    src.write_text(CODEBOOK_PROBE)
+    subprocess.run([cxx, "-std=c++17", "-O1", "-fsanitize=address", "-I", os.path.join(ROOT, "csrc", "include"),
+                    str(src), "-o", str(exe)], check=True, capture_output=True, text=True)
+    stdin, want = [], []
+    for bits in range(1, 17):
+        codes = torch.randint(0, 2**bits, (3, 7, 2))
+        packed = fmt.pack(codes, bits)
+        stdin.append(f"{bits} 3 14 {packed.shape[1]} " + " ".join(str(int(v)) for v in packed.flatten().tolist()))
+        want.append(codes.reshape(-1).tolist())
+    lines = subprocess.run([str(exe)], input="\n".join(stdin) + "\n", check=True, capture_output=True,
+                           text=True).stdout.splitlines()
+    assert [[int(v) for v in line.split()] for line in lines[:-1]] == want
+    # row 5 of R-groups of 2 rows -> r = 2; sub-vector 7 of groups of 4 -> g = 1; G = 2, C = 2, E = 8
+    assert int(lines[-1]) == ((2 * 2 + 1) * 2 + 1) * 8 + 3

@@ -130,7 +130,8 @@ def use(backend: str):
 
 # ----------------------------------------------------------------------------- routing
 def _reference_impl(op: str):
-    for module in (reference.int8, reference.int4, reference.fp8, reference.binary, reference.sparse24):
+    for module in (reference.int8, reference.int4, reference.fp8, reference.binary, reference.sparse24,
+                   reference.codebook):
         fn = getattr(module, op, None)
         if fn is not None:
             return fn

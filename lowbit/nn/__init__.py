@@ -14,3 +14,4 @@ from .fp8 import FP8Linear  # noqa: F401
 from .conv import QuantizedConv2d, check_float_conv2d, conv_as_linear, im2col, rows_to_image  # noqa: F401
 from .binary import BinaryConv2d, BinarizedConv2d, BinarizedLinear, BinaryLinear  # noqa: F401,E402
 from .sparse24 import Sparse24Linear  # noqa: F401
+from .codebook import CodebookLinear  # noqa: F401

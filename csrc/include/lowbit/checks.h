@@ -504,4 +504,83 @@ inline c10::ScalarType check_sparse24_int8_scaled_mm(const char* op, const at::T
   return out;
 }
 
+
+// ---------------------------------------------------------------------------- codebook
+// Format: lowbit/formats/codebook.py. codebooks [R, G, C, 2**bits, d]; packed codes uint8
+// [N, ceil(J*C*bits/8)], J = K/d. E == 2**bits makes every packed code in range, so these O(1)
+// shape checks are all a kernel needs. Messages mirror lowbit/_checks.py (codebook_*).
+constexpr int64_t kCodebookMaxBits = 16;
+
+struct CodebookShape {
+  int64_t N, R, G, C, E, bits, d, J;
+};
+
+inline CodebookShape check_codebook_args(const char* op, const at::Tensor& codes, const at::Tensor& codebooks,
+                                         const std::optional<at::Tensor>& scale, int64_t K, const at::Tensor& ref,
+                                         const char* ref_name) {
+  // fp8_dtype_name: it also names int16/float64/bool as Python prints them.
+  if (codes.scalar_type() != c10::ScalarType::Byte)
+    LOWBIT_FAIL(op, "codes must have dtype uint8, got ", fp8_dtype_name(codes.scalar_type()));
+  check_dim(op, "codes", codes, 2);
+  if (!is_float_dtype(codebooks.scalar_type()))
+    LOWBIT_FAIL(op, "codebooks must have dtype float32, float16, bfloat16, got ", fp8_dtype_name(codebooks.scalar_type()));
+  check_dim(op, "codebooks", codebooks, 5);
+  check_same_device(op, "codes", codes, ref_name, ref);
+  check_same_device(op, "codebooks", codebooks, ref_name, ref);
+  check_nonempty(op, "codes", codes);
+  check_nonempty(op, "codebooks", codebooks);
+  CodebookShape s;
+  s.R = codebooks.size(0);
+  s.G = codebooks.size(1);
+  s.C = codebooks.size(2);
+  s.E = codebooks.size(3);
+  s.d = codebooks.size(4);
+  if (s.E < 2 || s.E > (int64_t(1) << kCodebookMaxBits) || (s.E & (s.E - 1)))
+    LOWBIT_FAIL(op, "codebooks must have 2**bits entries (bits 1..", kCodebookMaxBits, ") in dim 3, got shape ",
+                shape_str(codebooks));
+  s.bits = 0;
+  while ((int64_t(1) << s.bits) < s.E) ++s.bits;
+  if (s.d != 1 && s.d != 2 && s.d != 4 && s.d != 8)
+    LOWBIT_FAIL(op, "codebooks must have a sub-vector dimension (dim 4) of 1, 2, 4 or 8, got shape ",
+                shape_str(codebooks));
+  if (K % s.d)
+    LOWBIT_FAIL(op, std::string(ref_name) == "x" ? "x" : "in_features",
+                " must have K a multiple of the sub-vector dimension d=", s.d, ", got K=", K);
+  s.J = K / s.d;
+  if (s.J % s.G)
+    LOWBIT_FAIL(op, "codebooks has G=", s.G, " column groups, which must divide the J=K/d=", s.J,
+                " sub-vectors per row");
+  s.N = codes.size(0);
+  if (s.N % s.R) LOWBIT_FAIL(op, "codebooks has R=", s.R, " row groups, which must divide N=", s.N);
+  const int64_t nbytes = (s.J * s.C * s.bits + 7) / 8;
+  if (codes.size(1) != nbytes)
+    LOWBIT_FAIL(op, "codes must have shape [N, ceil(J*C*bits/8)]=[", s.N, ", ", nbytes, "] for J=", s.J, ", C=", s.C,
+                ", bits=", s.bits, ", got ", shape_str(codes));
+  if (scale.has_value()) {
+    if (!is_float_dtype(scale->scalar_type()))
+      LOWBIT_FAIL(op, "scale must have dtype float32, float16, bfloat16, got ", fp8_dtype_name(scale->scalar_type()));
+    check_dim(op, "scale", *scale, 1);
+    if (scale->size(0) != s.N) LOWBIT_FAIL(op, "scale must have shape [N]=[", s.N, "], got ", shape_str(*scale));
+    check_same_device(op, "scale", *scale, ref_name, ref);
+  }
+  return s;
+}
+
+inline CodebookShape check_codebook_mm(const char* op, const at::Tensor& x, const at::Tensor& codes,
+                                       const at::Tensor& codebooks, const std::optional<at::Tensor>& scale,
+                                       const std::optional<at::Tensor>& bias) {
+  check_fp8_float_input(op, "x", x);
+  check_dim(op, "x", x, 2);
+  check_nonempty(op, "x", x);
+  const CodebookShape s = check_codebook_args(op, codes, codebooks, scale, x.size(1), x, "x");
+  check_bias(op, bias, s.N, "x", x);
+  return s;
+}
+
+inline CodebookShape check_codebook_dequant(const char* op, const at::Tensor& codes, const at::Tensor& codebooks,
+                                            const std::optional<at::Tensor>& scale, int64_t in_features) {
+  if (in_features < 1) LOWBIT_FAIL(op, "in_features must be positive, got ", in_features);
+  return check_codebook_args(op, codes, codebooks, scale, in_features, codes, "codes");
+}
+
 }  // namespace lowbit

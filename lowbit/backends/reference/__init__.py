@@ -7,3 +7,4 @@ optimized kernels must reproduce (see docs/ops.md).
 from . import fp8, int4, int8  # noqa: F401
 from . import binary  # noqa: F401,E402
 from . import sparse24  # noqa: F401
+from . import codebook  # noqa: F401

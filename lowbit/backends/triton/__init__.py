@@ -23,6 +23,11 @@ from . import binary  # noqa: E402
 
 KERNELS.update(binary.KERNELS)
 
+# ---- codebook
+from . import codebook  # noqa: E402
+
+KERNELS.update(codebook.KERNELS)
+
 
 def kernel_for(op: str, device: torch.device):
     fn = KERNELS.get(op)

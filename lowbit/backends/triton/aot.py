@@ -434,6 +434,60 @@ def _sparse24_entries():
 AOT_KERNELS += _sparse24_entries()
 
 
+# ============================================================================ codebook
+# As the JIT specialises launches from lowbit.backends.triton.codebook: x handed over as for the
+# other GEMMs (K-contiguous, aligned, K padded to 16); codes rows byte-contiguous (their length,
+# ceil(J*C*bits/8), is not a multiple of 16 in general, so not marked aligned); codebooks, scale
+# contiguous. Variants cover every x dtype and the shipped layouts: scalar 4-bit (kmeans4), 3-bit
+# with row/column groups, PQ d=4 x 8 bits (pq2), AQ 2x8 d=8 (aq2), 1x16 d=8 (AQLM-style), with and
+# without scale/bias, odd N.
+from . import codebook  # noqa: E402
+
+
+def _codebook_entries():
+    entries = []
+
+    def mm(x_ty, cb_ty, C, bits, d, scale, bias_ty, layout=""):
+        ieee = x_ty == "*fp32"
+        fn = codebook._codebook_mm_fp32 if ieee else codebook._codebook_mm_tc
+        unit = ("stride_xk", "stride_on") + (("stride_bias",) if bias_ty else ())
+        aligned = ("x_ptr", "codes_ptr", "cb_ptr", "c_ptr", "K", "stride_xm") + (("bias_ptr",) if bias_ty else ())
+        if layout != "odd-N":
+            aligned += ("N", "stride_om")
+        sig, ones, al = _spec(fn, {"x_ptr": x_ty, "codes_ptr": "*u8", "cb_ptr": cb_ty, "scale_ptr": "*fp32",
+                                   "bias_ptr": bias_ty or cb_ty, "c_ptr": x_ty}, unit=unit, aligned=aligned)
+        name = (f"codebook_mm[{x_ty[1:]},cb={cb_ty[1:]},C{C}xb{bits}xd{d},{'scale' if scale else 'noscale'},"
+                f"bias={bias_ty[1:] if bias_ty else 'none'}]" + (f"[{layout}]" if layout else ""))
+        configs = codebook.mm_fp32_configs if ieee else codebook.mm_configs
+        entries.append(AotKernel(name, fn, sig, {**ones, "C": C, "E": 2**bits, "BITS": bits, "D": d,
+                                                 "HAS_SCALE": scale, "HAS_BIAS": bias_ty is not None, "IEEE": ieee},
+                                 _configs(configs), aligned=al, gemm=True, tensor_cores=not ieee))
+
+    mm("*fp16", "*fp16", 1, 4, 1, False, None)
+    mm("*bf16", "*fp16", 1, 3, 1, True, "*bf16", "odd-N")
+    mm("*bf16", "*fp16", 1, 8, 4, False, None)
+    mm("*fp16", "*fp16", 2, 8, 8, True, "*fp16")
+    mm("*fp16", "*fp16", 1, 16, 8, False, None)
+    mm("*fp32", "*fp32", 1, 4, 1, True, "*fp32", "odd-N")
+    mm("*fp32", "*fp16", 2, 8, 8, False, None)
+
+    def dequant(out_ty, cb_ty, C, bits, d, scale):
+        fn = codebook._codebook_dequant
+        sig, ones, al = _spec(fn, {"codes_ptr": "*u8", "cb_ptr": cb_ty, "scale_ptr": "*fp32", "out_ptr": out_ty},
+                              aligned=("codes_ptr", "cb_ptr", "out_ptr", "K", "stride_on"))
+        name = f"codebook_dequant[{out_ty[1:]},cb={cb_ty[1:]},C{C}xb{bits}xd{d},{'scale' if scale else 'noscale'}]"
+        entries.append(AotKernel(name, fn, sig, {**ones, "C": C, "E": 2**bits, "BITS": bits, "D": d,
+                                                 "HAS_SCALE": scale}, _configs(codebook.dequant_configs), aligned=al))
+
+    dequant("*fp16", "*fp16", 1, 4, 1, True)
+    dequant("*fp32", "*fp16", 2, 8, 8, False)
+    return entries
+
+
+AOT_KERNELS += _codebook_entries()
+DEVICE_FUNCTIONS += [codebook._decode_tile]
+
+
 # ============================================================================ completeness
 def _is_jit_object(obj) -> bool:
     from triton.runtime.autotuner import Autotuner, Heuristics
@@ -632,3 +686,4 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+

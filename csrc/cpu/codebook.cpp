@@ -1,0 +1,589 @@
+// Codebook family, CPU kernels: codebook_mm and codebook_dequant (format:
+// lowbit/formats/codebook.py, spec: lowbit/backends/reference/codebook.py).
+//
+// Numerics: each weight is the sum of its C codebook entries in float32, in order c = 0, 1, ...
+// exactly as the reference decodes it; codebook_dequant then multiplies by scale[n] (bit-exact
+// with the reference). codebook_mm multiplies a row's whole dot product by scale[n] instead of
+// every weight (equal up to float32 rounding), and accumulates in float32.
+//
+// The float weight is never materialized whole. Rows of the weight are decoded one tile at a
+// time (kTileK columns of a few rows, L1/L2-resident) and an FMA microkernel runs every row of x
+// over the tile before the next is decoded. Decoding is the cost at small M, so the common
+// scalar case (d = 1, one codebook, <= 16 entries) decodes 8 weights with one 32-bit load, a
+// variable shift and two in-register table lookups (vpermps), no memory gather; vector
+// codebooks (d = 2/4/8) copy one entry per code from the fp32 codebook, which stays in L1 for
+// bits <= 8. Each call opens exactly one at::parallel_for (over tiles of output channels).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <optional>
+#include <vector>
+
+#include "lowbit/checks.h"
+#include "lowbit/codebook_layout.h"
+
+namespace lowbit {
+namespace {
+
+// Columns decoded per tile: 4 KiB of fp32 per row, a multiple of 8 sub-vectors of every d.
+constexpr int64_t kTileK = 1024;
+// Rows per tile: at small M the tile is decoded for few FMAs, so small tiles keep it in L1 and
+// give threads fine-grained work; at large M, 48 rows (192 KiB) amortize x's reloads.
+constexpr int64_t kSmallM = 4;
+constexpr int64_t kTileNSmall = 8;
+constexpr int64_t kTileNLarge = 48;
+
+struct Problem {
+  int64_t M, N, K, Kp;          // Kp: K rounded up to 8 (x and tiles are zero-padded to it)
+  int64_t R, G, C, E, bits, d, J;
+  int64_t rows_per_rgroup, vecs_per_group, row_bytes;
+  const uint8_t* codes;         // [N, row_bytes]
+  const float* cb;              // fp32 [R, G, C, E, d]
+  const float* scale;           // fp32 [N] or nullptr
+  const float* bias;            // fp32 [N] or nullptr
+  void* out;                    // [M, N] in out_type
+  c10::ScalarType out_type;
+  float* partial;               // [M, N] fp32 sums over earlier K-tiles; aliases out for fp32
+};
+
+inline void store_out(const Problem& p, int64_t i, float v) {
+  switch (p.out_type) {
+    case c10::ScalarType::Half: static_cast<c10::Half*>(p.out)[i] = c10::Half(v); break;
+    case c10::ScalarType::BFloat16: static_cast<c10::BFloat16*>(p.out)[i] = c10::BFloat16(v); break;
+    default: static_cast<float*>(p.out)[i] = v; break;
+  }
+}
+
+// Up to 4 bytes of a row starting at `byte`, little-endian; never reads past the row.
+inline uint32_t load_u32_clamped(const uint8_t* row, int64_t byte, int64_t row_bytes) {
+  uint32_t v = 0;
+  if (byte + 4 <= row_bytes) {
+    std::memcpy(&v, row + byte, 4);
+  } else {
+    for (int64_t b = byte; b < row_bytes; ++b) v |= static_cast<uint32_t>(row[b]) << (8 * (b - byte));
+  }
+  return v;
+}
+
+// Code number i of a row: byte and 16-bit codes directly, other widths by the shared definition.
+inline uint32_t code_at(const Problem& p, const uint8_t* row, int64_t i) {
+  if (p.bits == 8) return row[i];
+  if (p.bits == 16) return static_cast<uint32_t>(row[2 * i]) | (static_cast<uint32_t>(row[2 * i + 1]) << 8);
+  return codebook_layout::code_at(row, i, static_cast<int>(p.bits), p.row_bytes);
+}
+
+inline const float* codebook_of(const Problem& p, int64_t n, int64_t g) {
+  return p.cb + ((n / p.rows_per_rgroup) * p.G + g) * p.C * p.E * p.d;
+}
+
+// Sub-vectors [j0, j1) of row n (unscaled sums of their C entries) into dst, portable code: the
+// decoder of every case the AVX2 fast path does not take, and of the scalar ISA path.
+template <int D>
+void decode_generic(const Problem& p, int64_t n, int64_t j0, int64_t j1, float* dst) {
+  const uint8_t* row = p.codes + n * p.row_bytes;
+  const int64_t entry = p.E * D;
+  for (int64_t j = j0; j < j1; ++j) {
+    const float* cb = codebook_of(p, n, j / p.vecs_per_group);
+    float v[D];
+    const float* e0 = cb + static_cast<int64_t>(code_at(p, row, j * p.C)) * D;
+    for (int t = 0; t < D; ++t) v[t] = e0[t];
+    for (int64_t c = 1; c < p.C; ++c) {
+      const float* e = cb + c * entry + static_cast<int64_t>(code_at(p, row, j * p.C + c)) * D;
+      for (int t = 0; t < D; ++t) v[t] += e[t];
+    }
+    for (int t = 0; t < D; ++t) dst[(j - j0) * D + t] = v[t];
+  }
+}
+
+void decode_portable(const Problem& p, int64_t n, int64_t j0, int64_t j1, float* dst) {
+  switch (p.d) {
+    case 1: decode_generic<1>(p, n, j0, j1, dst); break;
+    case 2: decode_generic<2>(p, n, j0, j1, dst); break;
+    case 4: decode_generic<4>(p, n, j0, j1, dst); break;
+    default: decode_generic<8>(p, n, j0, j1, dst); break;
+  }
+}
+
+// Runs where AVX2/FMA are missing (and when LOWBIT_CPU_ISA=scalar, so tests can reach it).
+void mm_scalar(const Problem& p, const float* x) {
+  at::parallel_for(0, p.N, 16, [&](int64_t n0, int64_t n1) {
+    std::vector<float> wrow(p.K);
+    for (int64_t n = n0; n < n1; ++n) {
+      decode_portable(p, n, 0, p.J, wrow.data());
+      const float s = p.scale ? p.scale[n] : 1.0f;
+      for (int64_t m = 0; m < p.M; ++m) {
+        const float* xr = x + m * p.Kp;
+        float acc = 0.0f;
+        for (int64_t k = 0; k < p.K; ++k) acc += xr[k] * wrow[k];
+        acc *= s;
+        store_out(p, m * p.N + n, p.bias ? acc + p.bias[n] : acc);
+      }
+    }
+  });
+}
+
+// ----------------------------------------------------------------------------- AVX2 path
+// Only functions defined below are compiled for AVX2. No torch/c10 function is defined here:
+// an out-of-line copy of one, compiled under this target, could be picked by the linker for the
+// whole library and run on a machine without AVX2.
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+// Scalar codebooks of <= 16 entries (bits <= 4, d = 1, C = 1): eight codes fill bits*8 <= 32
+// bits starting on a byte boundary (j0 is a multiple of 8), so one 32-bit load, one variable
+// shift and a mask give 8 indices; the 16-entry table lives in two registers (vpermps uses the
+// low 3 index bits, bit 3 picks the half).
+void decode_scalar_small_avx2(const Problem& p, int64_t n, int64_t j0, int64_t j1, float* dst) {
+  const uint8_t* row = p.codes + n * p.row_bytes;
+  const int b = static_cast<int>(p.bits);
+  const __m256i shifts = _mm256_setr_epi32(0, b, 2 * b, 3 * b, 4 * b, 5 * b, 6 * b, 7 * b);
+  const __m256i mask = _mm256_set1_epi32((1 << b) - 1);
+  int64_t j = j0;
+  while (j < j1) {
+    const int64_t g = j / p.vecs_per_group;
+    const int64_t seg_end = std::min(j1, (g + 1) * p.vecs_per_group);
+    const float* cb = codebook_of(p, n, g);
+    float table[16] = {};
+    std::memcpy(table, cb, p.E * sizeof(float));
+    const __m256 lo = _mm256_loadu_ps(table), hi = _mm256_loadu_ps(table + 8);
+    for (; j < seg_end && (j & 7); ++j) dst[j - j0] = cb[code_at(p, row, j)];
+    for (; j + 8 <= seg_end; j += 8) {
+      const uint32_t word = load_u32_clamped(row, (j * b) >> 3, p.row_bytes);
+      const __m256i idx = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(word)), shifts), mask);
+      __m256 v = _mm256_permutevar8x32_ps(lo, idx);
+      if (p.E > 8)
+        v = _mm256_blendv_ps(v, _mm256_permutevar8x32_ps(hi, idx), _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
+      _mm256_storeu_ps(dst + (j - j0), v);
+    }
+    for (; j < seg_end; ++j) dst[j - j0] = cb[code_at(p, row, j)];
+  }
+}
+
+// One codebook of d = 4 or 8 and byte codes (the 2-bit "pq2" layout and its kin): a byte load
+// and one 16/32-byte copy per sub-vector.
+template <int D>
+void decode_vec_byte_avx2(const Problem& p, int64_t n, int64_t j0, int64_t j1, float* dst) {
+  const uint8_t* row = p.codes + n * p.row_bytes;
+  int64_t j = j0;
+  while (j < j1) {
+    const int64_t g = j / p.vecs_per_group;
+    const int64_t seg_end = std::min(j1, (g + 1) * p.vecs_per_group);
+    const float* cb = codebook_of(p, n, g);
+    for (; j < seg_end; ++j) {
+      const float* e = cb + static_cast<int64_t>(row[j]) * D;
+      if constexpr (D == 8) _mm256_storeu_ps(dst + (j - j0) * 8, _mm256_loadu_ps(e));
+      else _mm_storeu_ps(dst + (j - j0) * 4, _mm_loadu_ps(e));
+    }
+  }
+}
+
+void decode_avx2(const Problem& p, int64_t n, int64_t j0, int64_t j1, float* dst) {
+  if (p.d == 1 && p.C == 1 && p.bits <= 4) return decode_scalar_small_avx2(p, n, j0, j1, dst);
+  if (p.C == 1 && p.bits == 8 && p.d == 8) return decode_vec_byte_avx2<8>(p, n, j0, j1, dst);
+  if (p.C == 1 && p.bits == 8 && p.d == 4) return decode_vec_byte_avx2<4>(p, n, j0, j1, dst);
+  decode_portable(p, n, j0, j1, dst);
+}
+
+// MR rows of x times NR decoded weight rows over `len` columns (a multiple of 8); partial sums
+// are added to what earlier K-tiles left (first: start from 0); the last tile applies scale and
+// bias and rounds to the output dtype.
+template <int MR, int NR>
+void dot_tile(const Problem& p, const float* x, const float* w, int64_t len, int64_t m0, int64_t n0, bool first,
+              bool last) {
+  __m256 acc[MR][NR];
+  for (int m = 0; m < MR; ++m)
+    for (int r = 0; r < NR; ++r) acc[m][r] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < len; k += 8) {
+    __m256 wv[NR];
+    for (int r = 0; r < NR; ++r) wv[r] = _mm256_loadu_ps(w + r * kTileK + k);
+    for (int m = 0; m < MR; ++m) {
+      const __m256 xv = _mm256_loadu_ps(x + m * p.Kp + k);
+      for (int r = 0; r < NR; ++r) acc[m][r] = _mm256_fmadd_ps(xv, wv[r], acc[m][r]);
+    }
+  }
+  for (int m = 0; m < MR; ++m)
+    for (int r = 0; r < NR; ++r) {
+      const int64_t i = (m0 + m) * p.N + n0 + r;
+      float v = hsum(acc[m][r]);
+      if (!first) v = p.partial[i] + v;
+      if (!last) {
+        p.partial[i] = v;
+      } else {
+        if (p.scale) v *= p.scale[n0 + r];
+        store_out(p, i, p.bias ? v + p.bias[n0 + r] : v);
+      }
+    }
+}
+
+template <int MR>
+void dot_rows(const Problem& p, const float* x, const float* tile, int64_t rows, int64_t len, int64_t m0,
+              int64_t n0, bool first, bool last) {
+  int64_t r = 0;
+  for (; r + 3 <= rows; r += 3) dot_tile<MR, 3>(p, x, tile + r * kTileK, len, m0, n0 + r, first, last);
+  if (rows - r == 2) dot_tile<MR, 2>(p, x, tile + r * kTileK, len, m0, n0 + r, first, last);
+  if (rows - r == 1) dot_tile<MR, 1>(p, x, tile + r * kTileK, len, m0, n0 + r, first, last);
+}
+
+// scratch: one tile_n x kTileK tile per thread, allocated by the caller (outside this target).
+void mm_avx2(const Problem& p, const float* xp, float* scratch, int64_t tile_n) {
+  const int64_t ntiles = (p.N + tile_n - 1) / tile_n;
+  at::parallel_for(0, ntiles, 1, [&](int64_t t0, int64_t t1) {
+    float* const tile = scratch + at::get_thread_num() * tile_n * kTileK;
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t n0 = t * tile_n, rows = std::min(tile_n, p.N - n0);
+      for (int64_t k0 = 0; k0 < p.K; k0 += kTileK) {
+        const int64_t k1 = std::min(p.K, k0 + kTileK);
+        const int64_t len = (k1 - k0 + 7) / 8 * 8;
+        for (int64_t r = 0; r < rows; ++r) {
+          float* dst = tile + r * kTileK;
+          decode_avx2(p, n0 + r, k0 / p.d, k1 / p.d, dst);
+          for (int64_t k = k1 - k0; k < len; ++k) dst[k] = 0.0f;  // meets x's zero padding
+        }
+        const bool first = k0 == 0, last = k1 == p.K;
+        const float* x = xp + k0;
+        int64_t m = 0;
+        for (; m + 4 <= p.M; m += 4) dot_rows<4>(p, x + m * p.Kp, tile, rows, len, m, n0, first, last);
+        switch (p.M - m) {
+          case 3: dot_rows<3>(p, x + m * p.Kp, tile, rows, len, m, n0, first, last); break;
+          case 2: dot_rows<2>(p, x + m * p.Kp, tile, rows, len, m, n0, first, last); break;
+          case 1: dot_rows<1>(p, x + m * p.Kp, tile, rows, len, m, n0, first, last); break;
+          default: break;
+        }
+      }
+    }
+  });
+}
+
+
+// ---- small M, fused: decode in registers and FMA at once (no tile round trip through L1).
+// Per row: 8 weights of a scalar codebook of <= 16 entries (see decode_scalar_small_avx2), and
+// the tail of a segment that is not a multiple of 8 done one weight at a time.
+template <int MR, int NR, bool kBigTable>
+void fused_scalar_small(const Problem& p, const float* x, int64_t m0, int64_t n0) {
+  const int b = static_cast<int>(p.bits);
+  const __m256i shifts = _mm256_setr_epi32(0, b, 2 * b, 3 * b, 4 * b, 5 * b, 6 * b, 7 * b);
+  const __m256i mask = _mm256_set1_epi32((1 << b) - 1);
+  // Eight codes start on a byte boundary and span b bytes; a 4-byte load is in bounds while
+  // its first byte is <= row_bytes - 4 (later blocks use the clamped load).
+  const int64_t safe_j = p.row_bytes >= 4 ? ((p.row_bytes - 4) * 8 / b) / 8 * 8 : 0;
+  __m256 acc[NR][MR];
+  float tail[NR][MR] = {};
+  for (int r = 0; r < NR; ++r)
+    for (int m = 0; m < MR; ++m) acc[r][m] = _mm256_setzero_ps();
+  const uint8_t* rows[NR];
+  for (int r = 0; r < NR; ++r) rows[r] = p.codes + (n0 + r) * p.row_bytes;
+  for (int64_t g = 0; g < p.G; ++g) {
+    const int64_t j_begin = g * p.vecs_per_group, j_end = j_begin + p.vecs_per_group;
+    __m256 lo[NR], hi[NR];
+    const float* cbs[NR];
+    for (int r = 0; r < NR; ++r) {
+      cbs[r] = codebook_of(p, n0 + r, g);
+      float table[16] = {};
+      std::memcpy(table, cbs[r], p.E * sizeof(float));
+      lo[r] = _mm256_loadu_ps(table);
+      hi[r] = _mm256_loadu_ps(table + 8);
+    }
+    int64_t j = j_begin;
+    for (; j < j_end && (j & 7); ++j)
+      for (int r = 0; r < NR; ++r)
+        for (int m = 0; m < MR; ++m) tail[r][m] += x[m * p.Kp + j] * cbs[r][code_at(p, rows[r], j)];
+    for (; j + 8 <= j_end; j += 8) {
+      __m256 xv[MR];
+      for (int m = 0; m < MR; ++m) xv[m] = _mm256_loadu_ps(x + m * p.Kp + j);
+      const int64_t byte = (j * b) >> 3;
+      for (int r = 0; r < NR; ++r) {
+        uint32_t word;
+        if (j < safe_j) std::memcpy(&word, rows[r] + byte, 4);
+        else word = load_u32_clamped(rows[r], byte, p.row_bytes);
+        const __m256i idx =
+            _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(word)), shifts), mask);
+        __m256 w = _mm256_permutevar8x32_ps(lo[r], idx);
+        if constexpr (kBigTable)
+          w = _mm256_blendv_ps(w, _mm256_permutevar8x32_ps(hi[r], idx),
+                               _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
+        for (int m = 0; m < MR; ++m) acc[r][m] = _mm256_fmadd_ps(xv[m], w, acc[r][m]);
+      }
+    }
+    for (; j < j_end; ++j)
+      for (int r = 0; r < NR; ++r)
+        for (int m = 0; m < MR; ++m) tail[r][m] += x[m * p.Kp + j] * cbs[r][code_at(p, rows[r], j)];
+  }
+  for (int r = 0; r < NR; ++r)
+    for (int m = 0; m < MR; ++m) {
+      float v = hsum(acc[r][m]) + tail[r][m];
+      if (p.scale) v *= p.scale[n0 + r];
+      store_out(p, (m0 + m) * p.N + n0 + r, p.bias ? v + p.bias[n0 + r] : v);
+    }
+}
+
+// Vector codebooks of d = 4 or 8 with byte or 16-bit codes and any number C of summed
+// codebooks (pq2, aq2, AQLM-style 1x16): per sub-vector C entry loads (the codebook is L1/L2
+// resident), their sum, one FMA per row of x. d = 4 pairs two sub-vectors into one register
+// (so its groups must hold an even number of sub-vectors: see fused_ok).
+template <int MR, int NR, int D, int kCodeBytes, int kC>
+void fused_vector(const Problem& p, const float* x, int64_t m0, int64_t n0) {
+  constexpr int kStep = D == 8 ? 1 : 2;  // sub-vectors per 8 weights
+  // kC: the number of summed codebooks when it is 1 or 2 (a compile-time loop the compiler keeps
+  // in registers; a runtime one cost 4x at C = 2), else 0 and p.C is used.
+  const int64_t C = kC ? kC : p.C;
+  __m256 acc[NR][MR];
+  for (int r = 0; r < NR; ++r)
+    for (int m = 0; m < MR; ++m) acc[r][m] = _mm256_setzero_ps();
+  const uint8_t* rows[NR];
+  for (int r = 0; r < NR; ++r) rows[r] = p.codes + (n0 + r) * p.row_bytes;
+  const int64_t entry = p.E * D;
+  for (int64_t g = 0; g < p.G; ++g) {
+    const float* cbs[NR];
+    for (int r = 0; r < NR; ++r) cbs[r] = codebook_of(p, n0 + r, g);
+    const int64_t j_end = (g + 1) * p.vecs_per_group;
+    for (int64_t j = g * p.vecs_per_group; j < j_end; j += kStep) {
+      __m256 xv[MR];
+      for (int m = 0; m < MR; ++m) xv[m] = _mm256_loadu_ps(x + m * p.Kp + j * D);
+      for (int r = 0; r < NR; ++r) {
+        __m256 w = _mm256_setzero_ps();
+#pragma GCC unroll 2
+        for (int64_t c = 0; c < C; ++c) {
+          const float* cb = cbs[r] + c * entry;
+          int64_t i0 = j * C + c, e0, e1 = 0;
+          if constexpr (kCodeBytes == 1) {
+            e0 = rows[r][i0];
+            if constexpr (D == 4) e1 = rows[r][i0 + C];
+          } else {
+            uint16_t v0, v1 = 0;
+            std::memcpy(&v0, rows[r] + 2 * i0, 2);
+            if constexpr (D == 4) std::memcpy(&v1, rows[r] + 2 * (i0 + C), 2);
+            e0 = v0;
+            e1 = v1;
+          }
+          __m256 e;
+          if constexpr (D == 8) e = _mm256_loadu_ps(cb + e0 * 8);
+          else e = _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_loadu_ps(cb + e0 * 4)), _mm_loadu_ps(cb + e1 * 4), 1);
+          // c = 0 starts from the entry itself, as the reference's 0 + entry does exactly.
+          w = c == 0 ? e : _mm256_add_ps(w, e);
+        }
+        for (int m = 0; m < MR; ++m) acc[r][m] = _mm256_fmadd_ps(xv[m], w, acc[r][m]);
+      }
+    }
+  }
+  for (int r = 0; r < NR; ++r)
+    for (int m = 0; m < MR; ++m) {
+      float v = hsum(acc[r][m]);
+      if (p.scale) v *= p.scale[n0 + r];
+      store_out(p, (m0 + m) * p.N + n0 + r, p.bias ? v + p.bias[n0 + r] : v);
+    }
+}
+
+enum class Fused { kNone, kScalar8, kScalar16, kVec4x1, kVec8x1, kVec4x2, kVec8x2 };
+
+Fused fused_kind(const Problem& p) {
+  if (p.d == 1 && p.C == 1 && p.bits <= 4) return p.E > 8 ? Fused::kScalar16 : Fused::kScalar8;
+  if ((p.bits == 8 || p.bits == 16) && (p.d == 8 || (p.d == 4 && p.vecs_per_group % 2 == 0))) {
+    if (p.bits == 8) return p.d == 8 ? Fused::kVec8x1 : Fused::kVec4x1;
+    return p.d == 8 ? Fused::kVec8x2 : Fused::kVec4x2;
+  }
+  return Fused::kNone;
+}
+
+template <int MR, int NR, int D, int kCodeBytes>
+void fused_vector_c(const Problem& p, const float* x, int64_t m0, int64_t n0) {
+  if (p.C == 1) fused_vector<MR, NR, D, kCodeBytes, 1>(p, x, m0, n0);
+  else if (p.C == 2) fused_vector<MR, NR, D, kCodeBytes, 2>(p, x, m0, n0);
+  else fused_vector<MR, NR, D, kCodeBytes, 0>(p, x, m0, n0);
+}
+
+template <int MR, int NR>
+void fused_tile(const Problem& p, Fused kind, const float* x, int64_t m0, int64_t n0) {
+  switch (kind) {
+    case Fused::kScalar8: fused_scalar_small<MR, NR, false>(p, x, m0, n0); break;
+    case Fused::kScalar16: fused_scalar_small<MR, NR, true>(p, x, m0, n0); break;
+    case Fused::kVec4x1: fused_vector_c<MR, NR, 4, 1>(p, x, m0, n0); break;
+    case Fused::kVec8x1: fused_vector_c<MR, NR, 8, 1>(p, x, m0, n0); break;
+    case Fused::kVec4x2: fused_vector_c<MR, NR, 4, 2>(p, x, m0, n0); break;
+    case Fused::kVec8x2: fused_vector_c<MR, NR, 8, 2>(p, x, m0, n0); break;
+    default: break;
+  }
+}
+
+template <int MR>
+void fused_rows(const Problem& p, Fused kind, const float* x, int64_t m0, int64_t n0, int64_t n1) {
+  // Several weight rows per pass give the FMAs independent chains and share each x load.
+  constexpr int NR = MR == 1 ? 4 : 2;
+  int64_t n = n0;
+  for (; n + NR <= n1; n += NR) fused_tile<MR, NR>(p, kind, x, m0, n);
+  for (; n < n1; ++n) fused_tile<MR, 1>(p, kind, x, m0, n);
+}
+
+void fused_small_m_avx2(const Problem& p, Fused kind, const float* xp) {
+  at::parallel_for(0, (p.N + 7) / 8, 1, [&](int64_t c0, int64_t c1) {
+    const int64_t n0 = c0 * 8, n1 = std::min(p.N, c1 * 8);
+    int64_t m = 0;
+    for (; m + 4 <= p.M; m += 4) fused_rows<4>(p, kind, xp + m * p.Kp, m, n0, n1);
+    switch (p.M - m) {
+      case 3: fused_rows<3>(p, kind, xp + m * p.Kp, m, n0, n1); break;
+      case 2: fused_rows<2>(p, kind, xp + m * p.Kp, m, n0, n1); break;
+      case 1: fused_rows<1>(p, kind, xp + m * p.Kp, m, n0, n1); break;
+      default: break;
+    }
+  });
+}
+
+void dequant_avx2(const Problem& p, float* out) {
+  at::parallel_for(0, p.N, 16, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      float* row = out + n * p.K;
+      decode_avx2(p, n, 0, p.J, row);
+      if (p.scale) {
+        const __m256 s = _mm256_set1_ps(p.scale[n]);
+        int64_t k = 0;
+        for (; k + 8 <= p.K; k += 8) _mm256_storeu_ps(row + k, _mm256_mul_ps(_mm256_loadu_ps(row + k), s));
+        for (; k < p.K; ++k) row[k] *= p.scale[n];
+      }
+    }
+  });
+}
+
+#pragma GCC pop_options
+
+void dequant_portable(const Problem& p, float* out) {
+  at::parallel_for(0, p.N, 16, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      decode_portable(p, n, 0, p.J, out + n * p.K);
+      if (p.scale)
+        for (int64_t k = 0; k < p.K; ++k) out[n * p.K + k] *= p.scale[n];
+    }
+  });
+}
+
+bool use_avx2() {
+  static const bool ok = [] {
+    const char* isa = std::getenv("LOWBIT_CPU_ISA");
+    if (isa && std::strcmp(isa, "scalar") == 0) return false;
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+  }();
+  return ok;
+}
+
+// x [M, K] (any float dtype and strides) -> fp32 [M, Kp], zero-padded past K. Serial on purpose:
+// M*K cheap work, and a parallel region costs more than that on a busy machine.
+template <typename T>
+void fill_x(const at::Tensor& x, int64_t Kp, float* dst) {
+  const int64_t M = x.size(0), K = x.size(1), sm = x.stride(0), sk = x.stride(1);
+  const T* src = x.const_data_ptr<T>();
+  for (int64_t m = 0; m < M; ++m) {
+    float* row = dst + m * Kp;
+    for (int64_t k = 0; k < K; ++k) row[k] = static_cast<float>(src[m * sm + k * sk]);
+    for (int64_t k = K; k < Kp; ++k) row[k] = 0.0f;
+  }
+}
+
+at::Tensor x_to_fp32(const at::Tensor& x, int64_t Kp) {
+  at::Tensor out = at::empty({x.size(0), Kp}, x.options().dtype(at::kFloat));
+  float* dst = out.mutable_data_ptr<float>();
+  switch (x.scalar_type()) {
+    case at::kHalf: fill_x<c10::Half>(x, Kp, dst); break;
+    case at::kBFloat16: fill_x<c10::BFloat16>(x, Kp, dst); break;
+    default: fill_x<float>(x, Kp, dst); break;
+  }
+  return out;
+}
+
+Problem make_problem(const CodebookShape& s, int64_t K, const at::Tensor& codes, const at::Tensor& cb32,
+                     const at::Tensor& scale32) {
+  Problem p{};
+  p.N = s.N;
+  p.K = K;
+  p.Kp = (K + 7) / 8 * 8;
+  p.R = s.R;
+  p.G = s.G;
+  p.C = s.C;
+  p.E = s.E;
+  p.bits = s.bits;
+  p.d = s.d;
+  p.J = s.J;
+  p.rows_per_rgroup = s.N / s.R;
+  p.vecs_per_group = s.J / s.G;
+  p.row_bytes = codes.size(1);
+  p.codes = codes.const_data_ptr<uint8_t>();
+  p.cb = cb32.const_data_ptr<float>();
+  p.scale = scale32.defined() ? scale32.const_data_ptr<float>() : nullptr;
+  return p;
+}
+
+at::Tensor codebook_mm_cpu(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& codebooks,
+                           const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& bias) {
+  const CodebookShape s = check_codebook_mm("codebook_mm", x, codes, codebooks, scale, bias);
+  const int64_t M = x.size(0), K = x.size(1), N = s.N;
+  const at::Tensor c = codes.contiguous();
+  const at::Tensor cb32 = codebooks.to(at::kFloat).contiguous();
+  const at::Tensor s32 = scale.has_value() ? scale->to(at::kFloat).contiguous() : at::Tensor();
+  const at::Tensor b32 = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
+  at::Tensor out = at::empty({M, N}, x.options());
+
+  Problem p = make_problem(s, K, c, cb32, s32);
+  p.M = M;
+  p.bias = b32.defined() ? b32.const_data_ptr<float>() : nullptr;
+  p.out = out.mutable_data_ptr();
+  p.out_type = out.scalar_type();
+  p.partial = nullptr;
+
+  const at::Tensor x32 = x_to_fp32(x, p.Kp);
+  if (!use_avx2()) {
+    mm_scalar(p, x32.const_data_ptr<float>());
+    return out;
+  }
+  const Fused kind = fused_kind(p);
+  if (M <= kSmallM && kind != Fused::kNone) {
+    fused_small_m_avx2(p, kind, x32.const_data_ptr<float>());
+    return out;
+  }
+  at::Tensor partial;
+  if (K > kTileK) {
+    partial = out.scalar_type() == at::kFloat ? out : at::empty({M, N}, x.options().dtype(at::kFloat));
+    p.partial = partial.mutable_data_ptr<float>();
+  }
+  const int64_t tile_n = M <= kSmallM ? kTileNSmall : kTileNLarge;
+  // Indexed by at::get_thread_num(): a call from inside a parallel region runs inline on a
+  // thread whose number may exceed get_num_threads() there.
+  const int64_t slots = std::max<int64_t>(at::get_num_threads(), at::get_thread_num() + 1);
+  at::Tensor scratch = at::empty({slots, tile_n * kTileK}, x.options().dtype(at::kFloat));
+  mm_avx2(p, x32.const_data_ptr<float>(), scratch.mutable_data_ptr<float>(), tile_n);
+  return out;
+}
+
+at::Tensor codebook_dequant_cpu(const at::Tensor& codes, const at::Tensor& codebooks,
+                                const std::optional<at::Tensor>& scale, int64_t in_features,
+                                std::optional<c10::ScalarType> out_dtype) {
+  const CodebookShape s = check_codebook_dequant("codebook_dequant", codes, codebooks, scale, in_features);
+  const c10::ScalarType out_type = check_fp8_out_dtype("codebook_dequant", out_dtype);
+  const at::Tensor c = codes.contiguous();
+  const at::Tensor cb32 = codebooks.to(at::kFloat).contiguous();
+  const at::Tensor s32 = scale.has_value() ? scale->to(at::kFloat).contiguous() : at::Tensor();
+  Problem p = make_problem(s, in_features, c, cb32, s32);
+  at::Tensor out = at::empty({s.N, in_features}, codebooks.options().dtype(at::kFloat));
+  if (use_avx2()) dequant_avx2(p, out.mutable_data_ptr<float>());
+  else dequant_portable(p, out.mutable_data_ptr<float>());
+  return out_type == at::kFloat ? out : out.to(out_type);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lowbit, CPU, m) {
+  m.impl("codebook_mm", &codebook_mm_cpu);
+  m.impl("codebook_dequant", &codebook_dequant_cpu);
+}
+
+}  // namespace lowbit
