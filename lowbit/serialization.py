@@ -190,7 +190,7 @@ def save(model: nn.Module, path: str | os.PathLike, entropy_coding: bool = False
               "modules": modules, "aliases": aliases}
     if entropy_coding:  # ---- compress: Huffman-coded codes (an older lowbit rejects the extra field)
         from .compress import huffman
-        coded = huffman.encode_for_storage(tensors, modules, aliases)
+        coded = huffman.encode_for_storage(tensors, _linear_entries(modules), aliases)
         if coded:
             header["entropy_coded"] = coded
     _write_atomically(path / TENSORS_FILE, lambda f: save_file(tensors, f, metadata={"format": "pt"}))
@@ -213,6 +213,13 @@ def _describe_conv(name: str, m: nn.Module) -> dict:
                          f"(known: {sorted(_CLASSES)})")
     return {"name": name, "class": "QuantizedConv2d", "scheme": lin.scheme, "conv": conv,
             "linear": {"class": type(lin).__name__, "args": _module_args(lin), "tensors": _describe(lin)}}
+
+
+def _linear_entries(modules: list[dict]) -> list[dict]:
+    """`modules` with each QuantizedConv2d entry replaced by its linear's (named "<conv>.linear"):
+    the codes the Huffman coder looks for are the linear's."""
+    return [{"name": f"{e['name']}.linear", **e["linear"]} if e["class"] == "QuantizedConv2d" else e
+            for e in modules]
 
 
 def _lowbit_version() -> str:
@@ -653,10 +660,12 @@ def load(path: str | os.PathLike, model: nn.Module) -> nn.Module:
         if coded is not None:  # ---- compress: Huffman-coded codes, decoded before the value checks
             from .compress import huffman
             where = _Where(path / TENSORS_FILE)
+            linears = [(f"{name}.linear", new.linear) if isinstance(new, QuantizedConv2d) else (name, new)
+                       for name, _, _, _, new in plan]  # ---- conv: a QuantizedConv2d's codes are its linear's
             code_tensors = {f"{name}.{'packed' if isinstance(new, Int4Linear) else 'qweight'}":
                             ("int4" if isinstance(new, Int4Linear) else "int8", new.in_features * new.out_features)
-                            for name, _, _, _, new in plan if isinstance(new, (Int4Linear, Int8Linear,
-                                                                                Int8WeightOnlyLinear))}
+                            for name, new in linears if isinstance(new, (Int4Linear, Int8Linear,
+                                                                         Int8WeightOnlyLinear))}
             tensors = _read_tensors(path, huffman.storage_plan(coded, stored, code_tensors, _Where(file).fail))
             huffman.decode_from_storage(coded, tensors, stored, where.fail)
         else:

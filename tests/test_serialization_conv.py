@@ -115,6 +115,43 @@ def test_round_trip_mixed_linear_and_conv(tmp_path):
     assert_same(m, fresh, cnn_input())
 
 
+class TwoNames(nn.Module):
+    def __init__(self, seed: int = 0):
+        super().__init__()
+        self.net = small_cnn(seed)
+        self.alias = self.net[2]  # the same Conv2d registered under a second name (not called twice)
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def test_conv_at_two_names_stays_one_module(tmp_path):
+    m = lowbit.quantize(TwoNames(), "int4-g32")
+    assert m.alias is m.net[2] and isinstance(m.alias, QuantizedConv2d)
+    lowbit.save(m, tmp_path)
+    fresh = lowbit.load(tmp_path, TwoNames(seed=1))
+    assert fresh.alias is fresh.net[2] and isinstance(fresh.alias, QuantizedConv2d)
+    assert_same(m, fresh, cnn_input())
+
+
+def big_conv(seed: int) -> nn.Sequential:
+    torch.manual_seed(seed)
+    m = nn.Sequential(nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 8, 1))
+    with torch.no_grad():  # bell-shaped weights: codes of < 8 (< 4) bits of entropy, which Huffman shrinks
+        m[0].weight.normal_()
+    return m
+
+
+@pytest.mark.parametrize("preset", ["int8", "int4-g32"])
+def test_entropy_coded_conv_codes(tmp_path, preset):
+    m = lowbit.quantize(big_conv(0), preset)
+    lowbit.save(m, tmp_path, entropy_coding=True)
+    header = json.loads((tmp_path / CONFIG_FILE).read_text())
+    assert "0.linear." + ("qweight" if preset == "int8" else "packed") in header["entropy_coded"]
+    fresh = lowbit.load(tmp_path, big_conv(1))
+    assert_same(m, fresh, torch.randn(1, 64, 5, 6))
+
+
 def test_linear_only_files_stay_version_1(tmp_path):
     # An older lowbit reads version 1 only: a model without Conv2d layers is written as before.
     m = lowbit.quantize(nn.Sequential(nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 8)), "int8")
