@@ -144,7 +144,7 @@ def save(model: nn.Module, path: str | os.PathLike, entropy_coding: bool = False
     ``path/lowbit.json`` (how to rebuild each quantized layer). Read back with :func:`load`.
     ``entropy_coding=True`` stores int8/int4 codes Huffman-coded (:mod:`lowbit.compress.huffman`).
     """
-    if isinstance(model, QuantizedLinear):
+    if isinstance(model, (QuantizedLinear, QuantizedConv2d, BinaryConv2d)):
         raise ValueError("lowbit.save: model is itself a quantized layer; save the model that contains it")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)

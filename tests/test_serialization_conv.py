@@ -216,6 +216,13 @@ def test_rejects_geometry_mismatch(tmp_path, preset, case):
     assert [type(m) for m in fresh.modules()] == before  # a failed load leaves the model as it was
 
 
+@pytest.mark.parametrize("preset", ["int8", "binary-weight"])
+def test_save_rejects_a_bare_conv_layer(tmp_path, preset):
+    m = lowbit.quantize(small_cnn(), preset)
+    with pytest.raises(ValueError, match="model is itself a quantized layer"):
+        lowbit.save(m[2], tmp_path)
+
+
 def test_rejects_conv_entry_where_the_model_has_a_linear(tmp_path):
     saved_cnn(tmp_path)
     fresh = small_cnn()
