@@ -14,6 +14,17 @@ once. ``lowbit.json`` says which layers were quantized and how to rebuild each o
                   "tensors": {"qweight": {"dtype": "int8", "shape": [256, 64]}, ...}}, ...],
      "aliases": {"lm_head.weight": "model.embed_tokens.weight"}}
 
+Conv2d layers (format_version 2, written only when the model has one; version-1 files load as
+before) are entries of class ``QuantizedConv2d`` (the family's linear module, nested under
+``"linear"``) or ``BinaryConv2d``, with the geometry the fresh model's nn.Conv2d must match::
+
+     {"name": "0", "class": "QuantizedConv2d", "scheme": "int8",
+      "conv": {"in_channels": 3, "out_channels": 16, "kernel_size": [3, 3], "stride": [1, 1],
+               "padding": [1, 1], "dilation": [1, 1], "bias": true},
+      "linear": {"class": "Int8Linear", "args": {...}, "tensors": {"qweight": ...}}}
+     {"name": "2", "class": "BinaryConv2d", "scheme": "binary", "conv": {...},
+      "args": {"binary_activations": true, "dtype": "float32"}, "tensors": {"packed": ...}}
+
 Loading trusts nothing in the directory: a checkpoint is often downloaded, and its tensors go
 straight to kernels that read raw pointers. Every field, shape, dtype and value range is checked
 against the model and the formats before the model is touched; anything off raises ValueError
@@ -50,6 +61,10 @@ from .nn.sparse24 import Sparse24Linear
 # ---- codebook
 from .formats import codebook as codebook_fmt
 from .nn.codebook import CodebookLinear
+# ---- conv
+from .nn.binary import BinaryConv2d
+from .nn.conv import QuantizedConv2d, check_float_conv2d
+from .configs import Unsupported
 
 FORMAT = "lowbit"
 FORMAT_VERSION = 1
@@ -71,6 +86,12 @@ _CLASSES[BinaryLinear.__name__] = BinaryLinear
 # ---- codebook
 _CLASSES[CodebookLinear.__name__] = CodebookLinear
 _CODEBOOK_ARGS = ("dim", "bits", "num_codebooks", "groups", "row_groups", "rotation_block")
+# ---- conv: Conv2d entries need format_version 2; files without one are still written as version 1.
+CONV_FORMAT_VERSION = 2
+_READABLE_VERSIONS = (FORMAT_VERSION, CONV_FORMAT_VERSION)
+_CONV_CLASSES: dict[str, type[nn.Module]] = {c.__name__: c for c in (QuantizedConv2d, BinaryConv2d)}
+_CONV_PAIRS = (("kernel_size", 1), ("stride", 1), ("padding", 0), ("dilation", 1))  # (field, least value)
+_CONV_GEOMETRY = ("in_channels", "out_channels", *(k for k, _ in _CONV_PAIRS), "bias")
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -123,14 +144,19 @@ def save(model: nn.Module, path: str | os.PathLike, entropy_coding: bool = False
     ``path/lowbit.json`` (how to rebuild each quantized layer). Read back with :func:`load`.
     ``entropy_coding=True`` stores int8/int4 codes Huffman-coded (:mod:`lowbit.compress.huffman`).
     """
-    if isinstance(model, QuantizedLinear):
+    if isinstance(model, (QuantizedLinear, QuantizedConv2d, BinaryConv2d)):
         raise ValueError("lowbit.save: model is itself a quantized layer; save the model that contains it")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
 
     modules = []
+    inner_linears = set()  # names of QuantizedConv2d.linear: written inside their conv's entry
     for name, m in model.named_modules(remove_duplicate=False):
-        if not isinstance(m, QuantizedLinear):
+        if isinstance(m, (QuantizedConv2d, BinaryConv2d)):
+            modules.append(_describe_conv(name, m))
+            inner_linears.add(f"{name}.linear")
+            continue
+        if not isinstance(m, QuantizedLinear) or name in inner_linears:
             continue
         if type(m).__name__ not in _CLASSES or _CLASSES[type(m).__name__] is not type(m):
             raise ValueError(f"lowbit.save: {name} is a {type(m).__name__}, which lowbit.save cannot write "
@@ -159,16 +185,41 @@ def save(model: nn.Module, path: str | os.PathLike, entropy_coding: bool = False
         t = t.to("cpu")
         tensors[key] = t.clone(memory_format=torch.contiguous_format) if shared else t.contiguous()
 
-    header = {"format": FORMAT, "format_version": FORMAT_VERSION, "lowbit_version": _lowbit_version(),
+    version = CONV_FORMAT_VERSION if any(e["class"] in _CONV_CLASSES for e in modules) else FORMAT_VERSION
+    header = {"format": FORMAT, "format_version": version, "lowbit_version": _lowbit_version(),
               "modules": modules, "aliases": aliases}
     if entropy_coding:  # ---- compress: Huffman-coded codes (an older lowbit rejects the extra field)
         from .compress import huffman
-        coded = huffman.encode_for_storage(tensors, modules, aliases)
+        coded = huffman.encode_for_storage(tensors, _linear_entries(modules), aliases)
         if coded:
             header["entropy_coded"] = coded
     _write_atomically(path / TENSORS_FILE, lambda f: save_file(tensors, f, metadata={"format": "pt"}))
     _write_atomically(path / CONFIG_FILE,
                       lambda f: Path(f).write_text(json.dumps(header, indent=1) + "\n", encoding="utf-8"))
+
+
+# ---- conv
+def _describe_conv(name: str, m: nn.Module) -> dict:
+    has_bias = (m.linear if isinstance(m, QuantizedConv2d) else m).bias is not None
+    conv = {"in_channels": m.in_channels, "out_channels": m.out_channels,
+            **{k: list(getattr(m, k)) for k, _ in _CONV_PAIRS}, "bias": has_bias}
+    if isinstance(m, BinaryConv2d):
+        return {"name": name, "class": "BinaryConv2d", "scheme": BinaryLinear.scheme, "conv": conv,
+                "args": {"binary_activations": m.binary_activations, "dtype": _dtype_name(m.orig_dtype)},
+                "tensors": _describe(m)}
+    lin = m.linear
+    if _CLASSES.get(type(lin).__name__) is not type(lin):
+        raise ValueError(f"lowbit.save: {name}.linear is a {type(lin).__name__}, which lowbit.save cannot write "
+                         f"(known: {sorted(_CLASSES)})")
+    return {"name": name, "class": "QuantizedConv2d", "scheme": lin.scheme, "conv": conv,
+            "linear": {"class": type(lin).__name__, "args": _module_args(lin), "tensors": _describe(lin)}}
+
+
+def _linear_entries(modules: list[dict]) -> list[dict]:
+    """`modules` with each QuantizedConv2d entry replaced by its linear's (named "<conv>.linear"):
+    the codes the Huffman coder looks for are the linear's."""
+    return [{"name": f"{e['name']}.linear", **e["linear"]} if e["class"] == "QuantizedConv2d" else e
+            for e in modules]
 
 
 def _lowbit_version() -> str:
@@ -224,8 +275,8 @@ def _read_header(path: Path) -> dict:
     if header.get("format") != FORMAT:
         where.fail(f"is not a lowbit checkpoint (field 'format' is {header.get('format')!r:.80}, not {FORMAT!r})")
     version = where.field(header, "format_version", int, "the file")
-    if version != FORMAT_VERSION:
-        where.fail(f"has format_version {version}; this lowbit reads version {FORMAT_VERSION}")
+    if version not in _READABLE_VERSIONS:
+        where.fail(f"has format_version {version}; this lowbit reads versions {list(_READABLE_VERSIONS)}")
     where.field(header, "lowbit_version", str, "the file")
     where.field(header, "modules", list, "the file")
     where.field(header, "aliases", dict, "the file")
@@ -325,6 +376,108 @@ def _parse_module(file: Path, i: int, entry) -> tuple[str, type[QuantizedLinear]
     return name, cls, args, tensors
 
 
+# ---- conv
+def _parse_conv_module(file: Path, i: int, entry: dict, version: int) -> tuple[str, type[nn.Module], dict, dict]:
+    """A QuantizedConv2d / BinaryConv2d entry -> (name, class, args, tensors keyed as in its state_dict).
+
+    ``args`` holds ``conv`` (the geometry) and, for QuantizedConv2d, ``linear`` = (class, args)."""
+    where = _Where(file)
+    name = where.field(entry, "name", str, f"modules[{i}]")
+    where = _Where(file, name)
+    if not name:
+        where.fail("module name is empty (the model's root cannot be replaced in place)")
+    cls = _CONV_CLASSES[entry["class"]]
+    if version < CONV_FORMAT_VERSION:
+        where.fail(f"is a {cls.__name__}, which needs format_version {CONV_FORMAT_VERSION}, but the file says "
+                   f"{version}")
+    scheme = where.field(entry, "scheme", str, "the entry")
+    conv = _parse_conv_geometry(where, where.field(entry, "conv", dict, "the entry"))
+    C, O, (kh, kw) = conv["in_channels"], conv["out_channels"], conv["kernel_size"]
+    if cls is BinaryConv2d:
+        if scheme != BinaryLinear.scheme:
+            where.fail(f"scheme {scheme!r:.80} does not match class BinaryConv2d (scheme {BinaryLinear.scheme!r})")
+        raw = where.field(entry, "args", dict, "the entry")
+        args = {"conv": conv, "binary_activations": where.field(raw, "binary_activations", bool, "'args'"),
+                "dtype": _FLOAT_DTYPES[where.choice(raw, "dtype", _FLOAT_DTYPES, "'args'")]}
+        where.no_extra(raw, ("binary_activations", "dtype"), "'args'")
+        tensors = _parse_tensors(where, where.field(entry, "tensors", dict, "the entry"))
+        where.no_extra(entry, ("name", "class", "scheme", "conv", "args", "tensors"), "the entry")
+        return name, cls, args, tensors
+    inner = where.field(entry, "linear", dict, "the entry")
+    lin_cls = _CLASSES[where.choice(inner, "class", _CLASSES, "'linear'")]
+    if scheme != lin_cls.scheme:
+        where.fail(f"scheme {scheme!r:.80} does not match its linear class {lin_cls.__name__} "
+                   f"(scheme {lin_cls.scheme!r})")
+    lin_args = _parse_args(where, lin_cls, where.field(inner, "args", dict, "'linear'"))
+    if (lin_args["out_features"], lin_args["in_features"], lin_args["bias"]) != (O, C * kh * kw, conv["bias"]):
+        where.fail(f"'linear' is [out, in]=[{lin_args['out_features']}, {lin_args['in_features']}] "
+                   f"{'with' if lin_args['bias'] else 'without'} bias; the conv geometry needs [{O}, {C * kh * kw}] "
+                   f"(out_channels, in_channels*kh*kw) {'with' if conv['bias'] else 'without'} bias")
+    lin_tensors = _parse_tensors(where, where.field(inner, "tensors", dict, "'linear'"))
+    where.no_extra(inner, ("class", "args", "tensors"), "'linear'")
+    where.no_extra(entry, ("name", "class", "scheme", "conv", "linear"), "the entry")
+    return name, cls, {"conv": conv, "linear": (lin_cls, lin_args)}, {f"linear.{k}": v for k, v in lin_tensors.items()}
+
+
+def _parse_conv_geometry(where: _Where, conv: dict) -> dict:
+    what = "'conv'"
+    out = {}
+    for k in ("in_channels", "out_channels"):
+        out[k] = where.field(conv, k, int, what)
+        if out[k] < 1:
+            where.fail(f"{what} field {k!r} must be >= 1, got {out[k]}")
+    for k, least in _CONV_PAIRS:
+        v = where.field(conv, k, list, what)
+        if len(v) != 2 or not all(isinstance(d, int) and not isinstance(d, bool) and d >= least for d in v):
+            where.fail(f"{what} field {k!r} must be two integers >= {least}, got {v!r:.80}")
+        out[k] = tuple(v)
+    out["bias"] = where.field(conv, "bias", bool, what)
+    where.no_extra(conv, _CONV_GEOMETRY, what)
+    return out
+
+
+def _check_conv_replaceable(where: _Where, old: nn.Module, named: dict[str, nn.Module], name: str, cls: type,
+                            args: dict) -> None:
+    """`old` is an nn.Conv2d that lowbit.quantize would convert, with the saved geometry."""
+    if not isinstance(old, nn.Conv2d):
+        where.fail(f"is a {type(old).__name__} in the model, not the nn.Conv2d it was quantized from")
+    try:
+        check_float_conv2d(old)
+    except Unsupported as e:
+        where.fail(f"the model's Conv2d cannot hold a {cls.__name__}: {e}")
+    if parametrize.is_parametrized(old):
+        where.fail("has a parametrization, which replacing the module would drop")
+    parent_name, _, child = name.rpartition(".")
+    try:
+        check_parent(named[parent_name], child)
+    except ValueError as e:
+        where.fail(str(e))
+    conv = args["conv"]
+    for k in _CONV_GEOMETRY:
+        theirs = old.bias is not None if k == "bias" else getattr(old, k)
+        theirs = tuple(theirs) if isinstance(theirs, (tuple, list)) else theirs
+        if conv[k] != theirs:
+            saved = list(conv[k]) if isinstance(conv[k], tuple) else conv[k]
+            where.fail(f"conv field {k!r} was saved as {saved}, the model's Conv2d has "
+                       f"{list(theirs) if isinstance(theirs, tuple) else theirs}")
+    if cls is QuantizedConv2d:
+        lin_cls, lin_args = args["linear"]
+        limit = getattr(lin_cls, "max_in_features", None)
+        if limit is not None and lin_args["in_features"] > limit:
+            where.fail(f"in_features={lin_args['in_features']} (in_channels*kh*kw) exceeds {limit}, beyond which "
+                       f"{lin_cls.__name__}'s int32 accumulation could overflow")
+
+
+def _build_conv(cls: type, args: dict, device: torch.device) -> nn.Module:
+    g = args["conv"]
+    geometry = (g["in_channels"], g["out_channels"], g["kernel_size"], g["stride"], g["padding"], g["dilation"])
+    if cls is BinaryConv2d:
+        return BinaryConv2d(*geometry, g["bias"], binary_activations=args["binary_activations"], device=device,
+                            dtype=args["dtype"])
+    lin_cls, lin_args = args["linear"]
+    return QuantizedConv2d(lin_cls(device=device, **lin_args), *geometry)
+
+
 # ----------------------------------------------------------------------------- load: the tensors
 def _finite(where: _Where, name: str, t: torch.Tensor) -> None:
     if t.numel() and not bool(torch.isfinite(t).all()):
@@ -341,7 +494,7 @@ def _fp8_codes_finite(where: _Where, q: torch.Tensor) -> None:
         where.fail("tensor 'qweight' has NaN or inf fp8 codes, which no quantizer produces")
 
 
-def _check_values(where: _Where, m: QuantizedLinear, t: dict[str, torch.Tensor]) -> None:
+def _check_values(where: _Where, m: nn.Module, t: dict[str, torch.Tensor]) -> None:
     """The module's tensors against its format: what the kernels rely on and never re-check."""
     try:
         if isinstance(m, (Int8Linear, Int8WeightOnlyLinear)):
@@ -369,7 +522,7 @@ def _check_values(where: _Where, m: QuantizedLinear, t: dict[str, torch.Tensor])
                 _finite(where, "act_scale", t["act_scale"])
                 if not float(t["act_scale"]) > 0:
                     where.fail("tensor 'act_scale' must be > 0")
-        elif isinstance(m, BinaryLinear):
+        elif isinstance(m, (BinaryLinear, BinaryConv2d)):  # ---- conv: BinaryConv2d holds the same buffers
             binary_fmt.validate(t["packed"], t["scale"], m.in_features)
             _finite(where, "scale", t["scale"])
         elif isinstance(m, Sparse24Linear):  # ---- sparse24: shapes, dtypes and every metadata nibble
@@ -447,7 +600,11 @@ def load(path: str | os.PathLike, model: nn.Module) -> nn.Module:
     built: dict[int, tuple[nn.Module, type, dict]] = {}  # id(float linear) -> module built for it
     seen = set()
     for i, entry in enumerate(header["modules"]):
-        name, cls, args, tensors = _parse_module(file, i, entry)
+        is_conv = isinstance(entry, dict) and isinstance(entry.get("class"), str) and entry["class"] in _CONV_CLASSES
+        if is_conv:  # ---- conv
+            name, cls, args, tensors = _parse_conv_module(file, i, entry, header["format_version"])
+        else:
+            name, cls, args, tensors = _parse_module(file, i, entry)
         where = _Where(file, name)
         if name in seen:
             where.fail("is listed twice")
@@ -455,17 +612,20 @@ def load(path: str | os.PathLike, model: nn.Module) -> nn.Module:
         old = named.get(name)
         if old is None:
             where.fail(f"the model has no module named {name!r}")
-        _check_replaceable(where, old, named, name)
-        if (old.in_features, old.out_features) != (args["in_features"], args["out_features"]):
-            where.fail(f"was saved as [out, in]=[{args['out_features']}, {args['in_features']}], the model's "
-                       f"layer is [{old.out_features}, {old.in_features}]")
-        if (old.bias is not None) != args["bias"]:
-            where.fail(f"was saved {'with' if args['bias'] else 'without'} a bias, the model's layer "
-                       f"{'has' if old.bias is not None else 'has no'} bias")
-        limit = getattr(cls, "max_in_features", None)
-        if limit is not None and args["in_features"] > limit:
-            where.fail(f"in_features={args['in_features']} exceeds {limit}, beyond which "
-                       f"{cls.__name__}'s int32 accumulation could overflow")
+        if is_conv:
+            _check_conv_replaceable(where, old, named, name, cls, args)
+        else:
+            _check_replaceable(where, old, named, name)
+            if (old.in_features, old.out_features) != (args["in_features"], args["out_features"]):
+                where.fail(f"was saved as [out, in]=[{args['out_features']}, {args['in_features']}], the model's "
+                           f"layer is [{old.out_features}, {old.in_features}]")
+            if (old.bias is not None) != args["bias"]:
+                where.fail(f"was saved {'with' if args['bias'] else 'without'} a bias, the model's layer "
+                           f"{'has' if old.bias is not None else 'has no'} bias")
+            limit = getattr(cls, "max_in_features", None)
+            if limit is not None and args["in_features"] > limit:
+                where.fail(f"in_features={args['in_features']} exceeds {limit}, beyond which "
+                           f"{cls.__name__}'s int32 accumulation could overflow")
         if old.weight.device.type == "meta":
             where.fail("the model's layer is on the meta device; load into a materialized model")
         if id(old) in built:  # one Linear at several places: one quantized module at all of them
@@ -474,7 +634,7 @@ def load(path: str | os.PathLike, model: nn.Module) -> nn.Module:
                 where.fail("is the same layer as another listed module but was saved with different arguments")
         else:
             try:
-                new = cls(device=old.weight.device, **args)
+                new = _build_conv(cls, args, old.weight.device) if is_conv else cls(device=old.weight.device, **args)
             except ValueError as e:
                 where.fail(str(e))
             built[id(old)] = (new, cls, args)
@@ -500,10 +660,12 @@ def load(path: str | os.PathLike, model: nn.Module) -> nn.Module:
         if coded is not None:  # ---- compress: Huffman-coded codes, decoded before the value checks
             from .compress import huffman
             where = _Where(path / TENSORS_FILE)
+            linears = [(f"{name}.linear", new.linear) if isinstance(new, QuantizedConv2d) else (name, new)
+                       for name, _, _, _, new in plan]  # ---- conv: a QuantizedConv2d's codes are its linear's
             code_tensors = {f"{name}.{'packed' if isinstance(new, Int4Linear) else 'qweight'}":
                             ("int4" if isinstance(new, Int4Linear) else "int8", new.in_features * new.out_features)
-                            for name, _, _, _, new in plan if isinstance(new, (Int4Linear, Int8Linear,
-                                                                                Int8WeightOnlyLinear))}
+                            for name, new in linears if isinstance(new, (Int4Linear, Int8Linear,
+                                                                         Int8WeightOnlyLinear))}
             tensors = _read_tensors(path, huffman.storage_plan(coded, stored, code_tensors, _Where(file).fail))
             huffman.decode_from_storage(coded, tensors, stored, where.fail)
         else:
@@ -516,6 +678,8 @@ def load(path: str | os.PathLike, model: nn.Module) -> nn.Module:
                 continue
             done.add(id(new))
             prefix = name + "."
+            if isinstance(new, QuantizedConv2d):  # ---- conv: the values are its linear's
+                new, prefix = new.linear, name + ".linear."
             _check_values(_Where(path / TENSORS_FILE, name), new,
                           {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)
                            and "." not in k[len(prefix):]})

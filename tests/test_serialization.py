@@ -211,7 +211,7 @@ def _fp8_nan(t):
 
 
 JSON_CASES = {
-    "version": (lambda h: _set(h, "format_version", 2), "format_version 2"),
+    "version": (lambda h: _set(h, "format_version", 3), "format_version 3"),
     "version type": (lambda h: _set(h, "format_version", "1"), "'format_version' must be int"),
     "not lowbit": (lambda h: _set(h, "format", "other"), "not a lowbit checkpoint"),
     "not an object": (lambda h: [h], "must hold a JSON object"),
