@@ -22,6 +22,7 @@ from . import nn as _lowbit_nn  # noqa: F401  (registers every family's config h
 from .configs import Config, Unsupported, conv_handler_for, handler_for, resolve
 from .nn.base import QuantizedLinear, check_parent
 from .nn.conv import QuantizedConv2d
+from .nn.binary import BinaryConv2d
 
 log = logging.getLogger("lowbit")
 
@@ -241,7 +242,11 @@ def _bias_nbytes(module: nn.Module) -> int:
 
 
 def summary(model: nn.Module) -> Summary:
-    """Storage of every nn.Linear and quantized linear in `model` (each shared module once)."""
+    """Storage of every nn.Linear, nn.Conv2d and quantized layer in `model` (each shared module once).
+
+    A convolution is counted as its GEMM: shape (out_channels, in_channels/groups * kh * kw).
+    QuantizedConv2d appears through its inner quantized linear (``<name>.linear``).
+    """
     rows = []
     for name, m in model.named_modules():
         if isinstance(m, QuantizedLinear):
@@ -251,8 +256,15 @@ def summary(model: nn.Module) -> Summary:
                          "bits_per_weight": float(m.bits_per_weight()),
                          "bytes_before": N * K * m.orig_dtype.itemsize + bias,
                          "bytes_after": m.weight_nbytes() + bias})
-        elif isinstance(m, nn.Linear):
-            N, K = m.out_features, m.in_features
+        elif isinstance(m, BinaryConv2d):
+            N, K = m.out_channels, m.in_features
+            bias = _bias_nbytes(m)
+            rows.append({"name": name, "scheme": "binary", "shape": (N, K),
+                         "bits_per_weight": float(m.bits_per_weight()),
+                         "bytes_before": N * K * m.orig_dtype.itemsize + bias,
+                         "bytes_after": m.weight_nbytes() + bias})
+        elif isinstance(m, (nn.Linear, nn.Conv2d)):
+            N, K = m.weight.shape[0], m.weight[0].numel()
             nbytes = N * K * m.weight.element_size() + _bias_nbytes(m)
             rows.append({"name": name, "scheme": "float", "shape": (N, K),
                          "bits_per_weight": 8.0 * m.weight.element_size(),
