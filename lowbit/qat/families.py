@@ -17,9 +17,9 @@ Binary (:class:`BinaryWeightFakeQuant`)
     ``keep_first_last`` is honoured by :func:`lowbit.prepare_qat` via ``config.excluded_layers``.
 
 2:4 sparse (:class:`Sparse24WeightFakeQuant`)
-    Every training forward recomputes the magnitude 2:4 mask of the latent weight
-    (:func:`lowbit.quant.nm_prune.nm_prune_mask`) until ``freeze_mask_step`` forwards have run
-    (None: never frozen), then keeps the last mask. The value is the converted layer's weight
+    Every forward (and :func:`lowbit.convert`) recomputes the magnitude 2:4 mask of the latent
+    weight (:func:`lowbit.quant.nm_prune.nm_prune_mask`) until ``freeze_mask_step`` training
+    forwards have run (None: never frozen); after that the last mask is kept. The value is the converted layer's weight
     bit for bit (:func:`lowbit.formats.sparse24.from_dense` then ``dense_weight``: float values
     rounded to ``values_dtype``, or int8 values with their per-row scale over the kept entries).
     Gradient: straight through the mask and the rounding to *every* latent weight, plus the
@@ -151,25 +151,29 @@ class Sparse24WeightFakeQuant(nn.Module):
         return self.values_dtype or w.dtype
 
     @torch.no_grad()
-    def _refresh(self, w: torch.Tensor) -> None:
+    def current_mask(self, w: torch.Tensor) -> torch.Tensor:
+        """The magnitude 2:4 mask of `w`, or the frozen one; kept in the ``mask`` buffer."""
         if not self.frozen:
             self.mask = nm_prune.nm_prune_mask(w.detach(), self.n, self.m)
-        self.steps += 1
+        return self.mask
 
-    def values(self, w: torch.Tensor) -> torch.Tensor:
-        """The weight :class:`lowbit.nn.Sparse24Linear` would multiply by, for the current mask."""
-        q = sp_fmt.from_dense(w.detach(), self.mask, self._values_dtype(w))
+    def values(self, w: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The weight :class:`lowbit.nn.Sparse24Linear` would multiply by, for this mask."""
+        q = sp_fmt.from_dense(w.detach(), mask, self._values_dtype(w))
         return sp_fmt.dense_weight(q, torch.float32).to(w.dtype)
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
+        # Recomputed in eval mode too (unless frozen): the mask is a function of the latent weights,
+        # so the fake model in eval and the converted one always prune the same entries.
+        mask = self.current_mask(w)
         if self.training and torch.is_grad_enabled():
-            self._refresh(w)
-        return _MaskedSTE.apply(w, self.values(w), ~self.mask, float(self.srste_decay))
+            self.steps += 1
+        return _MaskedSTE.apply(w, self.values(w, mask), ~mask, float(self.srste_decay))
 
     @torch.no_grad()
     def quantize_linear(self, linear: nn.Linear, config: Sparse24Config) -> nn.Module:
         vd = self._values_dtype(linear.weight)
-        q = sp_fmt.from_dense(linear.weight.detach(), self.mask, vd)
+        q = sp_fmt.from_dense(linear.weight.detach(), self.current_mask(linear.weight), vd)
         mod = Sparse24Linear(linear.in_features, linear.out_features, linear.bias is not None, values_dtype=vd,
                              device="meta", dtype=linear.weight.dtype)
         mod.values, mod.meta, mod.scale = q.values, q.meta, q.scale
