@@ -220,7 +220,8 @@ def _nearest(v, cb):
 
 
 @pytest.mark.parametrize("cfg", [CodebookConfig(bits=3, dim=1), CodebookConfig(method="pq", bits=4, dim=2, groups=2),
-                                 CodebookConfig(bits=4, dim=1, codebook_dtype="float32")], ids=["kmeans3", "pq", "kmeans4-fp32"])
+                                 CodebookConfig(bits=4, dim=1, codebook_dtype="float32")],
+                         ids=["kmeans3", "pq", "kmeans4-fp32"])
 def test_codebook_converted_matches_fake(cfg):
     x = torch.randn(4, 3, 6, 6)
     qat = _train(lowbit.prepare_qat(_cnn(), cfg), x, lr=0.1)

@@ -44,9 +44,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .. import ops
 from ..configs import BinaryConfig, CodebookConfig, Sparse24Config, Unsupported
-from ..formats import binary as bin_fmt
 from ..formats import codebook as cb_fmt
 from ..formats import sparse24 as sp_fmt
 from ..nn import binary as bin_nn
@@ -233,7 +231,8 @@ class CodebookWeightFakeQuant(nn.Module):
         w = weight.detach().to(torch.float32)
         if config.method == "kmeans":
             if dim != 1 or config.groups not in (None, 1):
-                raise Unsupported(f"method 'kmeans' is scalar (dim 1, one group), got dim={dim}, groups={config.groups}")
+                raise Unsupported(f"method 'kmeans' is scalar (dim 1, one group), got dim={dim}, "
+                                  f"groups={config.groups}")
             fit = learn.scalar_kmeans_quantize(w, bits)
         else:
             groups = cb_nn._largest_divisor(J, (8, 4, 2, 1)) if config.groups is None else config.groups
