@@ -311,3 +311,18 @@ def test_training_lowers_the_loss(cfg):
     converted = lowbit.convert(qat.eval())
     with torch.no_grad():
         assert F.cross_entropy(converted(x), y).item() < 0.6 * before
+
+
+def test_unsupported_options_are_refused():
+    lin = nn.Linear(16, 8)
+    with pytest.raises(ValueError, match="kmeans"):  # opq / rq / aq / lattice: lowbit.quantize only
+        lowbit.prepare_qat(copy.deepcopy(lin), CodebookConfig(method="aq", bits=4, dim=2))
+    with pytest.raises(ValueError, match="learnable"):
+        lowbit.prepare_qat(copy.deepcopy(lin), QATConfig(BinaryConfig(keep_first_last=False), learnable_scales=True))
+    with pytest.raises(ValueError, match="reassign_every"):
+        configure_codebook(lin, reassign_every=0)
+    # a layer the format cannot hold stays float and is reported (K = 15 is not a multiple of dim 2)
+    model = nn.Sequential(nn.Linear(15, 8), nn.Linear(8, 4))
+    qat = lowbit.prepare_qat(model, CodebookConfig(method="pq", bits=2, dim=2))
+    assert type(qat[0]) is nn.Linear and isinstance(qat[1], QATLinear)
+    assert [s.name for s in qat._lowbit_report.skipped] == ["0"]
