@@ -16,8 +16,14 @@ Rows of the table (test accuracy on a fixed, seeded 1397/400 split):
   halfway), a few epochs of fine-tuning from the fp32 weights, then :func:`lowbit.convert` to
   the kernel-backed modules (Int4Linear inside QuantizedConv2d); the accuracy is the converted
   model's, and the fake-quantized model's is printed next to it;
-* QAT binary: runs when a binary family (``lowbit.configs.BinaryConfig`` with a registered fake
-  quantizer, :func:`lowbit.qat.register_fake_quant`) is installed; not in this branch yet.
+* QAT binary (lowbit.qat.families): W1A1 XNOR layers (``BinaryConfig()``, binarized weights and
+  activations, first and last layer float) on a variant of the CNN with Hardtanh instead of ReLU
+  (sign() of a ReLU output is +1 everywhere, so a binarized activation after a ReLU carries no
+  information: the ReLU CNN falls to chance), fine-tuned from that variant's own fp32 weights; and
+  binary weights with float activations (``BinaryConfig(binary_activations=False)``) on the
+  ReLU CNN. Both convert to BinaryConv2d (XNOR-popcount kernels) with bit-identical outputs;
+* QAT 2:4 sparse (float values, and 2:4 + int8 W8A8) and QAT codebook (k-means 4-bit): converted
+  to QuantizedConv2d over Sparse24Linear / CodebookLinear.
 """
 
 from __future__ import annotations
@@ -47,12 +53,12 @@ def load_data(device="cpu"):
     return (x[train].to(device), y[train].to(device)), (x[test].to(device), y[test].to(device))
 
 
-def make_model() -> nn.Sequential:
+def make_model(activation=nn.ReLU) -> nn.Sequential:
     return nn.Sequential(
-        nn.Conv2d(1, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
-        nn.Conv2d(8, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.Conv2d(1, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), activation(),
+        nn.Conv2d(8, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), activation(),
         nn.MaxPool2d(2),
-        nn.Conv2d(16, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU(),
+        nn.Conv2d(16, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), activation(),
         nn.AdaptiveAvgPool2d(1), nn.Flatten(),
         nn.Linear(32, 10))
 
@@ -96,11 +102,23 @@ def _calibrate_available() -> bool:
 
 
 def binary_config():
-    """The binary family's config, once it is merged and registers a fake quantizer; else None."""
+    """The binary family's QAT config (W1A1 XNOR, first and last layer float), or None where no
+    binary family with a registered fake quantizer is installed."""
     cfg_type = getattr(lowbit.configs, "BinaryConfig", None)
     if cfg_type is None or cfg_type.__name__ not in lowbit.qat.registered_fake_quant():
         return None
     return cfg_type()
+
+
+def _qat(fp32, cfg, train_data, test_data, epochs, lr, log, name):
+    """prepare_qat -> train -> convert; returns the converted model's accuracy (logs the fake one's)."""
+    t0 = time.perf_counter()
+    cfg.freeze_bn_step = epochs * ((len(train_data[1]) + 63) // 64) // 2
+    qat = train(lowbit.prepare_qat(copy.deepcopy(fp32), cfg), train_data, epochs, lr=lr)
+    fake = accuracy(qat, test_data)
+    acc = accuracy(lowbit.convert(qat), test_data)
+    log(f"{name}: fake-quantized {fake:.4f}, converted {acc:.4f} ({time.perf_counter() - t0:.1f}s)")
+    return acc
 
 
 def run(fast: bool = False, device: str = "cpu", verbose: bool = True) -> dict[str, float]:
@@ -153,11 +171,27 @@ def run(fast: bool = False, device: str = "cpu", verbose: bool = True) -> dict[s
 
     bcfg = binary_config()
     if bcfg is not None:
-        qat = lowbit.prepare_qat(copy.deepcopy(fp32), QATConfig(bcfg))
-        qat = train(qat, train_data, qat_epochs * 2, lr=1e-3)
-        results["QAT binary"] = accuracy(lowbit.convert(qat), test_data)
+        # W1A1 needs zero-centred inputs to sign(): the Hardtanh variant, from its own fp32 weights.
+        torch.manual_seed(SEED)
+        fp32_htanh = train(make_model(nn.Hardtanh).to(device), train_data, epochs, lr=3e-3)
+        results["fp32 (Hardtanh variant)"] = accuracy(fp32_htanh, test_data)
+        results["QAT binary (W1A1 XNOR, Hardtanh variant)"] = _qat(
+            fp32_htanh, QATConfig(bcfg), train_data, test_data, qat_epochs * 4, 3e-3, log, "QAT binary W1A1")
+        results["QAT binary weights (W1, float activations)"] = _qat(
+            fp32, QATConfig(type(bcfg)(binary_activations=False)), train_data, test_data, qat_epochs * 2, 1e-3, log,
+            "QAT binary weights")
     else:
         log("QAT binary: skipped (no binary family with a registered fake quantizer in this lowbit)")
+    registered = lowbit.qat.registered_fake_quant()
+    if "Sparse24Config" in registered:
+        # Twice the epochs: half of every 3x3 kernel (and of the 9 taps of the first conv) is pruned.
+        results["QAT 2:4 sparse (fp32 values)"] = _qat(fp32, QATConfig("sparse24"), train_data, test_data,
+                                                       qat_epochs * 2, 1e-3, log, "QAT 2:4")
+        results["QAT 2:4 sparse + int8 (W8A8)"] = _qat(fp32, QATConfig("sparse24-int8"), train_data, test_data,
+                                                       qat_epochs * 2, 1e-3, log, "QAT 2:4 + int8")
+    if "CodebookConfig" in registered:
+        results["QAT codebook (k-means 4-bit)"] = _qat(fp32, QATConfig("kmeans4"), train_data, test_data,
+                                                       qat_epochs, 1e-3, log, "QAT k-means 4-bit")
     return results
 
 

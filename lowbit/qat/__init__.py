@@ -34,5 +34,13 @@ from .fake_quant import (  # noqa: F401
     registered_fake_quant,
     ste,
 )
+# ---- binary, sparse24, codebook
+from .families import (  # noqa: F401
+    BinaryWeightFakeQuant,
+    CodebookWeightFakeQuant,
+    Sparse24WeightFakeQuant,
+    configure_codebook,
+    configure_sparse24,
+)
 from .modules import QATConv2d, QATConvBn2d, QATLinear, QATLinearBn1d  # noqa: F401
 from .prepare import ProgressiveSchedule, QATConfig, clip_gradients, convert, prepare_qat, qat_layers  # noqa: F401

@@ -104,6 +104,8 @@ class QATLinear(_QATMixin, nn.Linear):
     def _linear(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
         if not self.quant_enabled:
             return F.linear(x, w, b)
+        if hasattr(self.weight_fake_quant, "fake_linear"):  # the family computes the whole layer (binary)
+            return self.weight_fake_quant.fake_linear(x, w, b)
         act = self.act_fake_quant
         if act is not None:
             x = act(x.reshape(-1, self.in_features)).reshape(x.shape)
@@ -147,6 +149,10 @@ class QATConv2d(_QATMixin, nn.Conv2d):
     def _conv(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
         if not self.quant_enabled:
             return F.conv2d(x, w, b, self.stride, self.padding, self.dilation)
+        if hasattr(self.weight_fake_quant, "fake_linear"):  # the family computes the whole layer (binary)
+            rows, Ho, Wo = im2col(x, self.kernel_size, self.stride, self.padding, self.dilation)
+            y = self.weight_fake_quant.fake_linear(rows, w.reshape(self.out_channels, -1), b)
+            return rows_to_image(y, x.shape[0], Ho, Wo)
         wq = self.fake_quant_weight(w)
         act = self.act_fake_quant
         if act is None:
@@ -172,6 +178,8 @@ class QATConv2d(_QATMixin, nn.Conv2d):
             if b is not None:
                 conv.bias.copy_(b)
             return conv.train(self.training)
+        if hasattr(self.weight_fake_quant, "quantize_conv"):  # the family's own conv module (BinaryConv2d)
+            return self.weight_fake_quant.quantize_conv(self, w, b, self.config).train(self.training)
         linear = conv_as_linear(self, w, b)
         q = self._convert_activation(self.weight_fake_quant.quantize_linear(linear, self.config))
         return QuantizedConv2d(q, self.in_channels, self.out_channels, self.kernel_size, self.stride,

@@ -154,8 +154,13 @@ def prepare_qat(model: nn.Module, config: QATConfig | Config | str = "int8",
     qcfg = config if isinstance(config, QATConfig) else QATConfig(target=config)
     configs = qcfg.configs()
     report = QuantizeReport(configs[-1])
+    # Layers a config keeps float by itself (BinaryConfig.keep_first_last), as lowbit.quantize does.
+    kept = set().union(*(c.excluded_layers(model) for c in configs if hasattr(c, "excluded_layers")))
 
     def wanted(module: nn.Module, name: str) -> bool:
+        if name in kept:
+            report.excluded.append(name)
+            return False
         if filter_fn is not None and not filter_fn(module, name):
             report.excluded.append(name)
             return False
