@@ -160,3 +160,11 @@ def test_unloadable_model_is_one_line_and_exit_1(capsys):
     err = capsys.readouterr().err
     assert rc == 1
     assert err.strip().count("\n") == 0 and err.startswith("lowbit: error: cannot load no_such_module_for_lowbit")
+
+
+def test_default_run_leaves_out_only_named_slow_presets():
+    from lowbit.configs import PRESETS
+    from lowbit.report import SLOW_TO_LEARN, default_schemes
+
+    assert set(SLOW_TO_LEARN) <= set(PRESETS)  # a renamed preset must not silently rejoin the default
+    assert default_schemes() == [p for p in PRESETS if p not in SLOW_TO_LEARN]
