@@ -32,7 +32,8 @@ python3 -m pytest tests -q -rs -p no:cacheprovider 2>&1 | tee "$OUT/tests.log" |
 export PYTORCH_NO_CUDA_MEMORY_CACHING=1
 for tool in memcheck racecheck; do
   compute-sanitizer --tool "$tool" --error-exitcode 9 python3 -m pytest -q -x -p no:cacheprovider \
-    tests/test_int8_cuda.py tests/test_int4_cuda.py tests/test_fp8_cuda.py -k "not 2048" \
+    tests/test_int8_cuda.py tests/test_int4_cuda.py tests/test_fp8_cuda.py tests/test_binary_cuda.py \
+    tests/test_sparse24_cuda.py tests/test_codebook_cuda.py -k "not 2048" \
     > "$OUT/sanitizer-$tool.log" 2>&1
   echo "compute-sanitizer $tool: exit $? ($(grep -c 'ERROR SUMMARY: 0 errors' "$OUT/sanitizer-$tool.log") clean summaries)"
 done
@@ -41,7 +42,7 @@ unset PYTORCH_NO_CUDA_MEMORY_CACHING
 # 4. benchmarks, every backend (forced), into benchmarks/results/ form
 for backend in triton cuda; do
   mkdir -p "$OUT/md-$backend"
-  LOWBIT_CUDA_BACKEND=$backend python3 -m lowbit bench --ops int8 int4 fp8 --m 1 16 256 1024 4096 \
+  LOWBIT_CUDA_BACKEND=$backend python3 -m lowbit bench --ops int8 int4 fp8 binary sparse24 codebook --m 1 16 256 1024 4096 \
     --shapes 4096x4096 11008x4096 4096x11008 --markdown "$OUT/md-$backend" --json "$OUT/bench-$backend.json" \
     2>&1 | tee "$OUT/bench-$backend.txt" | tail -30
 done
