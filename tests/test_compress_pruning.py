@@ -2,8 +2,6 @@
 N:M hand-off, and structured pruning that keeps the model runnable and computing the same thing
 as the unpruned model with those channels zeroed."""
 
-import sys
-import types
 
 import pytest
 import torch
