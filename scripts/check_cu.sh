@@ -4,6 +4,7 @@
 # without a GPU; the full check of the built .so is tests/test_cuda_build.py.
 #   bash scripts/check_cu.sh csrc/cuda/int8.cu            # sm_80 and sm_90a
 #   ARCHS="80 89 90a" bash scripts/check_cu.sh csrc/cuda/fp8.cu
+#   KEEP_OBJ=/tmp/x.o ARCHS=80 bash scripts/check_cu.sh csrc/cuda/codebook.cu   # keep the object
 set -euo pipefail
 src=${1:?usage: check_cu.sh FILE.cu}
 archs=${ARCHS:-"80 90a"}
@@ -41,4 +42,5 @@ out=$(mktemp -d)
 echo "--- spills (non-zero lines; empty means none):"
 cuobjdump=$(command -v cuobjdump || python3 -c "import os, triton; print(os.path.join(os.path.dirname(triton.__file__), 'backends/nvidia/bin/cuobjdump'))")
 "$cuobjdump" --dump-resource-usage "$out/obj.o" | grep -E "STACK:[1-9]|LOCAL:[1-9]" || true
+[ -n "${KEEP_OBJ:-}" ] && cp "$out/obj.o" "$KEEP_OBJ"  # e.g. to read its SASS with cuobjdump -sass
 rm -rf "$out"

@@ -27,9 +27,12 @@ U32 = 2.0**-24
 U_OUT = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
 TINY = {torch.float32: 0.0, torch.float16: 2.0**-24, torch.bfloat16: 0.0}
 # (d, C, bits, R, G)
+# The whole-word GEMV (M <= 8) takes 2/4/8-bit scalar, 8-bit d = 2/4/8 and 2 x 8-bit d = 8 codes on
+# rows of whole 32-bit words; K = 1032 gives rows of 516 / 258 / 1032 bytes, so some of those
+# layouts fall back to the generic GEMV there.
 LAYOUTS = [(1, 1, 4, 1, 1), (1, 1, 3, 2, 4), (4, 1, 8, 1, 8), (8, 2, 8, 1, 1), (4, 3, 5, 1, 2), (8, 1, 16, 1, 1),
-           (2, 1, 11, 4, 1)]
-SHAPES = [(1, 33, 256), (3, 64, 1024), (8, 129, 4096), (17, 65, 512), (300, 128, 2048)]
+           (2, 1, 11, 4, 1), (1, 1, 2, 1, 1), (2, 1, 8, 2, 2), (8, 1, 8, 1, 1), (1, 1, 8, 1, 1)]
+SHAPES = [(1, 33, 256), (3, 64, 1024), (8, 129, 4096), (2, 31, 1032), (17, 65, 512), (300, 128, 2048)]
 
 
 @pytest.fixture(autouse=True)
@@ -91,3 +94,13 @@ def test_bad_inputs_raise_value_error():
         lowbit.ops.codebook_mm(x, codes, cb[:, :, :, :255], scale)
     with pytest.raises(ValueError, match=r"lowbit\.codebook_mm: codes\b"):
         lowbit.ops.codebook_mm(x, codes[:, :-1], cb, scale)
+
+
+@pytest.mark.parametrize("M", [1, 5])
+def test_codes_at_an_unaligned_address_take_the_generic_gemv(M):
+    codes, cb, scale = make(64, 512, 4, 1, 8, 1, 8, seed=3)
+    storage = torch.zeros(codes.numel() + 1, dtype=torch.uint8, device="cuda")
+    shifted = storage[1:].view(codes.shape)  # same values, one byte off a word boundary
+    shifted.copy_(codes)
+    assert shifted.data_ptr() % 4 != 0
+    check(torch.randn(M, 512, device="cuda"), shifted, cb, scale)

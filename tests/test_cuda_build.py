@@ -56,7 +56,8 @@ SPARSE24_KERNELS = ["sparse24_reorder_meta_kernel", "sparse24_meta_valid_kernel"
                     "10SparseGemm"]
 
 # ---- codebook
-CODEBOOK_KERNELS = ["codebook_gemv_kernel", "codebook_tile_kernel", "codebook_dequant_kernel"]
+CODEBOOK_KERNELS = ["codebook_gemv_kernel", "codebook_word_gemv_kernel", "codebook_tile_kernel",
+                    "codebook_dequant_kernel"]
 
 
 def expected_archs() -> list[str]:
@@ -154,6 +155,7 @@ SASS_EXPECTED = {
     "10SparseGemm": [".SP"],
     # ---- codebook: codebooks staged in shared memory (LDS), decoded weights by FFMA.
     "codebook_gemv_kernel": ["LDS", "FFMA"],
+    "codebook_word_gemv_kernel": ["LDS", "FFMA"],
     "codebook_tile_kernel": ["LDS", "FFMA"],
 }
 
@@ -178,10 +180,11 @@ def test_kernels_use_their_instructions():
 # Instructions a kernel is meant to use but does not yet: known defects, each with its cause.
 # test_known_sass_gaps_are_still_open fails once one is fixed, so this list cannot go stale.
 KNOWN_SASS_GAPS = {
-    ("codebook_gemv_kernel", "LDS"): "stage_codebooks returns the shared array or the global pointer, "
-    "chosen at run time, so the compiler cannot tell the address space and the codebook lookups "
-    "are generic LD.E loads; fix: template the kernel on the staging choice (a first attempt spilled "
-    "20 bytes on sm_80 in the unstaged kRows=2 variant)",
+    ("codebook_gemv_kernel", "LDS"): "the generic GEMV (now only for 3/5/6/7/16-bit codes, rows not of "
+    "whole words and codebooks beyond 32 KiB; the common formats take codebook_word_gemv_kernel) gets "
+    "the shared array or the global pointer from stage_codebooks, chosen at run time, so its codebook "
+    "lookups are generic LD.E loads; templating it on the staging choice spilled 20 bytes on sm_80 in "
+    "the unstaged kRows=2 variant",
 }
 
 
@@ -742,3 +745,67 @@ def test_codebook_layout_decodes_like_the_python_format(tmp_path):
     assert [[int(v) for v in line.split()] for line in lines[:-1]] == want
     # row 5 of R-groups of 2 rows -> r = 2; sub-vector 7 of groups of 4 -> g = 1; G = 2, C = 2, E = 8
     assert int(lines[-1]) == ((2 * 2 + 1) * 2 + 1) * 8 + 3
+
+
+CODEBOOK_WORD_PROBE = r"""
+#include <cstdio>
+#include <vector>
+
+#include "lowbit/codebook_layout.h"
+using namespace lowbit::codebook_layout;
+
+int main() {
+  int bits, C;
+  long long n, J, row_bytes;
+  while (std::scanf("%d %d %lld %lld %lld", &bits, &C, &n, &J, &row_bytes) == 5) {
+    std::vector<uint8_t> data(n * row_bytes);
+    for (auto& b : data) {
+      int v;
+      std::scanf("%d", &v);
+      b = static_cast<uint8_t>(v);
+    }
+    const int per_word = subvecs_per_word(bits, C);
+    for (long long r = 0; r < n; ++r)
+      for (long long j = 0; j < J; ++j)
+        for (int c = 0; c < C; ++c)
+          std::printf("%u ", code_in_word(word_at(data.data() + r * row_bytes, j / per_word), j % per_word, c, bits, C));
+    std::printf("\n");
+  }
+  // (bits, C, row_bytes, vecs_per_g) -> applies?
+  std::printf("%d %d %d %d %d\n", word_decode_applies(4, 1, 2048, 512), word_decode_applies(3, 1, 1536, 512),
+              word_decode_applies(8, 1, 1026, 4), word_decode_applies(8, 1, 1024, 2), word_decode_applies(8, 2, 2048, 2));
+  return 0;
+}
+"""
+
+
+def test_codebook_word_decode_matches_the_python_format(tmp_path):
+    """The CUDA whole-word GEMV's decode (word_at + code_in_word) against lowbit.formats.codebook.pack."""
+    import torch
+
+    from lowbit.formats import codebook as fmt
+    cxx = shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++") or shutil.which("clang++")
+    if cxx is None:
+        pytest.skip("no host C++ compiler")
+    src, exe = tmp_path / "probe.cpp", tmp_path / "probe"
+    src.write_text(CODEBOOK_WORD_PROBE)
+    subprocess.run([cxx, "-std=c++17", "-O1", "-fsanitize=address", "-I", os.path.join(ROOT, "csrc", "include"),
+                    str(src), "-o", str(exe)], check=True, capture_output=True, text=True)
+    stdin, want = [], []
+    for bits in (1, 2, 4, 8, 16):
+        for C in (1, 2):
+            if 32 % (bits * C):
+                continue
+            J = 3 * 32 // (bits * C) + 32 // (bits * C) // 2  # a partial last word when it holds > 1
+            codes = torch.randint(0, 2**bits, (3, J, C))
+            packed = fmt.pack(codes, bits)
+            pad = (-packed.shape[1]) % 4  # the kernel takes this path only for rows of whole words
+            packed = torch.nn.functional.pad(packed, (0, pad))
+            stdin.append(f"{bits} {C} 3 {J} {packed.shape[1]} " + " ".join(str(int(v)) for v in packed.flatten()))
+            want.append(codes.reshape(-1).tolist())
+    lines = subprocess.run([str(exe)], input="\n".join(stdin) + "\n", check=True, capture_output=True,
+                           text=True).stdout.splitlines()
+    assert [[int(v) for v in line.split()] for line in lines[:-1]] == want
+    # 3-bit codes straddle words; 1026-byte rows are not whole words; 2 sub-vectors per column
+    # group but 4 per word would mix groups in a word.
+    assert lines[-1].split() == ["1", "0", "0", "0", "1"]

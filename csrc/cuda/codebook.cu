@@ -7,8 +7,11 @@
 // 256 entries of 4 up to 8 groups, AQ 2x256x8); larger ones (16-bit codes) are read through the
 // read-only cache. The C entries are summed in fp32 in order c = 0, 1, ..., as the reference
 // does; the row scale multiplies the finished dot product.
-//  * M <= 8: warp-per-output-row GEMV; lanes stride over sub-vectors, decode their codes from the
-//    bit stream (codebook_layout.h) and FMA the entry with up to 8 rows of x.
+//  * M <= 8: warp-per-output-row GEMV. The common formats (codebook_word_gemv_kernel: 2/4/8-bit
+//    scalar, 8-bit codes of d = 2/4/8, two 8-bit codebooks of d = 8) load one 32-bit code word per
+//    lane and step and decode each sub-vector once from shared memory; the rest (3/5/6/7/16-bit
+//    codes, unaligned rows, codebooks beyond 32 KiB) take the generic kernel, whose lanes stride
+//    over sub-vectors and decode their codes from the bit stream (codebook_layout.h) per dimension.
 //  * larger M: 64x64 output tiles, 256 threads; each K step decodes a [64 x 16] weight tile and
 //    stages a [64 x 16] x tile in shared memory, then 4x4 fp32 FMA micro-tiles per thread.
 //    (Tensor cores for large M are not implemented: decode dominates until M is large.)
@@ -20,6 +23,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdint>
+#include <type_traits>
 
 #include "lowbit/checks.h"
 #include "lowbit/codebook_layout.h"
@@ -88,6 +93,71 @@ __global__ void __launch_bounds__(kGemvWarps * 32)
 #pragma unroll
       for (int r = 0; r < kRows; ++r)
         if (m0 + r < M) acc[r] = fmaf(Num<T>::to_f32(x[(m0 + r) * L.K + k]), w, acc[r]);
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < kRows; ++r) {
+    float v = warp_sum(acc[r]);
+    if (lane == 0 && m0 + r < M) {
+      if (scale) v *= scale[n];
+      if (bias) v += bias[n];
+      out[(m0 + r) * L.N + n] = Num<T>::from_f32(v);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------- GEMV, whole code words
+// The common formats (scalar k-means with 2/4/8-bit codes; PQ and lattice with 8-bit codes of
+// d = 2, 4, 8; AQ with two 8-bit codebooks of d = 8) when their codebooks fit in shared memory
+// and codebook_layout::word_decode_applies: each lane loads one aligned 32-bit word of codes per
+// step, decodes each sub-vector's codes once (not once per dimension, as the generic kernel does),
+// and reads the entries from a __shared__ array the compiler can see (LDS, not generic loads).
+template <typename T, int kRows, int kBits, int kDim, int kC>
+__global__ void __launch_bounds__(kGemvWarps * 32)
+    codebook_word_gemv_kernel(const T* __restrict__ x, const uint8_t* __restrict__ codes,
+                              const float* __restrict__ cb_g, const float* __restrict__ scale,
+                              const float* __restrict__ bias, T* __restrict__ out, int64_t M, Layout L) {
+  constexpr int kPerWord = 32 / (kBits * kC);
+  constexpr int kE = 1 << kBits;
+  __shared__ float cb_s[kSmemCodebookFloats];
+  for (int i = threadIdx.x; i < static_cast<int>(L.cb_floats); i += blockDim.x) cb_s[i] = __ldg(cb_g + i);
+  __syncthreads();
+  const int lane = threadIdx.x % 32;
+  const int64_t n = static_cast<int64_t>(blockIdx.x) * kGemvWarps + threadIdx.x / 32;
+  const int64_t m0 = static_cast<int64_t>(blockIdx.y) * kRows;
+  if (n >= L.N) return;
+  const uint32_t* row = reinterpret_cast<const uint32_t*>(codes + n * L.row_bytes);
+  const int64_t J = L.K / kDim;
+  const int64_t words = (J + kPerWord - 1) / kPerWord;
+  // Codebook groups of this row start here; column group g adds g * (C * E * d) floats.
+  const int row_group = static_cast<int>(n / L.rows_per_r) * static_cast<int>(L.G);
+  float acc[kRows];
+#pragma unroll
+  for (int r = 0; r < kRows; ++r) acc[r] = 0.0f;
+  for (int64_t w = lane; w < words; w += 32) {
+    const uint32_t word = __ldg(row + w);
+    const int group = row_group + static_cast<int>((w * kPerWord) / L.vecs_per_g);
+    const float* book = cb_s + group * (kC * kE * kDim);
+#pragma unroll
+    for (int s = 0; s < kPerWord; ++s) {
+      const int64_t j = w * kPerWord + s;
+      if (j >= J) break;
+      float v[kDim];
+#pragma unroll
+      for (int t = 0; t < kDim; ++t) v[t] = 0.0f;
+#pragma unroll
+      for (int c = 0; c < kC; ++c) {
+        const float* entry = book + (c * kE + static_cast<int>(cl::code_in_word(word, s, c, kBits, kC))) * kDim;
+#pragma unroll
+        for (int t = 0; t < kDim; ++t) v[t] += entry[t];
+      }
+#pragma unroll
+      for (int t = 0; t < kDim; ++t) {
+        const int64_t k = j * kDim + t;
+#pragma unroll
+        for (int r = 0; r < kRows; ++r)
+          if (m0 + r < M) acc[r] = fmaf(Num<T>::to_f32(x[(m0 + r) * L.K + k]), v[t], acc[r]);
+      }
     }
   }
 #pragma unroll
@@ -207,6 +277,44 @@ void launch_gemv(const at::Tensor& x, const at::Tensor& codes, const at::Tensor&
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+template <typename T, int kRows, int kBits, int kDim, int kC>
+void launch_word_gemv(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& cb, const float* scale,
+                      const float* bias, at::Tensor& out, const Layout& L, cudaStream_t stream) {
+  const int64_t M = x.size(0);
+  const dim3 grid(static_cast<unsigned>((L.N + kGemvWarps - 1) / kGemvWarps),
+                  static_cast<unsigned>((M + kRows - 1) / kRows));
+  codebook_word_gemv_kernel<T, kRows, kBits, kDim, kC><<<grid, kGemvWarps * 32, 0, stream>>>(
+      ptr<const T>(x), ptr<const uint8_t>(codes), ptr<const float>(cb), scale, bias, ptr<T>(out), M, L);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// The whole-word GEMV for the formats it is instantiated for; false (nothing launched) otherwise.
+template <typename T>
+bool try_word_gemv(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& cb, const float* scale,
+                   const float* bias, at::Tensor& out, const Layout& L, cudaStream_t stream) {
+  if (L.cb_floats > kSmemCodebookFloats || reinterpret_cast<uintptr_t>(codes.data_ptr()) % 4 != 0 ||
+      !cl::word_decode_applies(L.bits, static_cast<int>(L.C), L.row_bytes, L.vecs_per_g))
+    return false;
+  const bool one_row = x.size(0) == 1;
+  auto run = [&](auto bits, auto dim, auto books) {
+    constexpr int kB = decltype(bits)::value, kD = decltype(dim)::value, kC = decltype(books)::value;
+    if (one_row) launch_word_gemv<T, 1, kB, kD, kC>(x, codes, cb, scale, bias, out, L, stream);
+    else launch_word_gemv<T, kGemvMaxRows, kB, kD, kC>(x, codes, cb, scale, bias, out, L, stream);
+    return true;
+  };
+  using std::integral_constant;
+  using I = int;
+  const int b = L.bits, d = L.d, c = static_cast<int>(L.C);
+  if (c == 1 && d == 1 && b == 2) return run(integral_constant<I, 2>{}, integral_constant<I, 1>{}, integral_constant<I, 1>{});
+  if (c == 1 && d == 1 && b == 4) return run(integral_constant<I, 4>{}, integral_constant<I, 1>{}, integral_constant<I, 1>{});
+  if (c == 1 && d == 1 && b == 8) return run(integral_constant<I, 8>{}, integral_constant<I, 1>{}, integral_constant<I, 1>{});
+  if (c == 1 && d == 2 && b == 8) return run(integral_constant<I, 8>{}, integral_constant<I, 2>{}, integral_constant<I, 1>{});
+  if (c == 1 && d == 4 && b == 8) return run(integral_constant<I, 8>{}, integral_constant<I, 4>{}, integral_constant<I, 1>{});
+  if (c == 1 && d == 8 && b == 8) return run(integral_constant<I, 8>{}, integral_constant<I, 8>{}, integral_constant<I, 1>{});
+  if (c == 2 && d == 8 && b == 8) return run(integral_constant<I, 8>{}, integral_constant<I, 8>{}, integral_constant<I, 2>{});
+  return false;
+}
+
 at::Tensor codebook_mm_cuda(const at::Tensor& x_in, const at::Tensor& codes_in, const at::Tensor& codebooks,
                             const std::optional<at::Tensor>& scale_in, const std::optional<at::Tensor>& bias_in) {
   constexpr const char* op = "codebook_mm";
@@ -227,6 +335,7 @@ at::Tensor codebook_mm_cuda(const at::Tensor& x_in, const at::Tensor& codes_in, 
   dispatch_float(x.scalar_type(), [&](auto tag) {
     using T = typename decltype(tag)::type;
     if (M <= kGemvMaxRows) {
+      if (try_word_gemv<T>(x, codes, cb, scale_ptr, bias_ptr, out, L, stream)) return;
       if (M == 1) launch_gemv<T, 1>(x, codes, cb, scale_ptr, bias_ptr, out, L, stream);
       else if (M == 2) launch_gemv<T, 2>(x, codes, cb, scale_ptr, bias_ptr, out, L, stream);
       else if (M <= 4) launch_gemv<T, 4>(x, codes, cb, scale_ptr, bias_ptr, out, L, stream);

@@ -43,5 +43,31 @@ LOWBIT_HD int64_t entry_index(int64_t n, int64_t j, int64_t c, uint32_t code, in
   return (((n / rows_per_r) * G + j / vecs_per_g) * C + c) * E + code;
 }
 
+// ---- whole-word decode (the CUDA GEMV's fast path)
+// When bits * C divides 32, a little-endian 32-bit word of a row holds whole sub-vectors:
+// word w has subvecs_per_word(bits, C) = 32 / (bits * C) of them, sub-vector j = w * that + s,
+// and its code c sits at bit (s * C + c) * bits. A kernel may then load one aligned word per step
+// (row_bytes a multiple of 4) and, when every word lies in one column group (vecs_per_g a multiple
+// of the sub-vectors per word), look up one codebook group per word.
+LOWBIT_HD int subvecs_per_word(int bits, int C) { return 32 / (bits * C); }
+
+LOWBIT_HD bool word_decode_applies(int bits, int C, int64_t row_bytes, int64_t vecs_per_g) {
+  const int per_code = bits * C;
+  return per_code <= 32 && 32 % per_code == 0 && row_bytes % 4 == 0 &&
+         vecs_per_g % subvecs_per_word(bits, C) == 0;
+}
+
+LOWBIT_HD uint32_t code_in_word(uint32_t word, int s, int c, int bits, int C) {
+  const uint32_t mask = bits >= 32 ? 0xFFFFFFFFu : ((1u << bits) - 1u);
+  return (word >> ((s * C + c) * bits)) & mask;
+}
+
+// Little-endian word w of a packed row (what a uint32 load gives on every target lowbit runs on).
+LOWBIT_HD uint32_t word_at(const uint8_t* row, int64_t w) {
+  const uint8_t* p = row + 4 * w;
+  return static_cast<uint32_t>(p[0]) | static_cast<uint32_t>(p[1]) << 8 | static_cast<uint32_t>(p[2]) << 16 |
+         static_cast<uint32_t>(p[3]) << 24;
+}
+
 }  // namespace codebook_layout
 }  // namespace lowbit
