@@ -104,3 +104,16 @@ def test_codes_at_an_unaligned_address_take_the_generic_gemv(M):
     shifted.copy_(codes)
     assert shifted.data_ptr() % 4 != 0
     check(torch.randn(M, 512, device="cuda"), shifted, cb, scale)
+
+
+# The tensor-core kernel (M > 8, one codebook per sub-vector stored in x's 16-bit dtype).
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("layout", [(1, 1, 4, 1, 1), (1, 1, 3, 2, 4), (4, 1, 8, 1, 8), (8, 1, 8, 1, 1), (2, 1, 8, 2, 2)],
+                         ids=lambda v: "d{}C{}b{}R{}G{}".format(*v))
+@pytest.mark.parametrize("M,N,K", [(9, 33, 256), (64, 64, 1024), (300, 129, 1032)])
+def test_tensor_core_path(dtype, layout, M, N, K):
+    d, C, bits, R, G = layout
+    if K % d or (K // d) % G or N % R:
+        pytest.skip("shape not divisible for this layout")
+    codes, cb, scale = make(N, K, d, C, bits, R, G, cb_dtype=dtype, seed=M + K)
+    check(torch.randn(M, K, device="cuda").to(dtype), codes, cb, scale, torch.randn(N, device="cuda").to(dtype))

@@ -57,7 +57,7 @@ SPARSE24_KERNELS = ["sparse24_reorder_meta_kernel", "sparse24_meta_valid_kernel"
 
 # ---- codebook
 CODEBOOK_KERNELS = ["codebook_gemv_kernel", "codebook_word_gemv_kernel", "codebook_tile_kernel",
-                    "codebook_dequant_kernel"]
+                    "codebook_wmma_kernel", "codebook_dequant_kernel"]
 
 
 def expected_archs() -> list[str]:
@@ -157,6 +157,7 @@ SASS_EXPECTED = {
     "codebook_gemv_kernel": ["LDS", "FFMA"],
     "codebook_word_gemv_kernel": ["LDS", "FFMA"],
     "codebook_tile_kernel": ["LDS", "FFMA"],
+    "codebook_wmma_kernel": ["LDS", "HMMA"],
 }
 
 

@@ -12,15 +12,21 @@
 //    lane and step and decode each sub-vector once from shared memory; the rest (3/5/6/7/16-bit
 //    codes, unaligned rows, codebooks beyond 32 KiB) take the generic kernel, whose lanes stride
 //    over sub-vectors and decode their codes from the bit stream (codebook_layout.h) per dimension.
-//  * larger M: 64x64 output tiles, 256 threads; each K step decodes a [64 x 16] weight tile and
-//    stages a [64 x 16] x tile in shared memory, then 4x4 fp32 FMA micro-tiles per thread.
-//    (Tensor cores for large M are not implemented: decode dominates until M is large.)
+//  * larger M, fp16/bf16 x with one codebook (C = 1) of x's own dtype (kmeans, PQ, lattice as
+//    CodebookLinear's default float16 codebooks with fp16 x): codebook_wmma_kernel, weights decoded
+//    into shared memory as exact 16-bit values and multiplied on the tensor cores (WMMA). (nvcc
+//    emits the bf16 WMMA fragment loads as generic LD.E from the shared tiles, fp16 as LDS.)
+//  * other larger M: 64x64 output tiles, 256 threads; each K step decodes a [64 x 16] weight tile
+//    and stages a [64 x 16] x tile in shared memory, then 4x4 fp32 FMA micro-tiles per thread.
+//    (f32 x stays on fp32 FMA: TF32 would round x; summed codebooks are not exact in 16 bits.)
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
+
+#include <mma.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -230,6 +236,101 @@ __global__ void __launch_bounds__(kTileThreads)
     }
 }
 
+// ---------------------------------------------------------------------------- tensor cores, larger M
+// One codebook per sub-vector (C = 1) stored in x's own 16-bit type: every decoded weight is a
+// codebook entry, exact in that type, so the tensor cores see exactly the reference's operands,
+// the x*w products are exact in fp32 and only the accumulation order differs (as in the SIMT
+// kernels). The row scale and bias are applied to the finished sum, as everywhere in this file.
+// 64x64 outputs, 4 warps of 32x32 (WMMA 16x16x16, fp32 accumulate), K steps of 32; a thread
+// stages a run of 16 consecutive k of one row of x and decodes the same run of one row of W.
+namespace wmma_tile {
+constexpr int kBM = 64, kBN = 64, kBK = 32, kThreads = 128, kRun = 16;
+constexpr int kLd = kBK + 8;   // 80-byte rows: WMMA's 32-byte alignment, and rows start in different banks
+constexpr int kLdC = kBN + 4;
+constexpr int kSmemEntries = 8192;  // codebook values staged as T: 16 KiB
+static_assert(kBM * kBK == kThreads * kRun && kBN * kBK == kThreads * kRun, "one run per thread and operand");
+}  // namespace wmma_tile
+
+template <typename T>
+__global__ void __launch_bounds__(wmma_tile::kThreads)
+    codebook_wmma_kernel(const T* __restrict__ x, const uint8_t* __restrict__ codes, const T* __restrict__ cb_g,
+                         const float* __restrict__ scale, const float* __restrict__ bias, T* __restrict__ out,
+                         int64_t M, Layout L) {
+  using namespace wmma_tile;
+  namespace wmma = nvcuda::wmma;
+  struct Tiles {
+    T a[kBM][kLd];
+    T b[kBN][kLd];
+  };
+  union Smem {
+    Tiles tiles;
+    float c[kBM][kLdC];  // the final sums reuse the operand tiles' space
+  };
+  __shared__ __align__(128) Smem smem;
+  __shared__ T cb_s[kSmemEntries];
+  const int t = threadIdx.x, warp = t / 32;
+  const int wm = warp / 2, wn = warp % 2;
+  for (int i = t; i < static_cast<int>(L.cb_floats); i += kThreads) cb_s[i] = cb_g[i];
+  const int64_t m0 = static_cast<int64_t>(blockIdx.y) * kBM, n0 = static_cast<int64_t>(blockIdx.x) * kBN;
+  const int rr = t / 2, rc = (t % 2) * kRun;
+  const int64_t m = m0 + rr, n = n0 + rr;
+  const bool a_ok = m < M, b_ok = n < L.N;
+  const T* xrow = x + (a_ok ? m * L.K : 0);
+  const uint8_t* crow = codes + (b_ok ? n * L.row_bytes : 0);
+  const int64_t row_group = b_ok ? (n / L.rows_per_r) * L.G : 0;
+  const T zero = Num<T>::from_f32(0.0f);
+
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2][2];
+#pragma unroll
+  for (int i = 0; i < 2; ++i)
+#pragma unroll
+    for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.0f);
+
+  for (int64_t k0 = 0; k0 < L.K; k0 += kBK) {
+    const int64_t kr = k0 + rc;  // first k of this thread's run; d divides 16, so runs hold whole sub-vectors
+#pragma unroll
+    for (int i = 0; i < kRun; ++i) smem.tiles.a[rr][rc + i] = (a_ok && kr + i < L.K) ? xrow[kr + i] : zero;
+    for (int i = 0; i < kRun; i += L.d) {
+      const int64_t j = (kr + i) / L.d;
+      const bool ok = b_ok && kr + i < L.K;
+      const uint32_t code = ok ? cl::code_at(crow, j, L.bits, L.row_bytes) : 0u;
+      const int64_t first = ((row_group + j / L.vecs_per_g) * L.E + code) * L.d;
+      for (int e = 0; e < L.d; ++e) smem.tiles.b[rr][rc + i + e] = ok ? cb_s[first + e] : zero;
+    }
+    __syncthreads();  // (the first pass also publishes the staged codebook)
+#pragma unroll
+    for (int kk = 0; kk < kBK; kk += 16) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa[2];
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> fb[2];  // W tile is [n][k]: B^T
+#pragma unroll
+      for (int i = 0; i < 2; ++i) wmma::load_matrix_sync(fa[i], &smem.tiles.a[wm * 32 + i * 16][kk], kLd);
+#pragma unroll
+      for (int j = 0; j < 2; ++j) wmma::load_matrix_sync(fb[j], &smem.tiles.b[wn * 32 + j * 16][kk], kLd);
+#pragma unroll
+      for (int i = 0; i < 2; ++i)
+#pragma unroll
+        for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], fa[i], fb[j], acc[i][j]);
+    }
+    __syncthreads();
+  }
+#pragma unroll
+  for (int i = 0; i < 2; ++i)
+#pragma unroll
+    for (int j = 0; j < 2; ++j)
+      wmma::store_matrix_sync(&smem.c[wm * 32 + i * 16][wn * 32 + j * 16], acc[i][j], kLdC, wmma::mem_row_major);
+  __syncthreads();
+  for (int idx = t; idx < kBM * kBN; idx += kThreads) {
+    const int r = idx / kBN, c = idx % kBN;
+    const int64_t mo = m0 + r, no = n0 + c;
+    if (mo < M && no < L.N) {
+      float v = smem.c[r][c];
+      if (scale) v = __fmul_rn(v, scale[no]);
+      if (bias) v = __fadd_rn(v, bias[no]);
+      out[mo * L.N + no] = Num<T>::from_f32(v);
+    }
+  }
+}
+
 // ---------------------------------------------------------------------------- dequant
 template <typename T>
 __global__ void __launch_bounds__(256)
@@ -341,6 +442,17 @@ at::Tensor codebook_mm_cuda(const at::Tensor& x_in, const at::Tensor& codes_in, 
       else if (M <= 4) launch_gemv<T, 4>(x, codes, cb, scale_ptr, bias_ptr, out, L, stream);
       else launch_gemv<T, 8>(x, codes, cb, scale_ptr, bias_ptr, out, L, stream);
       return;
+    }
+    if constexpr (!std::is_same_v<T, float>) {
+      if (codebooks.scalar_type() == x.scalar_type() && s.C == 1 && L.cb_floats <= wmma_tile::kSmemEntries) {
+        const at::Tensor cb_t = codebooks.contiguous();
+        const dim3 grid(static_cast<unsigned>((L.N + wmma_tile::kBN - 1) / wmma_tile::kBN),
+                        static_cast<unsigned>((M + wmma_tile::kBM - 1) / wmma_tile::kBM));
+        codebook_wmma_kernel<T><<<grid, wmma_tile::kThreads, 0, stream>>>(
+            ptr<const T>(x), ptr<const uint8_t>(codes), ptr<const T>(cb_t), scale_ptr, bias_ptr, ptr<T>(out), M, L);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        return;
+      }
     }
     const dim3 grid(static_cast<unsigned>((L.N + kTileN - 1) / kTileN), static_cast<unsigned>((M + kTileM - 1) / kTileM));
     codebook_tile_kernel<T><<<grid, kTileThreads, 0, stream>>>(ptr<const T>(x), ptr<const uint8_t>(codes),
