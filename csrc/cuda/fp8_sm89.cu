@@ -6,11 +6,11 @@
 // kernels; the mixed pairings take the dequantizing kernels of fp8.cu. The device body of each
 // is compiled for sm_89 only (elsewhere an empty stub).
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/util/Exception.h>
 
 #include "lowbit/cuda/fp8_cutlass_sm89.cuh"
+#include "lowbit/cuda/cutlass_host.cuh"
 #include "lowbit/cuda/fp8_native.h"
 
 namespace lowbit {
@@ -19,11 +19,6 @@ namespace fp8_native {
 namespace {
 
 using Probe = fp8_sm89::ScaledGemm<cutlass::float_e4m3_t, cutlass::float_e4m3_t, float>;
-
-void check_status(cutlass::Status status, const char* what) {
-  TORCH_CHECK(status == cutlass::Status::kSuccess, "lowbit.fp8_scaled_mm (CUTLASS sm_89): ", what, " failed: ",
-              cutlassGetStatusString(status));
-}
 
 template <typename ElementA, typename ElementB, typename ElementD>
 void run(const at::Tensor& a, const at::Tensor& b, const at::Tensor& scale_a, const at::Tensor& scale_b,
@@ -38,14 +33,7 @@ void run(const at::Tensor& a, const at::Tensor& b, const at::Tensor& scale_a, co
                                 a.data_ptr(), b.data_ptr(), nullptr, nullptr,
                                 /*batch strides*/ M * K, N * K, 0, 0,
                                 /*lda, ldb, ldc, ldd*/ K, K, 0, 0);
-  Gemm gemm;
-  check_status(gemm.can_implement(args), "can_implement");
-  const size_t workspace_bytes = Gemm::get_workspace_size(args);
-  at::Tensor workspace;
-  if (workspace_bytes > 0) workspace = at::empty({int64_t(workspace_bytes)}, a.options().dtype(at::kByte));
-  check_status(gemm.initialize(args, workspace_bytes > 0 ? workspace.data_ptr() : nullptr, stream), "initialize");
-  check_status(gemm.run(stream), "run");
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  cutlass_host::run<Gemm>(args, a, "fp8_scaled_mm (CUTLASS sm_89)", stream);
 }
 
 template <typename ElementA, typename ElementB>
@@ -61,18 +49,8 @@ void run_out(const at::Tensor& a, const at::Tensor& b, const at::Tensor& scale_a
 }  // namespace
 
 bool sm89_available(int device) {
-  int major = 0, minor = 0;
-  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device) != cudaSuccess)
-    return false;
-  if (major != 8 || minor != 9) return false;
   // A build without 8.9 runs the sm_80 image here: the stub.
-  cudaFuncAttributes attr{};
-  if (cudaFuncGetAttributes(&attr, cutlass::Kernel2<typename Probe::Gemm::GemmKernel>) != cudaSuccess) {
-    (void)cudaGetLastError();
-    return false;
-  }
-  return attr.binaryVersion == 89;
+  return cutlass_host::compiled_for_device(cutlass::Kernel2<typename Probe::Gemm::GemmKernel>, device, 8, 9);
 }
 
 void scaled_mm_sm89(const at::Tensor& a, const at::Tensor& b, const at::Tensor& scale_a, const at::Tensor& scale_b,

@@ -7,13 +7,13 @@
 // three more kernels to every CI build) take the dequantizing kernels of fp8.cu. The device
 // body of each is compiled for sm_90a only (the sm_80 / sm_89 passes see an empty stub).
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/util/Exception.h>
 
 #include <atomic>
 
 #include "lowbit/cuda/fp8_cutlass_sm90.cuh"
+#include "lowbit/cuda/cutlass_host.cuh"
 #include "lowbit/cuda/fp8_native.h"
 
 namespace lowbit {
@@ -34,11 +34,6 @@ int sm_count(int device) {
   return n;
 }
 
-void check_status(cutlass::Status status, const char* what) {
-  TORCH_CHECK(status == cutlass::Status::kSuccess, "lowbit.fp8_scaled_mm (CUTLASS sm_90a): ", what, " failed: ",
-              cutlassGetStatusString(status));
-}
-
 template <typename ElementA, typename ElementB, typename ElementD>
 void run(const at::Tensor& a, const at::Tensor& b, const at::Tensor& scale_a, const at::Tensor& scale_b,
          const float* bias, at::Tensor& out, cudaStream_t stream) {
@@ -49,15 +44,7 @@ void run(const at::Tensor& a, const at::Tensor& b, const at::Tensor& scale_a, co
   auto args = Scaled::arguments(a.data_ptr(), b.data_ptr(), scale_a.const_data_ptr<float>(),
                                 scale_b.const_data_ptr<float>(), bias, out.data_ptr(), M, N, K, device,
                                 sm_count(device));
-  Gemm gemm;
-  check_status(gemm.can_implement(args), "can_implement");
-  const size_t workspace_bytes = Gemm::get_workspace_size(args);
-  at::Tensor workspace;
-  // Through torch's caching allocator (the persistent scheduler may ask for a few bytes).
-  if (workspace_bytes > 0) workspace = at::empty({int64_t(workspace_bytes)}, a.options().dtype(at::kByte));
-  check_status(gemm.initialize(args, workspace_bytes > 0 ? workspace.data_ptr() : nullptr, stream), "initialize");
-  check_status(gemm.run(stream), "run");
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  cutlass_host::run<Gemm>(args, a, "fp8_scaled_mm (CUTLASS sm_90a)", stream);
 }
 
 template <typename ElementA, typename ElementB>
@@ -73,18 +60,8 @@ void run_out(const at::Tensor& a, const at::Tensor& b, const at::Tensor& scale_a
 }  // namespace
 
 bool sm90_available(int device) {
-  int major = 0, minor = 0;
-  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device) != cudaSuccess)
-    return false;
-  if (major != 9 || minor != 0) return false;
   // A build without 9.0a has only the stub (or PTX of another target) for this kernel.
-  cudaFuncAttributes attr{};
-  if (cudaFuncGetAttributes(&attr, cutlass::device_kernel<typename Probe::Gemm::GemmKernel>) != cudaSuccess) {
-    (void)cudaGetLastError();
-    return false;
-  }
-  return attr.binaryVersion == 90;
+  return cutlass_host::compiled_for_device(cutlass::device_kernel<typename Probe::Gemm::GemmKernel>, device, 9, 0);
 }
 
 void scaled_mm_sm90(const at::Tensor& a, const at::Tensor& b, const at::Tensor& scale_a, const at::Tensor& scale_b,

@@ -28,6 +28,7 @@
 
 #include "lowbit/checks.h"
 #include "lowbit/cuda/common.cuh"
+#include "lowbit/cuda/cutlass_host.cuh"
 #include "lowbit/cuda/host.cuh"
 #include "lowbit/cuda/int8_cutlass.cuh"
 #include "lowbit/int8_layout.h"
@@ -453,25 +454,6 @@ using namespace ::lowbit::cuda::host;
 // A contiguous view can start at any byte; CUTLASS's 16-byte accesses need an aligned base.
 at::Tensor aligned_copy_if_needed(const at::Tensor& t) { return aligned16(t.data_ptr()) ? t : t.clone(); }
 
-void check_cutlass(cutlass::Status status, const char* op, const char* what) {
-  TORCH_CHECK(status == cutlass::Status::kSuccess, "lowbit.", op, ": CUTLASS ", what, " failed: ",
-              cutlassGetStatusString(status));
-}
-
-template <typename Gemm>
-void run_cutlass(const typename Gemm::Arguments& args, const at::Tensor& like, const char* op, cudaStream_t stream) {
-  Gemm gemm;
-  check_cutlass(gemm.can_implement(args), op, "can_implement");
-  // Without split-K CUTLASS asks for no workspace; allocate through torch's caching
-  // allocator should a CUTLASS version ever want some.
-  const size_t workspace_bytes = Gemm::get_workspace_size(args);
-  at::Tensor workspace;
-  if (workspace_bytes > 0) workspace = at::empty({int64_t(workspace_bytes)}, like.options().dtype(at::kByte));
-  check_cutlass(gemm.initialize(args, workspace_bytes > 0 ? workspace.data_ptr() : nullptr, stream), op, "initialize");
-  check_cutlass(gemm.run(stream), op, "run");
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
 bool cutlass_shape_ok(int64_t N, int64_t K) {
   return K % int8_cutlass::kAlignAB == 0 && N % int8_cutlass::kAlignOut == 0;
 }
@@ -568,7 +550,7 @@ at::Tensor int8_mm_cuda(const at::Tensor& a_in, const at::Tensor& b_in) {
     using Gemm = int8_cutlass::Int8Gemm;
     typename Gemm::Arguments args({int(M), int(N), int(K)}, {ptr<int8_t>(a), K}, {ptr<int8_t>(b), K},
                                   {ptr<int32_t>(out), N}, {ptr<int32_t>(out), N}, {});
-    run_cutlass<Gemm>(args, a, op, stream);
+    cutlass_host::run<Gemm>(args, a, op, stream);
     return out;
   }
   launch_int8_gemm_simt(ptr<const int8_t>(a), ptr<const int8_t>(b), M, N, K, EpiInt32{ptr<int32_t>(out), N}, stream);
@@ -589,7 +571,7 @@ void run_scaled_cutlass(const at::Tensor& a, const at::Tensor& b, const at::Tens
                                 a.data_ptr(), b.data_ptr(), nullptr, nullptr,
                                 /*batch strides*/ M * K, N * K, 0, 0,
                                 /*lda, ldb, ldc, ldd*/ K, K, 0, 0);
-  run_cutlass<Gemm>(args, a, "int8_scaled_mm", stream);
+  cutlass_host::run<Gemm>(args, a, "int8_scaled_mm", stream);
 }
 
 at::Tensor int8_scaled_mm_cuda(const at::Tensor& a_in, const at::Tensor& b_in, const at::Tensor& scale_a_in,

@@ -33,6 +33,7 @@
 
 #include "lowbit/checks.h"
 #include "lowbit/cuda/common.cuh"
+#include "lowbit/cuda/cutlass_host.cuh"
 #include "lowbit/cuda/host.cuh"
 #include "lowbit/sparse24_layout.h"
 
@@ -154,23 +155,6 @@ __global__ void sparse24_simt_int8_kernel(const int8_t* __restrict__ a, const in
 // ============================================================================ host side
 using namespace ::lowbit::cuda::host;
 
-void check_cutlass(cutlass::Status status, const char* op, const char* what) {
-  TORCH_CHECK(status == cutlass::Status::kSuccess, "lowbit.", op, ": CUTLASS ", what, " failed: ",
-              cutlassGetStatusString(status));
-}
-
-template <typename Gemm>
-void run_cutlass(const typename Gemm::Arguments& args, const at::Tensor& like, const char* op, cudaStream_t stream) {
-  Gemm gemm;
-  check_cutlass(gemm.can_implement(args), op, "can_implement");
-  const size_t workspace_bytes = Gemm::get_workspace_size(args);
-  at::Tensor workspace;
-  if (workspace_bytes > 0) workspace = at::empty({int64_t(workspace_bytes)}, like.options().dtype(at::kByte));
-  check_cutlass(gemm.initialize(args, workspace_bytes > 0 ? workspace.data_ptr() : nullptr, stream), op, "initialize");
-  check_cutlass(gemm.run(stream), op, "run");
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
 // The data check of every backend, on the device: one flag; the message from the host check.
 void check_meta_on_device(const char* op, const at::Tensor& meta, cudaStream_t stream) {
   at::Tensor bad = at::zeros({1}, meta.options().dtype(at::kInt));
@@ -243,7 +227,7 @@ at::Tensor sparse24_mm_cuda(const at::Tensor& x, const at::Tensor& values, const
                                     {reinterpret_cast<const T*>(xp.const_data_ptr()), Kp},
                                     {acc.data_ptr<float>(), M}, {acc.data_ptr<float>(), M},
                                     {reinterpret_cast<E*>(e.data_ptr<uint8_t>()), layout_e});
-      run_cutlass<Gemm>(args, x, op, stream);
+      cutlass_host::run<Gemm>(args, x, op, stream);
     };
     if (xt == at::kHalf) run(Tag<cutlass::half_t>{});
     else run(Tag<cutlass::bfloat16_t>{});
@@ -293,7 +277,7 @@ at::Tensor sparse24_int8_scaled_mm_cuda(const at::Tensor& a, const at::Tensor& v
     typename Gemm::Arguments args({int(N), int(M), int(Kp)}, {v.const_data_ptr<int8_t>(), Kp / 2},
                                   {ap.const_data_ptr<int8_t>(), Kp}, {acc.data_ptr<int32_t>(), M},
                                   {acc.data_ptr<int32_t>(), M}, {reinterpret_cast<E*>(e.data_ptr<uint8_t>()), layout_e});
-    run_cutlass<Gemm>(args, a, op, stream);
+    cutlass_host::run<Gemm>(args, a, op, stream);
   } else {
     const dim3 grid(unsigned(ceil_div(N, 4)), unsigned(M));
     sparse24_simt_int8_kernel<<<grid, 128, 0, stream>>>(ap.const_data_ptr<int8_t>(), v.const_data_ptr<int8_t>(),
