@@ -241,7 +241,7 @@ def test_codebook_gptq_module_runs_on_the_kernels(preset):
 def test_codebook_gptq_beats_the_plain_fit_on_minilm(minilm_hessians, layer, preset, weighted):
     """Against the codebook layer lowbit.quantize makes (plain, unweighted learner) and against the
     same codebooks GPTQ starts from with nearest-entry codes, on the calibration sentences and on
-    held-out ones (held-out error measured 0.27-0.87x the plain fit's; see docs/ptq.md). PQ's
+    held-out ones (held-out error measured 0.23-0.82x the plain fit's; see docs/ptq.md). PQ's
     learner is the slow part, so its case starts GPTQ from the plain fit itself."""
     w, h_cal, h_held = minilm_hessians[layer]
     lin = torch.nn.Linear(w.shape[1], w.shape[0])
