@@ -173,3 +173,17 @@ def test_awq_beats_rtn_on_minilm(minilm_quality):
 def test_awq_scaling_is_exact_on_minilm(minilm_quality):
     _, q = minilm_quality
     assert q["scaled_float"]["sqnr_db"] > 100.0  # float32 rounding only
+
+
+def test_awq_keeps_quantizing_what_it_does_not_scale():
+    # A Conv2d and a W8A8 Linear are not AWQ's: lowbit.awq must still quantize them as lowbit.quantize does.
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.Flatten(), nn.Linear(8 * 4 * 4, 128), nn.Linear(128, 16))
+    x = torch.randn(4, 3, 4, 4)
+    m = lowbit.awq(copy.deepcopy(model), {"0": "int8", "2": "int8", "3": "int4"}, [x], progress=False)
+    assert type(m[0]).__name__ == "QuantizedConv2d" and type(m[2]).__name__ == "Int8Linear"
+    # Layer 3 reads layer 2's output directly: its 1/s folds into layer 2's rows (or alpha = 0).
+    assert isinstance(m[3], Int4Linear) and m._lowbit_awq["3"]["fold"] in ("linear:2", "none")
+    assert set(m._lowbit_awq) == {"3"}
+    with torch.no_grad():
+        m(x)

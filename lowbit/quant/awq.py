@@ -322,8 +322,10 @@ def awq(model: nn.Module, config, data: Iterable, *, n_grid: int = 20, clip: boo
     original = {id(lin): name for name, _, _, lin in linear_layers(model)}
     info = awq_scale(model, config, data, n_grid=n_grid, clip=clip, wrap=wrap, num_batches=num_batches,
                      tolerance=tolerance, progress=progress)
-    # Exact names (no wildcard characters in module names), each with its pre-AWQ name's config.
-    per_layer = {name: config_for(original.get(id(lin), name)) for name, _, _, lin in linear_layers(model)}
+    # Exact names (no wildcard characters in module names), each with its pre-AWQ name's config
+    # (Conv2d layers are never wrapped: their names are unchanged).
+    per_layer = {name: config_for(original.get(id(m), name)) for name, m in model.named_modules()
+                 if isinstance(m, (nn.Linear, nn.Conv2d))}
     result = quantize(model, per_layer)
     result._lowbit_awq = info
     return result
