@@ -310,10 +310,15 @@ def _gptq_codebook(w, H, codebooks, scale, rotation, act_order, damp, block_size
         for i in range(0, i2 - i1, d):
             j = sub_order[(i1 + i) // d]
             g = j // (J // G)
-            U_inv = torch.linalg.solve_triangular(Hinv1[i:i + d, i:i + d], eye, upper=True)
             v = W1[:, i:i + d]
-            x = ((v / s_safe.unsqueeze(1)) @ U_inv).reshape(R, rows, d)  # whitened: nearest = least added loss
-            cbw = cb[:, g] @ U_inv  # [R, C, E, d]
+            if d == 1:  # a division, as int GPTQ does: the same float ops give the same codes
+                def whiten(t, u=Hinv1[i, i]):
+                    return t / u
+            else:
+                def whiten(t, u_inv=torch.linalg.solve_triangular(Hinv1[i:i + d, i:i + d], eye, upper=True)):
+                    return t @ u_inv
+            x = whiten(v / s_safe.unsqueeze(1)).reshape(R, rows, d)  # whitened: nearest = least added loss
+            cbw = whiten(cb[:, g])  # [R, C, E, d]
             if C == 1:
                 c0 = cbw[:, 0]
                 score = torch.baddbmm(c0.square().sum(-1).unsqueeze(1), x, c0.transpose(1, 2), alpha=-2.0)
@@ -322,7 +327,7 @@ def _gptq_codebook(w, H, codebooks, scale, rotation, act_order, damp, block_size
                 cj = beam_encode(x, None, cbw, beam)[0].reshape(N, C)
             codes[:, j] = cj
             q = cb[row_group.unsqueeze(1), g, torch.arange(C, device=W.device).unsqueeze(0), cj].sum(1)
-            err = (v - q * s.unsqueeze(1)) @ U_inv
+            err = whiten(v - q * s.unsqueeze(1))
             W1[:, i + d:] -= err @ Hinv1[i:i + d, i + d:]
             Err1[:, i:i + d] = err
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
