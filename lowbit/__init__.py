@@ -36,3 +36,5 @@ from .sensitivity import mixed_precision, sensitivity  # noqa: E402,F401
 # ---- compress: pruning, low-rank, Tucker/CP, Huffman storage, distillation, slimmable width
 from . import compress  # noqa: E402,F401
 from .configs import BinaryConfig  # noqa: E402,F401
+# ---- ptq: AWQ (activation-aware int4 / int8 weight-only scaling)
+from .quant.awq import awq  # noqa: E402,F401

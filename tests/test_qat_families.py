@@ -25,6 +25,8 @@ from lowbit.configs import BinaryConfig, CodebookConfig, Sparse24Config
 from lowbit.nn import BinaryConv2d, BinaryLinear, CodebookLinear, QuantizedConv2d, Sparse24Linear, im2col
 from lowbit.qat import (CodebookWeightFakeQuant, QATConfig, QATConv2d, QATLinear, Sparse24WeightFakeQuant,
                         configure_codebook, configure_sparse24)
+from lowbit.formats import codebook as cb_fmt
+from lowbit.qat.families import GeneralCodebookWeightFakeQuant
 from lowbit.quant import nm_prune
 from lowbit.quant.codebook import scalar_kmeans_quantize
 
@@ -280,11 +282,81 @@ def test_codebook_gradients_match_definition():
     assert (uses > 1).any()
 
 
+# ----------------------------------------------------------------------------- codebook: opq / rq / aq / lattice
+GENERAL = [CodebookConfig(method="opq", bits=4, dim=4), CodebookConfig(method="rq", bits=4, dim=4, num_codebooks=2),
+           CodebookConfig(method="aq", bits=4, dim=4, num_codebooks=2), CodebookConfig(method="lattice", bits=4, dim=4)]
+
+
+def _mlp():
+    torch.manual_seed(5)
+    return nn.Sequential(nn.Linear(32, 48), nn.Tanh(), nn.Linear(48, 16))
+
+
+@pytest.mark.parametrize("cfg", GENERAL, ids=["opq", "rq", "aq", "lattice"])
+def test_general_codebook_converted_matches_fake(cfg):
+    x = torch.randn(6, 32)
+    qat = _train(lowbit.prepare_qat(_mlp(), cfg), x, lr=0.1)
+    conv = lowbit.convert(copy.deepcopy(qat))
+    for i in (0, 2):
+        layer, new = qat[i], conv[i]
+        assert isinstance(layer.weight_fake_quant, GeneralCodebookWeightFakeQuant) and isinstance(new, CodebookLinear)
+        w = layer.fake_quant_weight(layer.weight).detach()
+        assert torch.equal(new.dequantize(torch.float32), w)  # the same operations on the same values
+        xin = x if i == 0 else torch.tanh(qat[0](x)).detach()
+        with torch.no_grad():
+            d = (layer(xin) - new(xin)).double().abs()
+        b = layer.bias.detach().double().abs()
+        K = w.shape[1]
+        if new.rotation is None:
+            bound = (K + 8) * U * (xin.double().abs() @ w.double().abs().T + b)
+        else:
+            # The converted layer computes (x R^T) W_codes^T, the fake one x (W_codes R)^T: each is
+            # within (K + blk + 8) u (|x| |R|^T |W_codes|^T + |bias|) of the exact product.
+            R = torch.block_diag(*new.rotation.double().abs().unbind(0))
+            Wc = cb_fmt.decode(new.codes, new.codebooks, new.scale, K).double().abs()
+            bound = 2 * (K + new.rotation.shape[1] + 8) * U * (xin.double().abs() @ R.T @ Wc.T + b)
+        assert (d <= bound).all(), cfg.method
+
+
+@pytest.mark.parametrize("cfg", [GENERAL[0], GENERAL[3]], ids=["opq", "lattice"])
+def test_general_codebook_reassigns_to_the_nearest_entry(cfg):
+    torch.manual_seed(6)
+    w = torch.randn(8, 32)
+    q = GeneralCodebookWeightFakeQuant(w, cfg)
+    w2 = w + 0.3 * torch.randn_like(w)
+    q.train()
+    q(w2)  # step 0: prepare-time codes
+    q(w2)  # step 1: reassigned
+    frame = w2.double()
+    if q.rotation is not None:
+        frame = frame @ torch.block_diag(*q.rotation.double().unbind(0)).T
+    if q.scale is not None:
+        frame = frame / q.scale.double().unsqueeze(1)
+    books = q.stored_codebooks().detach()[0, :, 0]  # [G, E, d]: one row group, one codebook per column group
+    G = books.shape[0]
+    v = frame.reshape(8, 8, 4)
+    want = torch.stack([_nearest(v[:, j], books[j // (8 // G)]) for j in range(8)], 1)
+    assert torch.equal(q.codes[..., 0], want)
+
+
+def test_general_codebook_learned_by_the_real_learner():
+    torch.manual_seed(7)
+    lin = nn.Linear(32, 8)
+    cfg = CodebookConfig(method="rq", bits=4, dim=4, num_codebooks=2, codebook_dtype="float32")
+    q = GeneralCodebookWeightFakeQuant(lin.weight.detach(), cfg)
+    ref = CodebookLinear.from_float(lin, "rq", 4, 4, num_codebooks=2, codebook_dtype=torch.float32)
+    assert torch.equal(q.codebooks.detach(), ref.codebooks)
+    # codes: the learner's beam search on the same codebooks, so the same weight error at most
+    e_q = (q.values().detach() - lin.weight.detach()).square().sum()
+    e_ref = (ref.dequantize(torch.float32) - lin.weight.detach()).square().sum()
+    assert e_q <= e_ref * (1 + 1e-6)
+
+
 # ----------------------------------------------------------------------------- training lowers the loss
 @pytest.mark.parametrize("cfg", [BinaryConfig(), BinaryConfig(binary_activations=False), Sparse24Config(),
                                  Sparse24Config(values_dtype="int8"), CodebookConfig(bits=3, dim=1),
-                                 CodebookConfig(method="pq", bits=4, dim=2)],
-                         ids=["binary", "binary-weight", "sparse24", "sparse24-int8", "kmeans3", "pq"])
+                                 CodebookConfig(method="pq", bits=4, dim=2), GENERAL[2]],
+                         ids=["binary", "binary-weight", "sparse24", "sparse24-int8", "kmeans3", "pq", "aq"])
 def test_training_lowers_the_loss(cfg):
     torch.manual_seed(4)
     x = torch.randn(128, 16)
@@ -315,8 +387,8 @@ def test_training_lowers_the_loss(cfg):
 
 def test_unsupported_options_are_refused():
     lin = nn.Linear(16, 8)
-    with pytest.raises(ValueError, match="kmeans"):  # opq / rq / aq / lattice: lowbit.quantize only
-        lowbit.prepare_qat(copy.deepcopy(lin), CodebookConfig(method="aq", bits=4, dim=2))
+    with pytest.raises(ValueError, match="kmeans"):  # not a codebook method
+        lowbit.prepare_qat(copy.deepcopy(lin), CodebookConfig(method="bogus", bits=4, dim=2))
     with pytest.raises(ValueError, match="learnable"):
         lowbit.prepare_qat(copy.deepcopy(lin), QATConfig(BinaryConfig(keep_first_last=False), learnable_scales=True))
     with pytest.raises(ValueError, match="reassign_every"):

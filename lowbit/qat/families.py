@@ -3,7 +3,7 @@
 Registered with :func:`lowbit.qat.register_fake_quant` next to int8 / int4 / fp8, so
 ``lowbit.prepare_qat(model, config)`` -> any training loop -> ``lowbit.convert(model)`` works for
 :class:`~lowbit.configs.BinaryConfig`, :class:`~lowbit.configs.Sparse24Config` and
-:class:`~lowbit.configs.CodebookConfig` (methods ``"kmeans"`` and ``"pq"``).
+:class:`~lowbit.configs.CodebookConfig` (every method).
 
 Binary (:class:`BinaryWeightFakeQuant`)
     The layer computes what :class:`lowbit.nn.BinaryLinear` / :class:`~lowbit.nn.BinaryConv2d`
@@ -37,6 +37,17 @@ Codebook (:class:`CodebookWeightFakeQuant`)
     converted layer); gradients: straight through to the latent weights, and to each centroid
     the sum of the gradients of the weights that use it (autograd of the gather). Options:
     :func:`configure_codebook`.
+
+Codebook, OPQ / RQ / AQ / lattice (:class:`GeneralCodebookWeightFakeQuant`)
+    The whole format: codebooks ``[R, G, C, E, d]`` learned once at prepare time by the method's
+    learner exactly as :meth:`lowbit.nn.CodebookLinear.from_float` runs it (a trainable parameter),
+    the per-row scale (lattice) and the OPQ rotation kept fixed. Reassignment (same schedule) maps
+    the latent weight into the codebooks' frame (``W @ blockdiag(R)^T``, divided by the row
+    scale; both preserve which entry is nearest) and takes the nearest entry (C = 1) or the
+    beam search of the learners over the C summed codebooks (beam 5 for RQ, 8 for AQ). The value
+    is computed with :func:`lowbit.formats.codebook.dequantize`'s own operations, so the converted
+    layer's weight equals it bit for bit; with a rotation the converted layer rotates the
+    activations instead, so outputs agree within the rounding of the two association orders.
 """
 
 from __future__ import annotations
@@ -214,8 +225,8 @@ class CodebookWeightFakeQuant(nn.Module):
         from ..quant import codebook as learn  # heavy; import on use, like CodebookLinear
 
         if config.method not in _QAT_CODEBOOK_METHODS:
-            raise ValueError(f"lowbit.qat: codebook QAT supports methods {_QAT_CODEBOOK_METHODS}, "
-                             f"got {config.method!r} (use lowbit.quantize for the others)")
+            raise ValueError(f"lowbit.qat: CodebookWeightFakeQuant is for {_QAT_CODEBOOK_METHODS}, got "
+                             f"{config.method!r} (GeneralCodebookWeightFakeQuant takes the others)")
         if config.codebook_dtype not in cb_nn._CODEBOOK_DTYPES:
             raise ValueError(f"lowbit.qat: codebook_dtype {config.codebook_dtype!r} is not one of "
                              f"{sorted(cb_nn._CODEBOOK_DTYPES)}")
@@ -305,9 +316,130 @@ class CodebookWeightFakeQuant(nn.Module):
         return f"{E} centroids of dim {d} x {G} groups, reassign_every={self.reassign_every}"
 
 
+_QAT_GENERAL_CODEBOOK_METHODS = ("opq", "rq", "aq", "lattice")
+_BEAM = {"rq": 5, "aq": 8}  # the learners' own defaults
+
+
+class GeneralCodebookWeightFakeQuant(nn.Module):
+    """OPQ / RQ / AQ / lattice: the whole codebook format, ``[R, G, C, E, d]`` codebooks (trained),
+    per-row scale and OPQ rotation (fixed), learned once by the method's learner."""
+
+    def __init__(self, weight: torch.Tensor, config: CodebookConfig, reassign_every: int = 1):
+        super().__init__()
+        if config.method not in _QAT_GENERAL_CODEBOOK_METHODS:
+            raise ValueError(f"lowbit.qat: GeneralCodebookWeightFakeQuant is for {_QAT_GENERAL_CODEBOOK_METHODS}, "
+                             f"got {config.method!r}")
+        if config.codebook_dtype not in cb_nn._CODEBOOK_DTYPES:
+            raise ValueError(f"lowbit.qat: codebook_dtype {config.codebook_dtype!r} is not one of "
+                             f"{sorted(cb_nn._CODEBOOK_DTYPES)}")
+        N, K = weight.shape
+        dim = cb_nn._DEFAULTS[config.method][0] if config.dim is None else config.dim
+        if dim not in cb_fmt.DIMS or K % dim:
+            raise Unsupported(f"dim {dim} is not one of {cb_fmt.DIMS} or does not divide in_features={K}")
+        self.codebook_dtype = cb_nn._CODEBOOK_DTYPES[config.codebook_dtype]
+        # The learner, its defaults and checks exactly as lowbit.quantize would run them.
+        tmp = nn.Linear(K, N, bias=False, device=weight.device)
+        with torch.no_grad():
+            tmp.weight.copy_(weight.detach().to(torch.float32))
+        m = cb_nn.CodebookLinear.from_float(tmp, config.method, config.bits, config.dim,
+                                            num_codebooks=config.num_codebooks, groups=config.groups,
+                                            codebook_dtype=self.codebook_dtype)
+        self.bits, self.dim, self.in_features = m.bits, m.dim, K
+        self.beam = _BEAM.get(config.method, 1)
+        self.reassign_every = reassign_every
+        self.codebooks = nn.Parameter(m.codebooks.to(torch.float32).clone())          # [R, G, C, E, d]
+        self.register_buffer("codes", cb_fmt.unpack(m.codes, m.bits, K // m.dim, m.num_codebooks))  # [N, J, C]
+        self.register_buffer("scale", None if m.scale is None else m.scale.to(torch.float32).clone())
+        self.register_buffer("rotation", None if m.rotation is None else m.rotation.clone())
+        self.register_buffer("steps", torch.zeros((), dtype=torch.int64))
+        self._reassign(weight)
+
+    def stored_codebooks(self) -> torch.Tensor:
+        c = self.codebooks
+        return ste(c, c.detach().to(self.codebook_dtype).to(torch.float32))
+
+    @torch.no_grad()
+    def _reassign(self, w: torch.Tensor) -> None:
+        from ..quant.codebook.learners import beam_encode, from_problems, to_problems
+
+        cb = self.stored_codebooks().detach()
+        R, G, C, E, d = cb.shape
+        N = w.shape[0]
+        v = w.detach().to(torch.float32)
+        if self.rotation is not None:  # into the codebooks' frame: W_codes = W @ blockdiag(R)^T
+            B, b, _ = self.rotation.shape
+            v = torch.einsum("nbj,bij->nbi", v.reshape(N, B, b), self.rotation).reshape(N, -1)
+        if self.scale is not None:
+            v = v / torch.where(self.scale != 0, self.scale, torch.ones_like(self.scale)).unsqueeze(1)
+        J = v.shape[1] // d
+        x = to_problems(v.reshape(N, J, d), R, G)                       # [R*G, n, d]
+        books = cb.reshape(R * G, C, E, d)
+        if C == 1:
+            codes = torch.empty(x.shape[:2], dtype=torch.int64, device=x.device)
+            chunk = max(1, (1 << 22) // (E * R * G))
+            sq = books[:, 0].square().sum(-1).unsqueeze(1)              # [B, 1, E]
+            for i in range(0, x.shape[1], chunk):
+                part = x[:, i:i + chunk]
+                codes[:, i:i + chunk] = (sq - 2 * part @ books[:, 0].transpose(1, 2)).argmin(-1)
+            codes = codes.unsqueeze(-1)
+        else:
+            codes = beam_encode(x, None, books, self.beam)[0]
+        self.codes = from_problems(codes, N, J, R, G).contiguous()
+
+    def values(self) -> torch.Tensor:
+        """The weight in :func:`lowbit.formats.codebook.dequantize`'s own operations (float32 [N, K])."""
+        cb = self.stored_codebooks()
+        R, G, C, E, d = cb.shape
+        N, J, _ = self.codes.shape
+        r = (torch.arange(N, device=cb.device) // (N // R)).view(N, 1)
+        g = (torch.arange(J, device=cb.device) // (J // G)).view(1, J)
+        w = torch.zeros((N, J, d), dtype=torch.float32, device=cb.device)
+        for c in range(C):
+            w = w + cb[r, g, c, self.codes[:, :, c]]
+        w = w.reshape(N, J * d)
+        if self.scale is not None:
+            w = w * self.scale.unsqueeze(1)
+        if self.rotation is not None:
+            B, b, _ = self.rotation.shape
+            w = torch.einsum("nbi,bij->nbj", w.reshape(-1, B, b), self.rotation).reshape(w.shape)
+        return w
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        if self.training and torch.is_grad_enabled():
+            if int(self.steps) % self.reassign_every == 0 and int(self.steps) > 0:
+                self._reassign(w)
+            self.steps += 1
+        w32 = w.to(torch.float32)
+        return (self.values() + (w32 - w32.detach())).to(w.dtype)
+
+    @torch.no_grad()
+    def quantize_linear(self, linear: nn.Linear, config: CodebookConfig) -> nn.Module:
+        R, G, C, E, d = self.codebooks.shape
+        packed = cb_fmt.from_codes(self.codes, self.codebooks.detach(), self.scale, self.rotation,
+                                   codebook_dtype=self.codebook_dtype)
+        m = cb_nn.CodebookLinear(linear.in_features, linear.out_features, linear.bias is not None, dim=d,
+                                 bits=self.bits, num_codebooks=C, groups=G, row_groups=R,
+                                 has_scale=self.scale is not None,
+                                 rotation_block=0 if self.rotation is None else self.rotation.shape[1],
+                                 codebook_dtype=self.codebook_dtype, device="meta", dtype=linear.weight.dtype)
+        m.codes, m.codebooks = packed.packed, packed.codebooks
+        m.scale = None if self.scale is None else self.scale.clone()
+        m.rotation = None if self.rotation is None else self.rotation.clone()
+        if linear.bias is not None:
+            m.bias = linear.bias.detach().clone()
+        return m.train(linear.training)
+
+    def extra_repr(self) -> str:
+        R, G, C, E, d = self.codebooks.shape
+        return (f"{C} x {E} entries of dim {d}, {G} groups x {R} row groups, scale={self.scale is not None}, "
+                f"rotation={self.rotation is not None}, reassign_every={self.reassign_every}")
+
+
 @register_fake_quant(CodebookConfig)
 def _codebook(config: CodebookConfig, weight: torch.Tensor, learnable: bool) -> FakeQuantScheme:
     # The centroids are always trained; learnable_scales has nothing more to add.
+    if config.method in _QAT_GENERAL_CODEBOOK_METHODS:
+        return FakeQuantScheme(GeneralCodebookWeightFakeQuant(weight, config))
     return FakeQuantScheme(CodebookWeightFakeQuant(weight, config))
 
 
@@ -330,7 +462,7 @@ def configure_codebook(model: nn.Module, reassign_every: int = 1) -> int:
     """Reassign codes every `reassign_every` training forwards (1: each step). Returns how many quantizers."""
     if reassign_every < 1:
         raise ValueError(f"lowbit.qat.configure_codebook: reassign_every must be >= 1, got {reassign_every}")
-    qs = _quantizers(model, CodebookWeightFakeQuant)
+    qs = _quantizers(model, CodebookWeightFakeQuant) + _quantizers(model, GeneralCodebookWeightFakeQuant)
     for q in qs:
         q.reassign_every = reassign_every
     return len(qs)

@@ -22,6 +22,22 @@ group's first column, from the weights as updated so far; with ``act_order`` the
 group are no longer quantized together, so every group's scale is chosen up front from the
 original weight ("static groups": the format has no per-column group index).
 
+Codebook codes (:func:`gptq_codebook`, GPTVQ-style, van Baalen et al., 2024): the codebooks are
+learned first (any :mod:`lowbit.quant.codebook` learner, weighted by ``diag(H)``) and held fixed;
+GPTQ then walks the weight ``d`` columns (one sub-vector column) at a time. With ``U`` the upper
+Cholesky factor of ``H^-1`` and ``U_B`` its d x d diagonal block at the current sub-vectors, the
+trailing rows of ``U`` factor the inverse Hessian of the columns not yet quantized, so fixing the
+sub-vectors ``v`` (one per row) to ``q`` costs ``||(v - q) U_B^-1||^2`` once the later columns have
+compensated: each sub-vector goes to the codebook entry nearest in that metric (codebooks whitened
+by ``U_B^-1``, a beam search over the summed codebooks for RQ/AQ), and the error
+``(v - q) U_B^-1`` is spread over later columns through ``U_B``'s rows of ``U`` (the same lazy
+block update). d = 1 is exactly GPTQ with a non-uniform grid. Afterwards the codebooks may be
+refit to the layer output by least squares with the codes fixed
+(:func:`lowbit.quant.codebook.finetune_codebooks`, CG on ``||X (W - W_hat)^T||^2`` via ``H``).
+OPQ's rotation is handled by running GPTQ on the rotated weight ``W R^T`` with ``R H R^T``; a
+per-row scale (lattice) scales the candidates of its row. Every method of
+:mod:`lowbit.nn.codebook` is supported.
+
 Model level: :func:`gptq` collects every Linear's Hessian from the float model in one pass over
 the calibration data (all layers see float inputs: simple and parallel, slightly less accurate
 than re-running each layer on its quantized predecessors) and swaps in the kernel-backed modules.
@@ -37,7 +53,8 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from ..configs import Config, Int4Config, Int8Config, Unsupported
+from ..configs import CodebookConfig, Config, Int4Config, Int8Config, Unsupported
+from ..formats import codebook as codebook_fmt
 from ..formats import int4 as int4_fmt
 from ..formats import int8 as int8_fmt
 from . import affine
@@ -211,6 +228,195 @@ def output_error(w: torch.Tensor, w_hat: torch.Tensor, H: torch.Tensor) -> float
     return float(((d @ H) * d).sum() / ((w @ H) * w).sum())
 
 
+# ----------------------------------------------------------------------------- codebook codes
+def _inverse_hessian_factor(H: torch.Tensor, damp: float) -> torch.Tensor:
+    """Upper Cholesky factor of ``(H + damp * mean(diag H) * I)^-1`` (float32)."""
+    H = H.clone()
+    H.diagonal().add_(damp * H.diagonal().mean())
+    L = torch.linalg.cholesky(H)
+    return torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True).to(torch.float32)
+
+
+def _block_diag(rotation: torch.Tensor) -> torch.Tensor:
+    return torch.block_diag(*rotation.to(torch.float64).unbind(0))
+
+
+def gptq_codebook(w: torch.Tensor, H: torch.Tensor, fit, *, act_order: bool = False, damp: float = 0.01,
+                  block_size: int = 128, beam: int = 8):
+    """New codes for the codebooks of `fit` (a :class:`lowbit.quant.codebook.CodebookFit` of `w` [N, K]),
+    chosen by GPTQ against the input Hessian `H` [K, K] (see the module doc); codebooks, scale and
+    rotation are returned unchanged. ``act_order`` orders whole sub-vector columns by their summed
+    ``diag(H)``; `beam` is the search width when several codebooks are summed (RQ/AQ).
+    """
+    codes0, codebooks, scale, rotation = fit
+    if w.dim() != 2 or H.shape != (w.shape[1], w.shape[1]):
+        raise ValueError(f"lowbit.gptq: w must be [N, K] and H [K, K], got {list(w.shape)} and {list(H.shape)}")
+    if codebooks.dim() != 5:
+        raise ValueError(f"lowbit.gptq: codebooks must be [R, G, C, E, d], got {list(codebooks.shape)}")
+    N, K = w.shape
+    R, G, C, E, d = codebooks.shape
+    if K % d or (K // d) % G or N % R or tuple(codes0.shape) != (N, K // d, C):
+        raise ValueError(f"lowbit.gptq: fit does not match w {list(w.shape)}: codes {list(codes0.shape)}, "
+                         f"codebooks {list(codebooks.shape)}")
+    if not damp > 0:
+        raise ValueError(f"lowbit.gptq: damp must be > 0, got {damp}")
+    if beam < 1:
+        raise ValueError(f"lowbit.gptq: beam must be >= 1, got {beam}")
+    with _one_cpu_thread(w.device):
+        codes = _gptq_codebook(w, H, codebooks, scale, rotation, act_order, damp, block_size, beam)
+    return fit._replace(codes=codes)
+
+
+def _gptq_codebook(w, H, codebooks, scale, rotation, act_order, damp, block_size, beam):
+    from .codebook.learners import beam_encode
+
+    N, K = w.shape
+    R, G, C, E, d = codebooks.shape
+    J = K // d
+    W = w.detach().to(torch.float32).clone()
+    H = H.detach().to(torch.float64).clone()
+    if not bool(torch.isfinite(W).all()) or not bool(torch.isfinite(H).all()):
+        raise ValueError("lowbit.gptq: w and H must be finite")
+    if rotation is not None:
+        # W = W_codes @ Rbd and x @ W^T = (x @ Rbd^T) @ W_codes^T: quantize W_codes against the
+        # Hessian of the rotated activations.
+        Rbd = _block_diag(rotation).to(H.device)
+        W = (W.to(torch.float64) @ Rbd.T).to(torch.float32)
+        H = Rbd @ H @ Rbd.T
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+
+    order = (torch.argsort(torch.diag(H).reshape(J, d).sum(1), descending=True, stable=True) if act_order
+             else torch.arange(J, device=H.device))
+    perm = (order.unsqueeze(1) * d + torch.arange(d, device=H.device)).reshape(-1)
+    W = W[:, perm]
+    Hinv = _inverse_hessian_factor(H[perm][:, perm], damp)
+
+    cb = codebooks.detach().to(torch.float32).to(W.device)
+    s = torch.ones(N, device=W.device) if scale is None else scale.detach().to(torch.float32).to(W.device)
+    s_safe = torch.where(s != 0, s, torch.ones_like(s))  # a zero-scale row decodes to 0 whatever its code
+    rows = N // R
+    row_group = torch.arange(N, device=W.device) // rows
+    eye = torch.eye(d, device=W.device)
+    codes = torch.empty(N, J, C, dtype=torch.int64, device=W.device)
+    block_size = max(d, block_size // d * d)
+    sub_order = order.tolist()
+    for i1 in range(0, K, block_size):
+        i2 = min(i1 + block_size, K)
+        W1 = W[:, i1:i2].clone()
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        for i in range(0, i2 - i1, d):
+            j = sub_order[(i1 + i) // d]
+            g = j // (J // G)
+            v = W1[:, i:i + d]
+            if d == 1:  # a division, as int GPTQ does: the same float ops give the same codes
+                def whiten(t, u=Hinv1[i, i]):
+                    return t / u
+            else:
+                def whiten(t, u_inv=torch.linalg.solve_triangular(Hinv1[i:i + d, i:i + d], eye, upper=True)):
+                    return t @ u_inv
+            x = whiten(v / s_safe.unsqueeze(1)).reshape(R, rows, d)  # whitened: nearest = least added loss
+            cbw = whiten(cb[:, g])  # [R, C, E, d]
+            if C == 1:
+                c0 = cbw[:, 0]
+                score = torch.baddbmm(c0.square().sum(-1).unsqueeze(1), x, c0.transpose(1, 2), alpha=-2.0)
+                cj = score.argmin(-1).reshape(N, 1)
+            else:
+                cj = beam_encode(x, None, cbw, beam)[0].reshape(N, C)
+            codes[:, j] = cj
+            q = cb[row_group.unsqueeze(1), g, torch.arange(C, device=W.device).unsqueeze(0), cj].sum(1)
+            err = whiten(v - q * s.unsqueeze(1))
+            W1[:, i + d:] -= err @ Hinv1[i:i + d, i + d:]
+            Err1[:, i:i + d] = err
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+    return codes
+
+
+def refit_codebooks(fit, w: torch.Tensor, H: torch.Tensor, *, steps: int = 25, damp: float = 1e-6):
+    """`fit` with its codebooks refit (codes fixed) to minimize ``||X (W - W_hat)^T||^2`` for ``H = X^T X / n``.
+
+    :func:`lowbit.quant.codebook.finetune_codebooks` on a square root of H (``X = L^T`` with
+    ``L L^T = H``, damped by `damp` * mean(diag H) so the factor exists); never worse than `fit`.
+    """
+    from .codebook import finetune_codebooks
+
+    Hd = H.detach().to(torch.float64).clone()
+    Hd.diagonal().add_(damp * float(Hd.diagonal().mean()) + 1e-30)
+    X = torch.linalg.cholesky(Hd).T.to(torch.float32)
+    return finetune_codebooks(fit, w.detach().to(torch.float32), X, steps=steps)
+
+
+def _codebook_fit_of(module):
+    """The CodebookFit a :class:`lowbit.nn.CodebookLinear` holds (codes unpacked, codebooks float32)."""
+    from .codebook import CodebookFit
+
+    J = module.in_features // module.dim
+    codes = codebook_fmt.unpack(module.codes, module.bits, J, module.num_codebooks)
+    return CodebookFit(codes, module.codebooks.to(torch.float32), None if module.scale is None else module.scale,
+                       None if module.rotation is None else module.rotation)
+
+
+def _codebook_module(linear: nn.Linear, config: CodebookConfig, importance: torch.Tensor | None):
+    from ..nn.codebook import _CODEBOOK_DTYPES, CodebookLinear
+
+    if config.codebook_dtype not in _CODEBOOK_DTYPES:
+        raise Unsupported(f"codebook_dtype {config.codebook_dtype!r} is not one of {sorted(_CODEBOOK_DTYPES)}")
+    if config.dim is not None and linear.in_features % config.dim:
+        raise Unsupported(f"in_features={linear.in_features} is not a multiple of dim={config.dim}")
+    kw = {} if importance is None or config.method == "lattice" else {"importance": importance.to(torch.float32)}
+    return CodebookLinear.from_float(linear, config.method, config.bits, config.dim,
+                                     num_codebooks=config.num_codebooks, groups=config.groups,
+                                     codebook_dtype=_CODEBOOK_DTYPES[config.codebook_dtype], **kw)
+
+
+def codebook_gptq_module(linear: nn.Linear, config: CodebookConfig | str, H: torch.Tensor, *,
+                         act_order: bool = False, damp: float = 0.01, block_size: int = 128, beam: int = 8,
+                         refit_steps: int = 25, weighted_init: bool = True):
+    """``(GPTQ'd CodebookLinear, nearest-code CodebookLinear)`` for `linear` under `config` (a codebook
+    config or preset) and input Hessian `H`.
+
+    The codebooks are learned by the config's method (``weighted_init``: importance ``diag(H)``);
+    the second module is that fit as the learner leaves it (the baseline), the first has GPTQ's
+    codes and, if ``refit_steps`` > 0, codebooks refit to the layer output (stored in the config's
+    codebook dtype, like the baseline).
+    """
+    from ..configs import resolve
+
+    config = resolve(config)
+    if not isinstance(config, CodebookConfig):
+        raise Unsupported(f"codebook GPTQ needs a CodebookConfig, not {type(config).__name__}")
+    Hd = H.detach().to(torch.float64)
+    base = None
+    if weighted_init:
+        try:
+            base = _codebook_module(linear, config, torch.diag(Hd))
+        except RuntimeError as e:
+            # The AQ learner's least-squares step fails under per-coordinate importance (a
+            # singular solve inside lowbit.quant.codebook.ls_codebooks); GPTQ only needs codebooks.
+            log.warning("lowbit.gptq: the %s learner failed with diag(H) importance (%s); "
+                        "learning the codebooks unweighted", config.method, str(e).splitlines()[0])
+    if base is None:
+        base = _codebook_module(linear, config, None)
+    w = linear.weight.detach().to(torch.float32)
+    fit = gptq_codebook(w, Hd.to(w.device), _codebook_fit_of(base), act_order=act_order, damp=damp,
+                        block_size=block_size, beam=beam)
+    if refit_steps > 0:
+        fit = refit_codebooks(fit, w, Hd.to(w.device), steps=refit_steps)
+    new = _codebook_module_like(base, fit)
+    return new, base
+
+
+def _codebook_module_like(base, fit):
+    import copy
+
+    new = copy.deepcopy(base)
+    new.codes = codebook_fmt.pack(fit.codes, new.bits)
+    new.codebooks = fit.codebooks.to(base.codebooks.dtype).contiguous()
+    return new
+
+
 # ----------------------------------------------------------------------------- modules
 def _scheme_args(config: Config) -> dict:
     if isinstance(config, Int8Config):
@@ -223,7 +429,7 @@ def _scheme_args(config: Config) -> dict:
             raise Unsupported(f"scale_dtype {config.scale_dtype!r} is not one of {sorted(_SCALE_DTYPES)}")
         return {"bits": 4, "symmetric": config.symmetric, "group_size": config.group_size,
                 "scale_dtype": _SCALE_DTYPES[config.scale_dtype or "float32"]}
-    raise Unsupported(f"GPTQ makes int8 and int4 weights, not {type(config).__name__}")
+    raise Unsupported(f"GPTQ makes int8, int4 and codebook weights, not {type(config).__name__}")
 
 
 def quantized_module(linear: nn.Linear, config: Config, result: GPTQResult) -> nn.Module:
@@ -256,13 +462,16 @@ def quantized_module(linear: nn.Linear, config: Config, result: GPTQResult) -> n
 
 def gptq(model: nn.Module, config, data: Iterable, *, act_order: bool = False, damp: float = 0.01,
          block_size: int = 128, observer: str = "minmax", num_batches: int | None = None,
-         progress: bool = True) -> nn.Module:
+         progress: bool = True, codebook_options: dict | None = None) -> nn.Module:
     """Quantize `model`'s Linear layers (in place) with GPTQ on calibration `data`; returns `model`.
 
-    `config`: an int8 or int4 config or preset, or a layer-pattern mapping (as :func:`lowbit.quantize`);
-    layers whose config is not int8/int4 are handed to :func:`lowbit.quantize` unchanged.
-    Batches are fed as by :func:`lowbit.calibrate`. ``model._lowbit_gptq`` gets, per layer, the
-    relative output error on the calibration data of GPTQ and of round-to-nearest.
+    `config`: an int8, int4 or codebook config or preset (``"int4"``, ``"kmeans4"``, ``"pq2"``, ...),
+    or a layer-pattern mapping (as :func:`lowbit.quantize`); layers whose config is none of those
+    are handed to :func:`lowbit.quantize` unchanged. Batches are fed as by :func:`lowbit.calibrate`.
+    `codebook_options` go to :func:`codebook_gptq_module` (``beam``, ``refit_steps``,
+    ``weighted_init``). ``model._lowbit_gptq`` gets, per layer, the relative output error on the
+    calibration data of GPTQ and of round-to-nearest (for codebooks: the learner's nearest-entry
+    codes with the same initial codebooks).
     """
     from ..api import layer_config_resolver, quantize
     from ..calibrate import linear_layers, run_batches
@@ -274,7 +483,8 @@ def gptq(model: nn.Module, config, data: Iterable, *, act_order: bool = False, d
     targets = {}
     for name, parent, child_name, linear in linear_layers(model):
         cfg = config_for(name)
-        if isinstance(cfg, (Int8Config, Int4Config)) and id(linear) not in {id(t[2]) for t in targets.values()}:
+        if isinstance(cfg, (Int8Config, Int4Config, CodebookConfig)) and \
+                id(linear) not in {id(t[2]) for t in targets.values()}:
             targets[name] = (parent, child_name, linear, cfg)
     hessians = {name: Hessian(t[2].in_features, t[2].weight.device) for name, t in targets.items()}
     handles = [t[2].register_forward_pre_hook(lambda m, args, h=hessians[name]: h.add(args[0]))
@@ -294,6 +504,21 @@ def gptq(model: nn.Module, config, data: Iterable, *, act_order: bool = False, d
         h = hessians[name]
         if h.n == 0:
             log.warning("lowbit.gptq: %s saw no calibration data; leaving it to round-to-nearest", name)
+            continue
+        if isinstance(cfg, CodebookConfig):
+            try:
+                check_parent(parent, child_name)
+                new, base = codebook_gptq_module(linear, cfg, h.H, act_order=act_order, damp=damp,
+                                                 block_size=block_size, **(codebook_options or {}))
+            except Unsupported as e:
+                log.warning("lowbit.gptq: %s left to lowbit.quantize: %s", name, e)
+                continue
+            w32 = linear.weight.detach().to(torch.float32)
+            errors[name] = {"gptq": output_error(w32, new.dequantize(torch.float32), h.H),
+                            "rtn": output_error(w32, base.dequantize(torch.float32), h.H)}
+            for _, p, c, lin in linear_layers(model):
+                if lin is linear:
+                    setattr(p, c, new)
             continue
         try:
             check_parent(parent, child_name)
