@@ -305,6 +305,62 @@ def test_int8_worst_case_does_not_overflow():
     assert torch.equal(got, torch.full((1, 2), float(K // 2 * 128 * 128)))
 
 
+# The AVX2 kernel multiplies |w| by sign(x)*sign(w) unless x holds -128 (then |x| by
+# sign(w)*sign(x), recomputing tiles whose weights hold -128 in scalar). Random int8 x over the
+# full range holds -128 in almost every row of length >= 256, so these tests draw x from
+# [-127, 127] (the range int8_quantize_dynamic writes) to cover the first form, with weights
+# that do hold -128, and put -128 into a single row of x to cover the switch.
+def _int8_weight_with_min(N, K, seed=0):
+    W = make_weight(N, K, torch.int8, seed)
+    values = W.values.clone()
+    g = torch.Generator().manual_seed(seed + 1)
+    values[torch.rand(values.shape, generator=g) < 0.05] = -128
+    return values, W.meta, W.scale
+
+
+@pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 9])
+@pytest.mark.parametrize("N,K", [(1, 64), (3, 16), (5, 48), (7, 100), (33, 1000), (6, 4096 + 16)])
+def test_int8_exact_without_minus128_in_x(M, N, K):
+    """Unit scales, |acc| < 2**24: the output is the exact integer product (K % 64 != 0: tail)."""
+    values, meta, _ = _int8_weight_with_min(N, K)
+    a = torch.randint(-127, 128, (M, K), dtype=torch.int8, generator=torch.Generator().manual_seed(M * K))
+    one = torch.ones(())
+    got = ops.sparse24_int8_scaled_mm(a, values, meta, one, one)
+    exact = a.to(torch.int64) @ fmt.decompress(values, meta, K, torch.int64).T
+    assert exact.abs().max() < 2**24
+    assert torch.equal(got.to(torch.int64), exact)
+    sa, sb, bias = torch.rand(M) + 0.1, torch.rand(N) + 0.1, torch.randn(N)
+    for out_dtype in (None, torch.float16, torch.bfloat16):
+        got = ops.sparse24_int8_scaled_mm(a, values, meta, sa, sb, bias, out_dtype)
+        assert torch.equal(got, ref.sparse24_int8_scaled_mm(a, values, meta, sa, sb, bias, out_dtype))
+
+
+@pytest.mark.parametrize("M", [1, 6])
+def test_int8_minus128_in_one_row_of_x(M):
+    N, K = 9, 4096 + 48
+    values, meta, _ = _int8_weight_with_min(N, K, seed=3)
+    a = torch.randint(-127, 128, (M, K), dtype=torch.int8, generator=torch.Generator().manual_seed(5))
+    a[M - 1, K - 1] = -128
+    one = torch.ones(())
+    got = ops.sparse24_int8_scaled_mm(a, values, meta, one, one)
+    exact = a.to(torch.int64) @ fmt.decompress(values, meta, K, torch.int64).T
+    assert torch.equal(got.to(torch.int64), exact)
+
+
+def test_int8_extreme_products_do_not_saturate():
+    # |w| = 128 against x = +-127 everywhere: int16 pair sums of 2 * 128 * 127 = 32512.
+    K = 4096
+    values = torch.full((3, K // 2), -128, dtype=torch.int8)
+    values[1] = 127
+    meta = torch.full((3, K // 8), 0xE9, dtype=torch.uint8)  # columns (1, 2) and (2, 3)
+    a = torch.full((2, K), 127, dtype=torch.int8)
+    a[1, 1::2] = -127
+    one = torch.ones(())
+    got = ops.sparse24_int8_scaled_mm(a, values, meta, one, one)
+    exact = a.to(torch.int64) @ fmt.decompress(values, meta, K, torch.int64).T
+    assert torch.equal(got.to(torch.int64), exact)
+
+
 def test_portable_path_matches_reference():
     """The scalar kernels (no AVX2/BMI2) run when LOWBIT_CPU_ISA=scalar is set at startup."""
     if os.environ.get("LOWBIT_CPU_ISA") == "scalar":
