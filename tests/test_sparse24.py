@@ -443,6 +443,29 @@ def test_int8_bad_inputs(change, arg):
         ops.sparse24_int8_scaled_mm(**args)
 
 
+@pytest.mark.parametrize("M", [1, 20])
+@pytest.mark.parametrize("values_dtype", [torch.float32, torch.int8], ids=dtype_id)
+@pytest.mark.parametrize("row,col", [(37, 3), (39, 2 * (2048 + 16) // 16 - 1)])
+def test_bad_meta_in_a_late_row_block_is_found_by_the_kernel(M, values_dtype, row, col):
+    """The C++ op itself (no Python check in front) refuses bad metadata in any row block and
+    in the last metadata byte of a row; the AVX2 kernels check it block by block."""
+    N, K = 40, 2048 + 16
+    W = make_weight(N, K, values_dtype)
+    meta = W.meta.clone()
+    meta[row, col] = (meta[row, col] & 0xF0) | 0x7
+    if values_dtype == torch.int8:
+        a = torch.randint(-127, 128, (M, K), dtype=torch.int8)
+        call = lambda m: torch.ops.lowbit.sparse24_int8_scaled_mm(a, W.values, m, torch.ones(M), W.scale, None, None)  # noqa: E731
+        op = "sparse24_int8_scaled_mm"
+    else:
+        x = torch.randn(M, K)
+        call = lambda m: torch.ops.lowbit.sparse24_mm(x, W.values, m, None, None)  # noqa: E731
+        op = "sparse24_mm"
+    call(W.meta)
+    with pytest.raises(ValueError, match=rf"lowbit\.{op}: meta\[{row}, {col}\]="):
+        call(meta)
+
+
 # ----------------------------------------------------------------------------- torch integration
 def test_opcheck():
     for M, N, K, vd in [(1, 5, 64, torch.float32), (7, 9, 100, torch.bfloat16), (3, 16, 37, torch.int8)]:

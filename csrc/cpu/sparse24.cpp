@@ -32,6 +32,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -170,6 +171,27 @@ void int8_scalar(const Int8Problem& p) {
 #define S24_AVX2 __attribute__((target("avx2,fma,f16c")))
 #define S24_AVX2_INLINE S24_AVX2 inline __attribute__((always_inline))
 
+// True when every metadata nibble is valid: a 16-entry vpshufb table per nibble, 32 bytes a step
+// (the portable byte-table scan in checks.h costs a quarter of a M = 1 GEMM). The kernels run
+// it on each row block's metadata just before using it, inside their parallel region: the
+// whole-tensor scan before the GEMM took 41 us for N = K = 4096 on one thread (13% of the
+// two-thread W8A8 GEMV); spread over the threads it also brings the block's metadata into L1.
+S24_AVX2 bool meta_valid_avx2(const uint8_t* p, int64_t n) {
+  const __m256i table = _mm256_setr_epi8(0, 0, 0, 0, -1, 0, 0, 0, -1, -1, 0, 0, -1, -1, -1, 0,  //
+                                         0, 0, 0, 0, -1, 0, 0, 0, -1, -1, 0, 0, -1, -1, -1, 0);
+  const __m256i low = _mm256_set1_epi8(0x0F);
+  __m256i ok = _mm256_set1_epi8(-1);
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + i));
+    const __m256i lo = _mm256_shuffle_epi8(table, _mm256_and_si256(b, low));
+    const __m256i hi = _mm256_shuffle_epi8(table, _mm256_and_si256(_mm256_srli_epi16(b, 4), low));
+    ok = _mm256_and_si256(ok, _mm256_and_si256(lo, hi));
+  }
+  bool all = _mm256_movemask_epi8(ok) == -1;
+  for (; i < n; ++i) all &= L::byte_valid(p[i]);
+  return all;
+}
 S24_AVX2_INLINE __m256 load_values8(const float* p) { return _mm256_loadu_ps(p); }
 S24_AVX2_INLINE __m256 load_values8(const c10::Half* p) { return cpu::avx2::load8(p); }
 S24_AVX2_INLINE __m256 load_values8(const c10::BFloat16* p) { return cpu::avx2::load8(p); }
@@ -258,12 +280,18 @@ S24_AVX2 void float_rows(const FloatProblem& p, int64_t m0, int64_t n0, int64_t 
   for (; n < n1; ++n) float_tile<V, MR, 1>(p, m0, n, b0, b1, first, last);
 }
 
+// Returns false (and leaves the output unfinished) when some metadata is invalid.
 template <typename V>
-S24_AVX2 void float_avx2(const FloatProblem& p, int64_t chunk_blocks) {
+S24_AVX2 bool float_avx2(const FloatProblem& p, int64_t chunk_blocks) {
   const int64_t nblocks = p.Kp / 16;
+  std::atomic<bool> meta_ok{true};
   at::parallel_for(0, (p.N + kRowBlock - 1) / kRowBlock, 1, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
       const int64_t n0 = c * kRowBlock, n1 = std::min(p.N, n0 + kRowBlock);
+      if (!meta_valid_avx2(p.meta + n0 * (p.Kp / 8), (n1 - n0) * (p.Kp / 8))) {
+        meta_ok.store(false, std::memory_order_relaxed);
+        continue;
+      }
       for (int64_t b0 = 0; b0 < nblocks; b0 += chunk_blocks) {
         const int64_t b1 = std::min(nblocks, b0 + chunk_blocks);
         const bool first = b0 == 0, last = b1 == nblocks;
@@ -278,6 +306,7 @@ S24_AVX2 void float_avx2(const FloatProblem& p, int64_t chunk_blocks) {
       }
     }
   });
+  return meta_ok.load();
 }
 
 // 32 kept values of one weight row (64 columns): byte j of the result is the vpshufb index of
@@ -386,12 +415,18 @@ S24_AVX2 void int8_rows(const Int8Problem& p, const int8_t* xperm, int64_t m0, i
   for (; n < n1; ++n) int8_tile<MR, 1, kProduct>(p, xperm, m0, n);
 }
 
+// Returns false (and leaves the output unfinished) when some metadata is invalid.
 template <Int8Product kProduct>
-S24_AVX2 void int8_avx2(const Int8Problem& p, const int8_t* xperm) {
+S24_AVX2 bool int8_avx2(const Int8Problem& p, const int8_t* xperm) {
+  std::atomic<bool> meta_ok{true};
   // A row block's values (16 rows x Kp/2 bytes) stay in L2 while every 4 rows of x pass.
   at::parallel_for(0, (p.N + kRowBlock - 1) / kRowBlock, 1, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
       const int64_t n0 = c * kRowBlock, n1 = std::min(p.N, n0 + kRowBlock);
+      if (!meta_valid_avx2(p.meta + n0 * (p.Kp / 8), (n1 - n0) * (p.Kp / 8))) {
+        meta_ok.store(false, std::memory_order_relaxed);
+        continue;
+      }
       int64_t m = 0;
       for (; m + 4 <= p.M; m += 4) int8_rows<4, kProduct>(p, xperm, m, n0, n1);
       switch (p.M - m) {
@@ -402,26 +437,9 @@ S24_AVX2 void int8_avx2(const Int8Problem& p, const int8_t* xperm) {
       }
     }
   });
+  return meta_ok.load();
 }
 
-// True when every metadata nibble is valid: a 16-entry vpshufb table per nibble, 32 bytes a step
-// (the portable byte-table scan in checks.h costs a quarter of a M = 1 GEMM).
-S24_AVX2 bool meta_valid_avx2(const uint8_t* p, int64_t n) {
-  const __m256i table = _mm256_setr_epi8(0, 0, 0, 0, -1, 0, 0, 0, -1, -1, 0, 0, -1, -1, -1, 0,  //
-                                         0, 0, 0, 0, -1, 0, 0, 0, -1, -1, 0, 0, -1, -1, -1, 0);
-  const __m256i low = _mm256_set1_epi8(0x0F);
-  __m256i ok = _mm256_set1_epi8(-1);
-  int64_t i = 0;
-  for (; i + 32 <= n; i += 32) {
-    const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + i));
-    const __m256i lo = _mm256_shuffle_epi8(table, _mm256_and_si256(b, low));
-    const __m256i hi = _mm256_shuffle_epi8(table, _mm256_and_si256(_mm256_srli_epi16(b, 4), low));
-    ok = _mm256_and_si256(ok, _mm256_and_si256(lo, hi));
-  }
-  bool all = _mm256_movemask_epi8(ok) == -1;
-  for (; i < n; ++i) all &= L::byte_valid(p[i]);
-  return all;
-}
 #endif  // LOWBIT_HAVE_AVX2_KERNELS
 
 bool use_avx2() {
@@ -435,13 +453,12 @@ bool use_avx2() {
   return ok;
 }
 
-// The data check on the AVX2 path; on failure the portable scan finds the first bad byte and
-// raises the message every backend gives.
-void check_meta_fast(const char* op, const at::Tensor& meta_c) {
-#if LOWBIT_HAVE_AVX2_KERNELS
-  if (use_avx2() && !meta_valid_avx2(meta_c.const_data_ptr<uint8_t>(), meta_c.numel()))
-    check_sparse24_meta_data(op, meta_c);
-#endif
+// The AVX2 kernels check the metadata block by block as they go (meta_valid_avx2); when one
+// reports a bad block, the portable scan finds the first bad byte and raises the message every
+// backend gives (the output computed so far is discarded).
+[[noreturn]] void fail_bad_meta(const char* op, const at::Tensor& meta_c) {
+  check_sparse24_meta_data(op, meta_c);
+  TORCH_CHECK(false, "lowbit: ", op, ": the AVX2 metadata check and the portable one disagree");
 }
 
 // x [M, K] (any float dtype, any strides) -> fp32 [M, Kp], zero past K, quads permuted for AVX2.
@@ -473,7 +490,6 @@ at::Tensor sparse24_mm_cpu(const at::Tensor& x, const at::Tensor& values, const 
   const char* op = "sparse24_mm";
   const at::Tensor meta_c = (meta.scalar_type() == at::kByte && meta.dim() == 2) ? meta.contiguous() : meta;
   check_sparse24_mm(op, x, values, meta, scale, bias, use_avx2() ? nullptr : &meta_c);
-  check_meta_fast(op, meta_c);
   const int64_t M = x.size(0), K = x.size(1), N = values.size(0), Kp = L::padded_k(K);
   const at::Tensor v = values.contiguous();
   const at::Tensor s = scale.has_value() ? scale->contiguous() : at::Tensor();
@@ -510,12 +526,14 @@ at::Tensor sparse24_mm_cpu(const at::Tensor& x, const at::Tensor& values, const 
     partial = at::empty({M, N}, x.options().dtype(at::kFloat));
     p.partial = partial.mutable_data_ptr<float>();
   }
+  bool meta_ok;
   switch (p.kind) {
-    case ValueKind::kHalf: float_avx2<c10::Half>(p, chunk); break;
-    case ValueKind::kBFloat16: float_avx2<c10::BFloat16>(p, chunk); break;
-    case ValueKind::kInt8: float_avx2<int8_t>(p, chunk); break;
-    default: float_avx2<float>(p, chunk); break;
+    case ValueKind::kHalf: meta_ok = float_avx2<c10::Half>(p, chunk); break;
+    case ValueKind::kBFloat16: meta_ok = float_avx2<c10::BFloat16>(p, chunk); break;
+    case ValueKind::kInt8: meta_ok = float_avx2<int8_t>(p, chunk); break;
+    default: meta_ok = float_avx2<float>(p, chunk); break;
   }
+  if (!meta_ok) fail_bad_meta(op, meta_c);
 #endif
   return out;
 }
@@ -529,7 +547,6 @@ at::Tensor sparse24_int8_scaled_mm_cpu(const at::Tensor& a, const at::Tensor& va
   const c10::ScalarType out_type =
       check_sparse24_int8_scaled_mm(op, a, values, meta, scale_a, scale_b, bias, out_dtype,
                                     use_avx2() ? nullptr : &meta_c);
-  check_meta_fast(op, meta_c);
   const int64_t M = a.size(0), K = a.size(1), N = values.size(0), Kp = L::padded_k(K);
   const int64_t Kx = (Kp + 63) / 64 * 64;
   const at::Tensor v = values.contiguous();
@@ -571,8 +588,9 @@ at::Tensor sparse24_int8_scaled_mm_cpu(const at::Tensor& a, const at::Tensor& va
   }
   // x (M x Kx bytes) is scanned once for -128 to pick the product form (see Int8Product).
   const bool x_has_min = std::memchr(xperm.const_data_ptr<int8_t>(), 0x80, M * Kx) != nullptr;
-  if (x_has_min) int8_avx2<Int8Product::kAbsActivation>(p, xperm.const_data_ptr<int8_t>());
-  else int8_avx2<Int8Product::kAbsWeight>(p, xperm.const_data_ptr<int8_t>());
+  const bool meta_ok = x_has_min ? int8_avx2<Int8Product::kAbsActivation>(p, xperm.const_data_ptr<int8_t>())
+                                 : int8_avx2<Int8Product::kAbsWeight>(p, xperm.const_data_ptr<int8_t>());
+  if (!meta_ok) fail_bad_meta(op, meta_c);
 #endif
   return out;
 }
