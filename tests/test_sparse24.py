@@ -219,6 +219,18 @@ def test_matches_exact(M, N, K):
     check_against_exact(torch.randn(M, K), make_weight(N, K))
 
 
+@pytest.mark.parametrize("x_dtype", FLOATS, ids=dtype_id)
+@pytest.mark.parametrize("values_dtype", VALUE_DTYPES, ids=dtype_id)
+def test_large_m_dense_panel_path(x_dtype, values_dtype):
+    """From 64 rows of x the CPU op decompresses the weight in panels of 256 rows and calls
+    torch's GEMM: two panels (the second of one row), K not a multiple of 16, scale and bias."""
+    N, K = 257, 100
+    W = make_weight(N, K, values_dtype, seed=2)
+    for M in (63, 64, 70):
+        x = torch.randn(M, K).to(x_dtype)
+        check_against_exact(x, W, bias=torch.randn(N))
+
+
 @pytest.mark.parametrize("M", [1, 5])
 @pytest.mark.parametrize("x_dtype", FLOATS, ids=dtype_id)
 @pytest.mark.parametrize("values_dtype", VALUE_DTYPES, ids=dtype_id)
@@ -443,7 +455,7 @@ def test_int8_bad_inputs(change, arg):
         ops.sparse24_int8_scaled_mm(**args)
 
 
-@pytest.mark.parametrize("M", [1, 20])
+@pytest.mark.parametrize("M", [1, 20, 64])
 @pytest.mark.parametrize("values_dtype", [torch.float32, torch.int8], ids=dtype_id)
 @pytest.mark.parametrize("row,col", [(37, 3), (39, 2 * (2048 + 16) // 16 - 1)])
 def test_bad_meta_in_a_late_row_block_is_found_by_the_kernel(M, values_dtype, row, col):
