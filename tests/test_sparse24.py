@@ -222,13 +222,20 @@ def test_matches_exact(M, N, K):
 @pytest.mark.parametrize("x_dtype", FLOATS, ids=dtype_id)
 @pytest.mark.parametrize("values_dtype", VALUE_DTYPES, ids=dtype_id)
 def test_large_m_dense_panel_path(x_dtype, values_dtype):
-    """From 64 rows of x the CPU op decompresses the weight in panels of 256 rows and calls
-    torch's GEMM: two panels (the second of one row), K not a multiple of 16, scale and bias."""
-    N, K = 257, 100
+    """From 64 rows of x the CPU op decompresses the weight into dense fp32 panels and calls
+    torch's GEMM (63: the gather kernel); K not a multiple of 16, scale and bias."""
+    N, K = 37, 100
     W = make_weight(N, K, values_dtype, seed=2)
     for M in (63, 64, 70):
         x = torch.randn(M, K).to(x_dtype)
         check_against_exact(x, W, bias=torch.randn(N))
+
+
+def test_large_m_dense_panels_split_the_rows():
+    # Panels hold 2**22 floats: 262 rows at K = 16000, so 263 rows make two (the second of one row).
+    N, K = 263, 16000
+    W = make_weight(N, K, torch.bfloat16, seed=3)
+    check_against_exact(torch.randn(64, K), W, bias=torch.randn(N))
 
 
 @pytest.mark.parametrize("M", [1, 5])

@@ -488,39 +488,76 @@ at::Tensor x_to_fp32(const at::Tensor& x, int64_t Kp, bool permute) {
 // Large M: per 8 kept values and row of x the AVX2 kernel spends two vpermilps and a blend on
 // the gather and one FMA, while a dense GEMM spends one FMA per 8 columns (16 weights): the
 // sparse kernel ran at 0.6-0.8x of fp32 F.linear at M = 256 (N = K = 4096). From kDenseMinM
-// rows of x the weight is instead decompressed, kDensePanel rows at a time, into a dense fp32
-// panel (4 MiB at K = 4096) and multiplied by torch's GEMM; then the same epilogue. Measured
+// rows of x the weight is instead decompressed, a panel of rows at a time, into dense fp32
+// (8 columns per vpermps) and multiplied by torch's GEMM; then the same epilogue. Measured
 // (one thread, under load, N = K = 4096), speed over F.linear, sparse kernel / dense panels:
 // M = 16 1.45-1.68 / 0.92-1.05, M = 32 1.16-1.26 / 0.98-0.99, M = 64 0.87-0.97 / 1.07,
 // M = 128 0.73-0.75 / 0.98-1.02, M = 256 0.58-0.59 / 0.94-0.95 (decompressing costs ~5%).
 constexpr int64_t kDenseMinM = 64;
-constexpr int64_t kDensePanel = 256;
+// Panel rows: 16 MiB of fp32 (1024 rows at K = 4096). Fewer, larger panels: each costs two
+// parallel regions (decompress, GEMM), and on a loaded machine every region waits for a thread.
+constexpr int64_t kDensePanelFloats = int64_t(1) << 22;
 
+#if LOWBIT_HAVE_AVX2_KERNELS
+// For each metadata byte (2 groups, 8 columns, 4 kept values): the vpermps index of every
+// column into [v0, v1, v2, v3, 0, 0, 0, 0]: its kept value, or a zero lane.
+struct ScatterTable {
+  alignas(32) int32_t idx[256][8];
+  ScatterTable() {
+    for (int b = 0; b < 256; ++b)
+      for (int h = 0; h < 2; ++h) {
+        const int nibble = (b >> (4 * h)) & 0xF;
+        for (int c = 0; c < 4; ++c) idx[b][4 * h + c] = 4;
+        idx[b][4 * h + (nibble & 3)] = 2 * h;
+        idx[b][4 * h + (nibble >> 2)] = 2 * h + 1;  // valid metadata: nibble >> 2 != nibble & 3
+      }
+  }
+};
+
+S24_AVX2_INLINE __m128 load_values4(const float* p) { return _mm_loadu_ps(p); }
+S24_AVX2_INLINE __m128 load_values4(const c10::Half* p) {
+  return _mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+}
+S24_AVX2_INLINE __m128 load_values4(const c10::BFloat16* p) {
+  return _mm_castsi128_ps(_mm_slli_epi32(_mm_cvtepu16_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))), 16));
+}
+S24_AVX2_INLINE __m128 load_values4(const int8_t* p) {
+  int32_t w;
+  std::memcpy(&w, p, 4);
+  return _mm_cvtepi32_ps(_mm_cvtepi8_epi32(_mm_cvtsi32_si128(w)));
+}
+
+// 8 columns per step: one table load, one vpermps; every column is written (no memset).
+template <typename V>
+S24_AVX2 void decompress_rows_avx2(const FloatProblem& p, const ScatterTable& t, int64_t r0, int64_t r1, int64_t n0,
+                                   float* dst) {
+  const V* vals = static_cast<const V*>(p.values);
+  for (int64_t n = r0; n < r1; ++n) {
+    float* row = dst + (n - n0) * p.Kp;
+    const uint8_t* meta = p.meta + n * (p.Kp / 8);
+    const V* v = vals + n * (p.Kp / 2);
+    for (int64_t b = 0; b < p.Kp / 8; ++b) {
+      const __m256 src = _mm256_zextps128_ps256(load_values4(v + 4 * b));
+      const __m256i idx = _mm256_load_si256(reinterpret_cast<const __m256i*>(t.idx[meta[b]]));
+      _mm256_storeu_ps(row + 8 * b, _mm256_permutevar8x32_ps(src, idx));
+    }
+  }
+}
+
+// Rows n0..n1 of the weight as dense fp32 rows of Kp columns at dst (the metadata is valid).
 template <typename V>
 void decompress_panel(const FloatProblem& p, int64_t n0, int64_t n1, float* dst) {
-  const V* vals = static_cast<const V*>(p.values);
-  at::parallel_for(n0, n1, 16, [&](int64_t r0, int64_t r1) {
-    for (int64_t n = r0; n < r1; ++n) {
-      float* row = dst + (n - n0) * p.Kp;
-      std::memset(row, 0, sizeof(float) * p.Kp);
-      const uint8_t* meta = p.meta + n * (p.Kp / 8);
-      const V* v = vals + n * (p.Kp / 2);
-      for (int64_t g = 0; g < p.Kp / 4; ++g) {
-        const uint32_t nibble = (meta[g / 2] >> (4 * (g % 2))) & 0xFu;
-        row[4 * g + (nibble & 3u)] = static_cast<float>(v[2 * g]);
-        row[4 * g + (nibble >> 2)] = static_cast<float>(v[2 * g + 1]);
-      }
-    }
-  });
+  static const ScatterTable table;
+  at::parallel_for(n0, n1, 16, [&](int64_t r0, int64_t r1) { decompress_rows_avx2<V>(p, table, r0, r1, n0, dst); });
 }
 
 // x32: [M, Kp] fp32 in column order. The metadata has been validated.
 void float_dense_panels(const FloatProblem& p, const at::Tensor& x32) {
-  const int64_t panel_rows = std::min(p.N, kDensePanel);
+  const int64_t panel_rows = std::min(p.N, std::max<int64_t>(16, kDensePanelFloats / p.Kp));
   at::Tensor panel = at::empty({panel_rows, p.Kp}, x32.options());
   at::Tensor acc = at::empty({p.M, p.N}, x32.options());
-  for (int64_t n0 = 0; n0 < p.N; n0 += kDensePanel) {
-    const int64_t n1 = std::min(p.N, n0 + kDensePanel);
+  for (int64_t n0 = 0; n0 < p.N; n0 += panel_rows) {
+    const int64_t n1 = std::min(p.N, n0 + panel_rows);
     float* dst = panel.mutable_data_ptr<float>();
     switch (p.kind) {
       case ValueKind::kHalf: decompress_panel<c10::Half>(p, n0, n1, dst); break;
@@ -537,6 +574,7 @@ void float_dense_panels(const FloatProblem& p, const at::Tensor& x32) {
       for (int64_t n = 0; n < p.N; ++n) float_epilogue(p, m, n, a[m * p.N + n]);
   });
 }
+#endif  // LOWBIT_HAVE_AVX2_KERNELS
 
 at::Tensor sparse24_mm_cpu(const at::Tensor& x, const at::Tensor& values, const at::Tensor& meta,
                            const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& bias) {
