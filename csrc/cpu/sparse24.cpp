@@ -1,9 +1,10 @@
 // SPARSE24 family, CPU kernels: dense activations times a compressed 2:4 weight (format:
 // lowbit/formats/sparse24.py, spec: lowbit/backends/reference/sparse24.py).
 //
-// The weight is never decompressed: each kept value is multiplied by the activation its
-// metadata names, gathered in registers, so the kernel streams half the values of the dense
-// weight plus 1 bit of metadata per weight, and does half the multiply-adds.
+// The weight is not decompressed (except for sparse24_mm from 64 rows of x, below): each kept
+// value is multiplied by the activation its metadata names, gathered in registers, so the
+// kernel streams half the values of the dense weight plus 1 bit of metadata per weight, and
+// does half the multiply-adds.
 //
 // Float values (sparse24_mm). x is copied once per call into fp32 with the middle two column
 // quads of every 16 swapped: A = columns 0-3 | 8-11, B = 4-7 | 12-15. A vector of 8 kept values
@@ -21,8 +22,11 @@
 // About 3.6 cycles per 32 kept values of one row at M = 1 (Zen 3, L1/L2-resident), ~15 vector
 // operations on 4 pipes; the pdep version took 7-10.
 //
-// Parallel over output channels in blocks of 16, one at::parallel_for per call; for large M the
-// K range is split into chunks so a block's values stay in L1/L2 while every row of x passes.
+// Parallel over output channels in blocks of 16, one at::parallel_for per call, each block's
+// metadata validated just before its use; for M > 4 the float kernel splits K into chunks so a
+// block's values stay in L1/L2 while every row of x passes. From M = 64 sparse24_mm instead
+// decompresses the weight into dense fp32 panels and calls torch's GEMM (see kDenseMinM): the
+// in-register gather costs as much as the multiply-adds it saves once x rows are many.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
