@@ -381,7 +381,7 @@ def test_int8_extreme_products_do_not_saturate():
 
 
 def test_portable_path_matches_reference():
-    """The scalar kernels (no AVX2/BMI2) run when LOWBIT_CPU_ISA=scalar is set at startup."""
+    """The scalar kernels (no AVX2) run when LOWBIT_CPU_ISA=scalar is set at startup."""
     if os.environ.get("LOWBIT_CPU_ISA") == "scalar":
         pytest.skip("already running on the portable path")
     if not _extension.LOADED:
