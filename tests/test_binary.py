@@ -112,6 +112,26 @@ def test_binary_mm_large_k_multiple_blocks(target):
     assert torch.equal(ops.binary_mm(a, b, K).cpu().double(), pm1_matmul(a, b, K))
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_binary_mm_split_planes_tiles_and_edges(threads):
+    """The CPU split-plane loop (M >= 8): several tiles of a (64 rows) and b (64 rows) with partial
+    3 x 2 register blocks at their ends, two K blocks of 31 steps plus tail words, per-thread
+    scratch on 1 and 2 threads; binary_scaled_mm takes the same loop."""
+    M, N, K = 131, 133, 32 * 256 + 70
+    a, b = random_words(M, K, seed=3), random_words(N, K, seed=4)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = ops.binary_mm(a, b, K)
+        sa, sb = torch.rand(M) + 0.5, torch.rand(N) + 0.5
+        scaled = ops.binary_scaled_mm(a, b, K, sa, sb)
+    finally:
+        torch.set_num_threads(before)
+    exact = pm1_matmul(a, b, K)
+    assert torch.equal(out.double(), exact)
+    assert torch.equal(scaled, ref.binary_scaled_mm(a, b, K, sa, sb))
+
+
 @pytest.mark.parametrize("K", [1, 65, 1000])
 def test_padding_bits_are_ignored(target, K):
     a, b = random_words(17, K, target), random_words(9, K, target, seed=1)

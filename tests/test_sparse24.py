@@ -219,6 +219,25 @@ def test_matches_exact(M, N, K):
     check_against_exact(torch.randn(M, K), make_weight(N, K))
 
 
+@pytest.mark.parametrize("x_dtype", FLOATS, ids=dtype_id)
+@pytest.mark.parametrize("values_dtype", VALUE_DTYPES, ids=dtype_id)
+def test_large_m_dense_panel_path(x_dtype, values_dtype):
+    """From 64 rows of x the CPU op decompresses the weight into dense fp32 panels and calls
+    torch's GEMM (63: the gather kernel); K not a multiple of 16, scale and bias."""
+    N, K = 37, 100
+    W = make_weight(N, K, values_dtype, seed=2)
+    for M in (63, 64, 70):
+        x = torch.randn(M, K).to(x_dtype)
+        check_against_exact(x, W, bias=torch.randn(N))
+
+
+def test_large_m_dense_panels_split_the_rows():
+    # Panels hold 2**22 floats: 262 rows at K = 16000, so 263 rows make two (the second of one row).
+    N, K = 263, 16000
+    W = make_weight(N, K, torch.bfloat16, seed=3)
+    check_against_exact(torch.randn(64, K), W, bias=torch.randn(N))
+
+
 @pytest.mark.parametrize("M", [1, 5])
 @pytest.mark.parametrize("x_dtype", FLOATS, ids=dtype_id)
 @pytest.mark.parametrize("values_dtype", VALUE_DTYPES, ids=dtype_id)
@@ -305,8 +324,64 @@ def test_int8_worst_case_does_not_overflow():
     assert torch.equal(got, torch.full((1, 2), float(K // 2 * 128 * 128)))
 
 
+# The AVX2 kernel multiplies |w| by sign(x)*sign(w) unless x holds -128 (then |x| by
+# sign(w)*sign(x), recomputing tiles whose weights hold -128 in scalar). Random int8 x over the
+# full range holds -128 in almost every row of length >= 256, so these tests draw x from
+# [-127, 127] (the range int8_quantize_dynamic writes) to cover the first form, with weights
+# that do hold -128, and put -128 into a single row of x to cover the switch.
+def _int8_weight_with_min(N, K, seed=0):
+    W = make_weight(N, K, torch.int8, seed)
+    values = W.values.clone()
+    g = torch.Generator().manual_seed(seed + 1)
+    values[torch.rand(values.shape, generator=g) < 0.05] = -128
+    return values, W.meta, W.scale
+
+
+@pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 9])
+@pytest.mark.parametrize("N,K", [(1, 64), (3, 16), (5, 48), (7, 100), (33, 1000), (6, 4096 + 16)])
+def test_int8_exact_without_minus128_in_x(M, N, K):
+    """Unit scales, |acc| < 2**24: the output is the exact integer product (K % 64 != 0: tail)."""
+    values, meta, _ = _int8_weight_with_min(N, K)
+    a = torch.randint(-127, 128, (M, K), dtype=torch.int8, generator=torch.Generator().manual_seed(M * K))
+    one = torch.ones(())
+    got = ops.sparse24_int8_scaled_mm(a, values, meta, one, one)
+    exact = a.to(torch.int64) @ fmt.decompress(values, meta, K, torch.int64).T
+    assert exact.abs().max() < 2**24
+    assert torch.equal(got.to(torch.int64), exact)
+    sa, sb, bias = torch.rand(M) + 0.1, torch.rand(N) + 0.1, torch.randn(N)
+    for out_dtype in (None, torch.float16, torch.bfloat16):
+        got = ops.sparse24_int8_scaled_mm(a, values, meta, sa, sb, bias, out_dtype)
+        assert torch.equal(got, ref.sparse24_int8_scaled_mm(a, values, meta, sa, sb, bias, out_dtype))
+
+
+@pytest.mark.parametrize("M", [1, 6])
+def test_int8_minus128_in_one_row_of_x(M):
+    N, K = 9, 4096 + 48
+    values, meta, _ = _int8_weight_with_min(N, K, seed=3)
+    a = torch.randint(-127, 128, (M, K), dtype=torch.int8, generator=torch.Generator().manual_seed(5))
+    a[M - 1, K - 1] = -128
+    one = torch.ones(())
+    got = ops.sparse24_int8_scaled_mm(a, values, meta, one, one)
+    exact = a.to(torch.int64) @ fmt.decompress(values, meta, K, torch.int64).T
+    assert torch.equal(got.to(torch.int64), exact)
+
+
+def test_int8_extreme_products_do_not_saturate():
+    # |w| = 128 against x = +-127 everywhere: int16 pair sums of 2 * 128 * 127 = 32512.
+    K = 4096
+    values = torch.full((3, K // 2), -128, dtype=torch.int8)
+    values[1] = 127
+    meta = torch.full((3, K // 8), 0xE9, dtype=torch.uint8)  # columns (1, 2) and (2, 3)
+    a = torch.full((2, K), 127, dtype=torch.int8)
+    a[1, 1::2] = -127
+    one = torch.ones(())
+    got = ops.sparse24_int8_scaled_mm(a, values, meta, one, one)
+    exact = a.to(torch.int64) @ fmt.decompress(values, meta, K, torch.int64).T
+    assert torch.equal(got.to(torch.int64), exact)
+
+
 def test_portable_path_matches_reference():
-    """The scalar kernels (no AVX2/BMI2) run when LOWBIT_CPU_ISA=scalar is set at startup."""
+    """The scalar kernels (no AVX2) run when LOWBIT_CPU_ISA=scalar is set at startup."""
     if os.environ.get("LOWBIT_CPU_ISA") == "scalar":
         pytest.skip("already running on the portable path")
     if not _extension.LOADED:
@@ -385,6 +460,29 @@ def test_int8_bad_inputs(change, arg):
     change(args)
     with pytest.raises(ValueError, match=rf"lowbit\.sparse24_int8_scaled_mm: {arg}\b"):
         ops.sparse24_int8_scaled_mm(**args)
+
+
+@pytest.mark.parametrize("M", [1, 20, 64])
+@pytest.mark.parametrize("values_dtype", [torch.float32, torch.int8], ids=dtype_id)
+@pytest.mark.parametrize("row,col", [(37, 3), (39, 2 * (2048 + 16) // 16 - 1)])
+def test_bad_meta_in_a_late_row_block_is_found_by_the_kernel(M, values_dtype, row, col):
+    """The C++ op itself (no Python check in front) refuses bad metadata in any row block and
+    in the last metadata byte of a row; the AVX2 kernels check it block by block."""
+    N, K = 40, 2048 + 16
+    W = make_weight(N, K, values_dtype)
+    meta = W.meta.clone()
+    meta[row, col] = (meta[row, col] & 0xF0) | 0x7
+    if values_dtype == torch.int8:
+        a = torch.randint(-127, 128, (M, K), dtype=torch.int8)
+        call = lambda m: torch.ops.lowbit.sparse24_int8_scaled_mm(a, W.values, m, torch.ones(M), W.scale, None, None)  # noqa: E731
+        op = "sparse24_int8_scaled_mm"
+    else:
+        x = torch.randn(M, K)
+        call = lambda m: torch.ops.lowbit.sparse24_mm(x, W.values, m, None, None)  # noqa: E731
+        op = "sparse24_mm"
+    call(W.meta)
+    with pytest.raises(ValueError, match=rf"lowbit\.{op}: meta\[{row}, {col}\]="):
+        call(meta)
 
 
 # ----------------------------------------------------------------------------- torch integration

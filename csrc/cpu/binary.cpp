@@ -263,26 +263,34 @@ void avx2_tile(const Operands& p, const Epilogue& e, int64_t m0, int64_t m1, int
   }
 }
 
-// Large M: every row is reused many times, so a tile's rows are first split into nibble planes
-// (per 256-bit step: 32 bytes of low nibbles, then 32 of high nibbles). The pair loop is then
-// xor, xor, vpshufb, vpshufb, add, add: 6 operations per 256 bits instead of 8, bound by Zen 3's
-// two vpshufb ports. K is walked in blocks of kSplitSteps steps so a tile's planes stay in L2 and
-// the byte counters never overflow (16 * 8 < 256).
-constexpr int64_t kSplitSteps = 16;
+// Large M: every row is reused many times, so rows are first split into nibble planes (per
+// 256-bit step: 32 bytes of low nibbles, then 32 of high nibbles; twice the packed size): all
+// of a once per call, b one tile of kTileN rows at a time, per thread, reused by the tiles of a
+// that follow (tiles run n-major). The pair loop is then xor, xor, vpshufb, vpshufb, add, add:
+// 6 operations per 256 bits instead of 8, bound by Zen 3's vector pipes (two of them shuffle).
+// K is walked in blocks of kSplitSteps steps so a tile's planes stay in L2 and the byte
+// counters never overflow (31 * 8 < 256). The 3 x 2 block runs at ~1.37 TSC cycles per 256-bit
+// pair with K = 4096 (16 steps, one reduction per pair), ~1.28 over 31 steps; a scalar popcnt
+// stream interleaved with it (to use the integer pipes too) measured slower: the core's
+// dispatch width, not the vector pipes, is then the limit.
+constexpr int64_t kSplitSteps = 31;
 
-LOWBIT_AVX2 void split_rows(const uint32_t* src, int64_t W, int64_t rows, int64_t s0, int64_t steps, uint8_t* dst) {
+// Rows [r0, r1) of src into planes: row r, step s at dst + (r * steps + s) * 64.
+LOWBIT_AVX2 void split_rows(const uint32_t* src, int64_t W, int64_t r0, int64_t r1, int64_t steps, uint8_t* dst) {
   const __m256i low4 = _mm256_set1_epi8(0x0f);
-  for (int64_t r = 0; r < rows; ++r)
+  for (int64_t r = r0; r < r1; ++r)
     for (int64_t s = 0; s < steps; ++s) {
-      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + r * W + 8 * (s0 + s)));
-      uint8_t* out = dst + (r * kSplitSteps + s) * 64;
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + r * W + 8 * s));
+      uint8_t* out = dst + (r * steps + s) * 64;
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), _mm256_and_si256(v, low4));
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 32), _mm256_and_si256(_mm256_srli_epi16(v, 4), low4));
     }
 }
 
+// MR rows of a x NR rows of b over `steps` steps; ld_planes: bytes from one row's planes to the next.
 template <int MR, int NR>
-LOWBIT_AVX2 void split_block(const uint8_t* as, const uint8_t* bs, int64_t steps, uint32_t* counts, int64_t ld) {
+LOWBIT_AVX2 void split_block(const uint8_t* as, const uint8_t* bs, int64_t ld_planes, int64_t steps, uint32_t* counts,
+                             int64_t ld) {
   const __m256i table = _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4, 0, 1, 1, 2, 1, 2, 2, 3, 1, 2,
                                          2, 3, 2, 3, 3, 4);
   __m256i bytes[MR][NR];
@@ -291,12 +299,12 @@ LOWBIT_AVX2 void split_block(const uint8_t* as, const uint8_t* bs, int64_t steps
   for (int64_t s = 0; s < steps; ++s) {
     __m256i alo[MR], ahi[MR];
     for (int i = 0; i < MR; ++i) {
-      alo[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(as + (i * kSplitSteps + s) * 64));
-      ahi[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(as + (i * kSplitSteps + s) * 64 + 32));
+      alo[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(as + i * ld_planes + s * 64));
+      ahi[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(as + i * ld_planes + s * 64 + 32));
     }
     for (int j = 0; j < NR; ++j) {
-      const __m256i blo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bs + (j * kSplitSteps + s) * 64));
-      const __m256i bhi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bs + (j * kSplitSteps + s) * 64 + 32));
+      const __m256i blo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bs + j * ld_planes + s * 64));
+      const __m256i bhi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bs + j * ld_planes + s * 64 + 32));
       for (int i = 0; i < MR; ++i) {
         bytes[i][j] = _mm256_add_epi8(bytes[i][j], _mm256_shuffle_epi8(table, _mm256_xor_si256(alo[i], blo)));
         bytes[i][j] = _mm256_add_epi8(bytes[i][j], _mm256_shuffle_epi8(table, _mm256_xor_si256(ahi[i], bhi)));
@@ -312,32 +320,34 @@ LOWBIT_AVX2 void split_block(const uint8_t* as, const uint8_t* bs, int64_t steps
     }
 }
 
-// scratch: 2 * kTileM + ... bytes per thread, see run_gemm.
+// Edge blocks (fewer than MR rows of a or NR of b) with the largest register block that fits.
+template <int MR, int NR>
+LOWBIT_AVX2 void split_block_edge(int64_t mr, int64_t nr, const uint8_t* as, const uint8_t* bs, int64_t ld_planes,
+                                  int64_t steps, uint32_t* counts, int64_t ld) {
+  if (mr == MR && nr == NR) return split_block<MR, NR>(as, bs, ld_planes, steps, counts, ld);
+  for (int64_t i = 0; i < mr; ++i) {
+    if (nr == 2) split_block<1, 2>(as + i * ld_planes, bs, ld_planes, steps, counts + i * ld, ld);
+    else split_block<1, 1>(as + i * ld_planes, bs, ld_planes, steps, counts + i * ld, ld);
+  }
+}
+
+// One output tile from the planes of a (all rows) and b (rows n0..n1 of this tile at b_planes).
+// counts: kTileM x kTileN per thread.
 void avx2_split_tile(const Operands& p, const Epilogue& e, int64_t m0, int64_t m1, int64_t n0, int64_t n1,
-                     uint8_t* scratch) {
-  uint8_t* as = scratch;
-  uint8_t* bs = scratch + kTileM * kSplitSteps * 64;
-  uint32_t* counts = reinterpret_cast<uint32_t*>(scratch + (kTileM + kTileN) * kSplitSteps * 64);
-  const int64_t rows_a = m1 - m0, rows_b = n1 - n0, steps = p.full_words / 8;
+                     const uint8_t* a_planes, const uint8_t* b_planes, uint32_t* counts) {
+  const int64_t rows_a = m1 - m0, rows_b = n1 - n0, steps = p.full_words / 8, ld_planes = steps * 64;
   std::memset(counts, 0, sizeof(uint32_t) * kTileM * kTileN);
   // MR = 3, NR = 2: 6 byte counters + 6 a planes + 2 b planes + table = 15 ymm registers.
   constexpr int MR = 3, NR = 2;
   for (int64_t s0 = 0; s0 < steps; s0 += kSplitSteps) {
     const int64_t ks = std::min(kSplitSteps, steps - s0);
-    split_rows(p.a + m0 * p.W, p.W, rows_a, s0, ks, as);
-    split_rows(p.b + n0 * p.W, p.W, rows_b, s0, ks, bs);
     for (int64_t i = 0; i < rows_a; i += MR) {
       const int64_t mr = std::min<int64_t>(MR, rows_a - i);
+      const uint8_t* ai = a_planes + (m0 + i) * ld_planes + s0 * 64;
       for (int64_t j = 0; j < rows_b; j += NR) {
         const int64_t nr = std::min<int64_t>(NR, rows_b - j);
-        const uint8_t* ai = as + i * kSplitSteps * 64;
-        const uint8_t* bj = bs + j * kSplitSteps * 64;
-        uint32_t* c = counts + i * kTileN + j;
-        if (mr == MR && nr == NR) split_block<MR, NR>(ai, bj, ks, c, kTileN);
-        else
-          for (int64_t ii = 0; ii < mr; ++ii)
-            for (int64_t jj = 0; jj < nr; ++jj)
-              split_block<1, 1>(ai + ii * kSplitSteps * 64, bj + jj * kSplitSteps * 64, ks, c + ii * kTileN + jj, kTileN);
+        const uint8_t* bj = b_planes + j * ld_planes + s0 * 64;
+        split_block_edge<MR, NR>(mr, nr, ai, bj, ld_planes, ks, counts + i * kTileN + j, kTileN);
       }
     }
   }
@@ -364,10 +374,13 @@ Loop pick_loop() {
   return loop;
 }
 
-// Rows of a from which the split-plane loop pays for its extra pass over the tiles.
+// Rows of a from which the split-plane loop pays for its extra pass over the rows.
 constexpr int64_t kSplitMinM = 8;
-constexpr int64_t kScratchBytes = (kTileM + kTileN) * kSplitSteps * 64 + kTileM * kTileN * 4;
 
+// Per-thread scratch of the split loop: the planes of one tile of b, then its counts.
+int64_t thread_scratch_bytes(int64_t steps) { return kTileN * steps * 64 + kTileM * kTileN * 4; }
+
+// scratch (split loop only): the planes of a, then thread_scratch_bytes per thread.
 void run_gemm(const Operands& p, const Epilogue& e, uint8_t* scratch) {
   const int64_t m_tiles = (p.M + kTileM - 1) / kTileM, n_tiles = (p.N + kTileN - 1) / kTileN;
   const Loop loop = pick_loop();
@@ -377,8 +390,15 @@ void run_gemm(const Operands& p, const Epilogue& e, uint8_t* scratch) {
   // milliseconds (measured: binary_quantize of 256 x 4096 took 33 ms on 2 threads, 0.14 ms on 1).
   const int64_t tile_words = std::min(p.M, kTileM) * std::min(p.N, kTileN) * p.W;
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 24) / std::max<int64_t>(1, tile_words));
+  const int64_t steps = p.full_words / 8;
+  uint8_t* a_planes = scratch;
+#if LOWBIT_HAVE_AVX2_KERNELS
+  // 64 bytes per 256 bits of a: 256 KiB for M = 256, K = 4096, one pass (~0.1 ms on one thread).
+  if (split) split_rows(p.a, p.W, 0, p.M, steps, a_planes);
+#endif
   at::parallel_for(0, m_tiles * n_tiles, grain, [&](int64_t t0, int64_t t1) {
-    uint8_t* mine = scratch != nullptr ? scratch + at::get_thread_num() * kScratchBytes : nullptr;
+    uint8_t* mine = split ? scratch + p.M * steps * 64 + at::get_thread_num() * thread_scratch_bytes(steps) : nullptr;
+    int64_t split_nt = -1;  // the tile of b whose planes are in `mine`
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t nt = t / m_tiles, mt = t % m_tiles;
       const int64_t m0 = mt * kTileM, m1 = std::min(p.M, m0 + kTileM);
@@ -386,8 +406,16 @@ void run_gemm(const Operands& p, const Epilogue& e, uint8_t* scratch) {
       switch (loop) {
 #if LOWBIT_HAVE_AVX2_KERNELS
         case Loop::kAvx2:
-          if (split) avx2_split_tile(p, e, m0, m1, n0, n1, mine);
-          else avx2_tile(p, e, m0, m1, n0, n1);
+          if (split) {
+            if (nt != split_nt) {
+              split_rows(p.b + n0 * p.W, p.W, 0, n1 - n0, steps, mine);
+              split_nt = nt;
+            }
+            avx2_split_tile(p, e, m0, m1, n0, n1, a_planes, mine,
+                            reinterpret_cast<uint32_t*>(mine + kTileN * steps * 64));
+          } else {
+            avx2_tile(p, e, m0, m1, n0, n1);
+          }
           break;
         case Loop::kPopcnt64Hw: popcnt64_tile<true>(p, e, m0, m1, n0, n1); break;
 #endif
@@ -397,13 +425,14 @@ void run_gemm(const Operands& p, const Epilogue& e, uint8_t* scratch) {
   });
 }
 
-// Per-thread scratch of the split loop, allocated outside the parallel region. Indexed by
-// at::get_thread_num(): a call from inside a parallel region runs inline on a thread whose
-// number may exceed get_num_threads() there.
-at::Tensor gemm_scratch(const at::Tensor& like) {
-  if (like.size(0) < kSplitMinM) return at::Tensor();
+// Scratch of the split loop, allocated outside the parallel region. The per-thread parts are
+// indexed by at::get_thread_num(): a call from inside a parallel region runs inline on a thread
+// whose number may exceed get_num_threads() there.
+at::Tensor gemm_scratch(const at::Tensor& a, int64_t K) {
+  if (a.size(0) < kSplitMinM) return at::Tensor();
   const int64_t slots = std::max<int64_t>(at::get_num_threads(), at::get_thread_num() + 1);
-  return at::empty({slots * kScratchBytes + 64}, like.options().dtype(at::kByte));
+  const int64_t steps = K / bl::kWordBits / 8;
+  return at::empty({a.size(0) * steps * 64 + slots * thread_scratch_bytes(steps) + 64}, a.options().dtype(at::kByte));
 }
 
 Operands operands(const at::Tensor& a, const at::Tensor& b, int64_t K) {
@@ -426,7 +455,7 @@ at::Tensor binary_mm_cpu(const at::Tensor& a, const at::Tensor& b, int64_t K) {
   e.K = K;
   e.N = b.size(0);
   e.dot_out = out.mutable_data_ptr<int32_t>();
-  at::Tensor scratch = gemm_scratch(a);
+  at::Tensor scratch = gemm_scratch(a, K);
   run_gemm(operands(ac, bc, K), e, scratch.defined() ? scratch.mutable_data_ptr<uint8_t>() : nullptr);
   return out;
 }
@@ -451,7 +480,7 @@ at::Tensor binary_scaled_mm_cpu(const at::Tensor& a, const at::Tensor& b, int64_
   e.scale_a_per_row = sa.numel() > 1;
   e.scale_b_per_col = sb.numel() > 1;
   e.bias = b32.defined() ? b32.const_data_ptr<float>() : nullptr;
-  at::Tensor scratch = gemm_scratch(a);
+  at::Tensor scratch = gemm_scratch(a, K);
   run_gemm(operands(ac, bc, K), e, scratch.defined() ? scratch.mutable_data_ptr<uint8_t>() : nullptr);
   return out;
 }
