@@ -33,10 +33,10 @@ namespace {
 
 constexpr int64_t kBlock = 32;       // columns per packed block (16 bytes)
 constexpr int64_t kBlockBytes = 16;
-// Up to this many rows of x, decoding the nibbles in registers beats dequantizing into a tile
-// first; beyond, the small-M kernel would decode each weight once per 4 rows (measured: equal
-// at M = 8, tile 1.1-1.9x faster at M = 16).
-constexpr int64_t kSmallM = 4;
+// Up to this many rows of x, decoding the nibbles in registers (all rows in one pass) beats
+// dequantizing into a tile first. Measured on 4096 x 4096, one thread: M = 5 small 3.9 ms vs
+// tile 4.4 ms; M = 6 4.8 vs 4.6; M = 8 6.9 vs 5.2.
+constexpr int64_t kSmallM = 5;
 // Large-M tiles: kTileN x kTileK fp32 = 192 KiB per thread, resident in L2 while every row of x
 // streams over it; kTileN is a multiple of the microkernel's 3 weight rows.
 constexpr int64_t kTileN = 48;
@@ -241,50 +241,51 @@ void small_m_tile(const Problem& p, const NibbleLanes& t, const float* xp, int64
 template <int MR>
 void small_m_rows(const Problem& p, const NibbleLanes& t, const float* xp, int64_t m0, int64_t n0, int64_t n1) {
   // Two weight rows per pass share each x load and give the FMAs independent chains; more
-  // rows spill registers (measured: 3 or 4 rows at M = 1 run 2x slower than 2).
-  constexpr int NR = 2;
+  // rows spill registers (measured: 3 or 4 rows at M = 1 run 2x slower than 2), and so would
+  // two rows for 5 rows of x.
+  constexpr int NR = MR <= 4 ? 2 : 1;
   int64_t n = n0;
   for (; n + NR <= n1; n += NR) small_m_tile<MR, NR>(p, t, xp, m0, n);
   for (; n < n1; ++n) small_m_tile<MR, 1>(p, t, xp, m0, n);
 }
 
 void small_m_avx2(const Problem& p, const float* xp) {
-  // Work items of 4 output channels, the M = 1 tile; with more rows a weight row pair decoded
-  // once serves 4 rows of x from 8 accumulators.
+  // Work items of 4 output channels; every row of x in one pass, so each weight is decoded once.
   const NibbleLanes t = nibble_lanes();
   at::parallel_for(0, (p.N + 3) / 4, 1, [&](int64_t c0, int64_t c1) {
     const int64_t n0 = c0 * 4, n1 = std::min(p.N, c1 * 4);
-    int64_t m = 0;
-    for (; m + 4 <= p.M; m += 4) small_m_rows<4>(p, t, xp, m, n0, n1);
-    switch (p.M - m) {
-      case 3: small_m_rows<3>(p, t, xp, m, n0, n1); break;
-      case 2: small_m_rows<2>(p, t, xp, m, n0, n1); break;
-      case 1: small_m_rows<1>(p, t, xp, m, n0, n1); break;
-      default: break;
+    switch (p.M) {
+      case 1: small_m_rows<1>(p, t, xp, 0, n0, n1); break;
+      case 2: small_m_rows<2>(p, t, xp, 0, n0, n1); break;
+      case 3: small_m_rows<3>(p, t, xp, 0, n0, n1); break;
+      case 4: small_m_rows<4>(p, t, xp, 0, n0, n1); break;
+      default: small_m_rows<5>(p, t, xp, 0, n0, n1); break;
     }
   });
 }
 
 // Large M: dequantize rows [n0, n0 + rows) x blocks [b0, b1) into `tile` (row stride kTileK),
 // in the same permuted column order as x (see small_m_tile), with the reference's roundings.
-void dequant_tile_avx2(const Problem& p, int64_t n0, int64_t rows, int64_t b0, int64_t b1, float* tile) {
+void dequant_tile_avx2(const Problem& p, const NibbleLanes& t, int64_t n0, int64_t rows, int64_t b0, int64_t b1,
+                       float* tile) {
   const int64_t row_bytes = p.Kp / 2;
-  const __m256i mask = _mm256_set1_epi32(0x0F);
-  const __m256i shift[4] = {_mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4), _mm256_setr_epi32(8, 8, 8, 8, 12, 12, 12, 12),
-                            _mm256_setr_epi32(16, 16, 16, 16, 20, 20, 20, 20),
-                            _mm256_setr_epi32(24, 24, 24, 24, 28, 28, 28, 28)};
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t n = n0 + r;
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t i = n * p.groups + b / p.blocks_per_group;
+    const uint8_t* row = p.w + n * row_bytes;
+    // Group by group: the scale and zero are loaded once per group and no block index is
+    // divided (a division per block cost more than the decode).
+    for (int64_t g = b0 / p.blocks_per_group, b = b0; b < b1; ++g) {
+      const int64_t i = n * p.groups + g;
       const __m256 sv = _mm256_set1_ps(load_scalar_avx2(p.scale, p.kind, i));
       const __m256 zv = _mm256_set1_ps(p.zero ? load_scalar_avx2(p.zero, p.kind, i) : 8.0f);
-      const __m256i v = _mm256_broadcastsi128_si256(
-          _mm_loadu_si128(reinterpret_cast<const __m128i*>(p.w + n * row_bytes + b * kBlockBytes)));
-      float* dst = tile + r * kTileK + (b - b0) * kBlock;
-      for (int j = 0; j < 4; ++j) {
-        const __m256i u = _mm256_and_si256(_mm256_srlv_epi32(v, shift[j]), mask);
-        _mm256_storeu_ps(dst + 8 * j, _mm256_mul_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(u), zv), sv));
+      for (const int64_t end = std::min(b1, group_end(p, g)); b < end; ++b) {
+        _mm_prefetch(reinterpret_cast<const char*>(row + b * kBlockBytes + kPrefetchBytes), _MM_HINT_T0);
+        const __m256i v = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + b * kBlockBytes)));
+        float* dst = tile + r * kTileK + (b - b0) * kBlock;
+        _mm256_storeu_ps(dst, _mm256_mul_ps(decode<0>(t, v, zv), sv));
+        _mm256_storeu_ps(dst + 8, _mm256_mul_ps(decode<1>(t, v, zv), sv));
+        _mm256_storeu_ps(dst + 16, _mm256_mul_ps(decode<2>(t, v, zv), sv));
+        _mm256_storeu_ps(dst + 24, _mm256_mul_ps(decode<3>(t, v, zv), sv));
       }
     }
   }
@@ -333,13 +334,14 @@ void dot_rows(const Problem& p, const float* x, const float* tile, int64_t rows,
 void large_m_avx2(const Problem& p, const float* xp, float* scratch) {
   const int64_t ntiles = (p.N + kTileN - 1) / kTileN;
   const int64_t kblocks_per_tile = kTileK / kBlock;
+  const NibbleLanes lanes = nibble_lanes();
   at::parallel_for(0, ntiles, 1, [&](int64_t t0, int64_t t1) {
     float* const tile = scratch + at::get_thread_num() * kTileN * kTileK;
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t n0 = t * kTileN, rows = std::min(kTileN, p.N - n0);
       for (int64_t b0 = 0; b0 < p.nblocks; b0 += kblocks_per_tile) {
         const int64_t b1 = std::min(p.nblocks, b0 + kblocks_per_tile);
-        dequant_tile_avx2(p, n0, rows, b0, b1, tile);
+        dequant_tile_avx2(p, lanes, n0, rows, b0, b1, tile);
         const int64_t len = (b1 - b0) * kBlock;
         const bool first = b0 == 0, last = b1 == p.nblocks;
         const float* x = xp + b0 * kBlock;
