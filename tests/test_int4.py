@@ -35,7 +35,7 @@ def make_weight(N, K, group_size, symmetric, scale_dtype=torch.float32, seed=0):
 def int4_bound(x, wdeq, bias, K, out_dtype):
     """(exact result, worst-case |error|) for fp32 accumulation in any order, rounded to out_dtype.
 
-    K + 4 roundings per output: K - 1 additions, the product, the per-group scale (the M = 1
+    K + 4 roundings per output: K - 1 additions, the product, the per-group scale (the small-M
     kernel scales a group's sum instead of each weight, which the reference rounded once), the
     bias. Each costs at most eps32 times the sum of magnitudes. The output rounding adds half an
     ulp of out_dtype, bounded by out_eps * |result|.

@@ -2,8 +2,8 @@
 // lowbit/formats/int4.py, spec: lowbit/backends/reference/int4.py).
 //
 // Numerics: no activation quantization. float(u) - zero is rounded once as in the reference
-// (exact for integer zeros); the scale multiplies either each weight (as the reference does)
-// or, for one row of x, a group's partial sum; everything accumulates in fp32. Results agree
+// (exact for integer zeros); the scale multiplies either each weight (as the reference does,
+// large M) or a group's partial sum (small M); everything accumulates in fp32. Results agree
 // with the reference within fp32 accumulation error.
 // The float weight is never materialized whole: small M decodes nibbles in registers for every
 // 4 rows of x; large M dequantizes one L2-sized tile at a time (each weight once) and runs an
@@ -178,13 +178,10 @@ __attribute__((always_inline)) inline __m256 decode(const NibbleLanes& t, __m256
 
 template <int MR, int NR>
 void small_m_tile(const Problem& p, const NibbleLanes& t, const float* xp, int64_t m0, int64_t n0) {
-  // One row of x: decoding is the whole cost, so the scale multiplies a group's partial sum
-  // once instead of every weight, and each row keeps two partial sums (even and odd vectors)
-  // so that the FMA latency never stalls the loop. Several rows: the FMAs dominate and
-  // per-group partial sums would need twice the registers, so each weight is scaled as in the
-  // reference.
-  constexpr bool kScalePerGroup = MR == 1;
-  constexpr int kParts = kScalePerGroup ? 2 : 1;
+  // The scale multiplies a group's partial sum once instead of every weight. One row of x keeps
+  // two partial sums per weight row (even and odd vectors) so that the FMA latency never stalls
+  // the loop; with several rows of x their chains are independent already.
+  constexpr int kParts = MR == 1 ? 2 : 1;
   const int64_t row_bytes = p.Kp / 2;
   __m256 acc[NR][MR];
   for (int r = 0; r < NR; ++r)
@@ -192,12 +189,12 @@ void small_m_tile(const Problem& p, const NibbleLanes& t, const float* xp, int64
   const uint8_t* w = p.w + n0 * row_bytes;
   const float* x = xp + m0 * p.Kp;
   for (int64_t g = 0; g < p.groups; ++g) {
-    __m256 zv[NR], sv[NR], part[NR][kParts];
+    __m256 zv[NR], part[NR][MR][kParts];
     for (int r = 0; r < NR; ++r) {
       const int64_t i = (n0 + r) * p.groups + g;
-      sv[r] = _mm256_set1_ps(load_scalar_avx2(p.scale, p.kind, i));
       zv[r] = _mm256_set1_ps(p.zero ? load_scalar_avx2(p.zero, p.kind, i) : 8.0f);
-      for (int h = 0; h < kParts; ++h) part[r][h] = _mm256_setzero_ps();
+      for (int m = 0; m < MR; ++m)
+        for (int h = 0; h < kParts; ++h) part[r][m][h] = _mm256_setzero_ps();
     }
     const int64_t b1 = group_end(p, g);
     for (int64_t b = g * p.blocks_per_group; b < b1; ++b) {
@@ -215,13 +212,8 @@ void small_m_tile(const Problem& p, const NibbleLanes& t, const float* xp, int64
         constexpr int J = decltype(j_const)::value;
         for (int r = 0; r < NR; ++r) {
           const __m256 d = decode<J>(t, v[r], zv[r]);
-          if constexpr (kScalePerGroup) {
-            part[r][J & 1] = _mm256_fmadd_ps(d, _mm256_loadu_ps(xb + 8 * J), part[r][J & 1]);
-          } else {
-            const __m256 wv = _mm256_mul_ps(d, sv[r]);
-            for (int m = 0; m < MR; ++m)
-              acc[r][m] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(xb + m * p.Kp + 8 * J), acc[r][m]);
-          }
+          for (int m = 0; m < MR; ++m)
+            part[r][m][J % kParts] = _mm256_fmadd_ps(d, _mm256_loadu_ps(xb + m * p.Kp + 8 * J), part[r][m][J % kParts]);
         }
       };
       step(std::integral_constant<int, 0>{});
@@ -229,8 +221,13 @@ void small_m_tile(const Problem& p, const NibbleLanes& t, const float* xp, int64
       step(std::integral_constant<int, 2>{});
       step(std::integral_constant<int, 3>{});
     }
-    if constexpr (kScalePerGroup)
-      for (int r = 0; r < NR; ++r) acc[r][0] = _mm256_fmadd_ps(_mm256_add_ps(part[r][0], part[r][1]), sv[r], acc[r][0]);
+    for (int r = 0; r < NR; ++r) {
+      const __m256 sv = _mm256_set1_ps(load_scalar_avx2(p.scale, p.kind, (n0 + r) * p.groups + g));
+      for (int m = 0; m < MR; ++m) {
+        const __m256 sum = kParts == 2 ? _mm256_add_ps(part[r][m][0], part[r][m][kParts - 1]) : part[r][m][0];
+        acc[r][m] = _mm256_fmadd_ps(sum, sv, acc[r][m]);
+      }
+    }
   }
   for (int r = 0; r < NR; ++r) {
     const float bias = p.bias ? p.bias[n0 + r] : 0.0f;
