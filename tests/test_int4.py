@@ -206,6 +206,16 @@ def test_small_m_row_pairs_and_tails(M, symmetric):
         check_against_exact(torch.randn(M, 256), q, torch.randn(N))
 
 
+@pytest.mark.parametrize("M", [1, 2, 5, 6])
+@pytest.mark.parametrize("K", [1, 17, 33])
+def test_k_shorter_than_a_block_or_just_over(M, K):
+    # One group of K columns ending inside the first or second block: every decode lane reads
+    # padding (code 0 times a zero activation) next to real columns.
+    for symmetric in (False, True):
+        q = make_weight(5, K, K, symmetric, seed=K)
+        check_against_exact(torch.randn(M, K), q, torch.randn(5))
+
+
 @pytest.mark.parametrize("M", [2, 40])
 def test_padding_codes_are_ignored(M):
     # The format stores 0 in padding columns; a kernel must not depend on it.

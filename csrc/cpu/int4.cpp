@@ -5,8 +5,8 @@
 // (exact for integer zeros); the scale multiplies either each weight (as the reference does,
 // large M) or a group's partial sum (small M); everything accumulates in fp32. Results agree
 // with the reference within fp32 accumulation error.
-// The float weight is never materialized whole: small M decodes nibbles in registers for every
-// 4 rows of x; large M dequantizes one L2-sized tile at a time (each weight once) and runs an
+// The float weight is never materialized whole: small M decodes nibbles in registers, once for
+// all rows of x; large M dequantizes one L2-sized tile at a time (each weight once) and runs an
 // FMA microkernel over it. Each call opens exactly one at::parallel_for (over output channels;
 // x and the output are converted inside or serially): handing the tiles to MKL sgemm instead,
 // from inside the parallel region or between parallel dequantizations, ran 3-9x slower than
@@ -19,11 +19,11 @@
 #include <immintrin.h>
 
 #include <algorithm>
-#include <type_traits>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 #include "lowbit/checks.h"
@@ -248,6 +248,7 @@ void small_m_rows(const Problem& p, const NibbleLanes& t, const float* xp, int64
 
 void small_m_avx2(const Problem& p, const float* xp) {
   // Work items of 4 output channels; every row of x in one pass, so each weight is decoded once.
+  static_assert(kSmallM == 5, "the switch below instantiates one kernel per M up to kSmallM");
   const NibbleLanes t = nibble_lanes();
   at::parallel_for(0, (p.N + 3) / 4, 1, [&](int64_t c0, int64_t c1) {
     const int64_t n0 = c0 * 4, n1 = std::min(p.N, c1 * 4);
