@@ -35,7 +35,7 @@ def make_weight(N, K, group_size, symmetric, scale_dtype=torch.float32, seed=0):
 def int4_bound(x, wdeq, bias, K, out_dtype):
     """(exact result, worst-case |error|) for fp32 accumulation in any order, rounded to out_dtype.
 
-    K + 4 roundings per output: K - 1 additions, the product, the per-group scale (the M = 1
+    K + 4 roundings per output: K - 1 additions, the product, the per-group scale (the small-M
     kernel scales a group's sum instead of each weight, which the reference rounded once), the
     bias. Each costs at most eps32 times the sum of magnitudes. The output rounding adds half an
     ulp of out_dtype, bounded by out_eps * |result|.
@@ -136,7 +136,7 @@ SHAPES = [  # (N, K, group_size): odd N, partial blocks, partial last groups, se
 ]
 
 
-@pytest.mark.parametrize("M", [1, 3, 4, 6, 7, 16, 17, 64])
+@pytest.mark.parametrize("M", [1, 3, 4, 5, 6, 7, 16, 17, 64])  # the small-M kernel ends at M = 5
 @pytest.mark.parametrize("N,K,group_size", SHAPES)
 @pytest.mark.parametrize("symmetric", [False, True], ids=["asym", "sym"])
 def test_matches_reference(M, N, K, group_size, symmetric):
@@ -161,6 +161,59 @@ def test_fractional_zero_point(M):
     q = make_weight(19, 300, 64, symmetric=False)
     zero = q.zero + torch.rand_like(q.zero)
     check_against_exact(torch.randn(M, 300), q, zero=zero)
+
+
+# Columns of a 32-block that each decode lane reads: vector j takes byte j of every dword, low
+# nibbles (columns 4l + j) and high nibbles (16 + 4l + j); vector 3 reads bits 24-31, whose top
+# nibble would convert as a negative int32 if it were not shifted first.
+ONE_HOT_COLUMNS = [0, 3, 4, 15, 16, 19, 28, 31]
+
+
+@pytest.mark.parametrize("M", [1, 2, 5, 6, 9])  # both sides of the small-M / tile boundary
+@pytest.mark.parametrize("group_size", [32, 64, 128, "K"])
+@pytest.mark.parametrize("scale_dtype", FLOATS, ids=dtype_id)
+def test_one_hot_rows_give_the_reference_weight_exactly(M, group_size, scale_dtype):
+    """x = rows of the identity: every output is one dequantized weight, bit for bit.
+
+    (u - zero) * scale has to round exactly like the reference for any zero: fractional,
+    negative, above 15, tiny. An accumulation bound cannot see a wrong rounding of a single
+    weight; a one-hot row can (every other product is an exact zero).
+    """
+    N, K = 7, 4 * 128 + 40  # partial last block and group
+    gs = K if group_size == "K" else group_size
+    q = make_weight(N, K, gs, symmetric=False, scale_dtype=scale_dtype, seed=3)
+    g = torch.Generator().manual_seed(4)
+    zero = (torch.rand(q.zero.shape, generator=g) * 40 - 12).to(scale_dtype)
+    zero[0, 0], zero[1, -1] = 1e-7, -0.1
+    wdeq = ref.int4_dequantize(q.packed, q.scale, zero, gs, K)
+    blocks = [0, 1, 5, K // 32]  # first, second, middle, last (partial) block
+    cols = [b * 32 + c for b in blocks for c in ONE_HOT_COLUMNS if b * 32 + c < K]
+    for start in range(0, len(cols), M):
+        pick = cols[start:start + M]
+        x = torch.zeros(len(pick), K)
+        x[torch.arange(len(pick)), pick] = 1.0
+        out = ops.int4_weight_only_mm(x, q.packed, q.scale, zero, gs)
+        torch.testing.assert_close(out, wdeq[:, pick].T, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("M", [1, 2, 5, 6])
+@pytest.mark.parametrize("symmetric", [False, True], ids=["asym", "sym"])
+def test_small_m_row_pairs_and_tails(M, symmetric):
+    # The small-M kernel takes output channels in pairs inside work items of 4: N = 1..9 hits
+    # every pair / single-row tail and work item split.
+    for N in range(1, 10):
+        q = make_weight(N, 256, 64, symmetric, seed=N)
+        check_against_exact(torch.randn(M, 256), q, torch.randn(N))
+
+
+@pytest.mark.parametrize("M", [1, 2, 5, 6])
+@pytest.mark.parametrize("K", [1, 17, 33])
+def test_k_shorter_than_a_block_or_just_over(M, K):
+    # One group of K columns ending inside the first or second block: every decode lane reads
+    # padding (code 0 times a zero activation) next to real columns.
+    for symmetric in (False, True):
+        q = make_weight(5, K, K, symmetric, seed=K)
+        check_against_exact(torch.randn(M, K), q, torch.randn(5))
 
 
 @pytest.mark.parametrize("M", [2, 40])

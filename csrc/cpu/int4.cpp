@@ -2,11 +2,11 @@
 // lowbit/formats/int4.py, spec: lowbit/backends/reference/int4.py).
 //
 // Numerics: no activation quantization. float(u) - zero is rounded once as in the reference
-// (exact for integer zeros); the scale multiplies either each weight (as the reference does)
-// or, for one row of x, a group's partial sum; everything accumulates in fp32. Results agree
+// (exact for integer zeros); the scale multiplies either each weight (as the reference does,
+// large M) or a group's partial sum (small M); everything accumulates in fp32. Results agree
 // with the reference within fp32 accumulation error.
-// The float weight is never materialized whole: small M decodes nibbles in registers for every
-// 4 rows of x; large M dequantizes one L2-sized tile at a time (each weight once) and runs an
+// The float weight is never materialized whole: small M decodes nibbles in registers, once for
+// all rows of x; large M dequantizes one L2-sized tile at a time (each weight once) and runs an
 // FMA microkernel over it. Each call opens exactly one at::parallel_for (over output channels;
 // x and the output are converted inside or serially): handing the tiles to MKL sgemm instead,
 // from inside the parallel region or between parallel dequantizations, ran 3-9x slower than
@@ -23,6 +23,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 #include "lowbit/checks.h"
@@ -32,14 +33,16 @@ namespace {
 
 constexpr int64_t kBlock = 32;       // columns per packed block (16 bytes)
 constexpr int64_t kBlockBytes = 16;
-// Up to this many rows of x, decoding the nibbles in registers beats dequantizing into a tile
-// first; beyond, the small-M kernel would decode each weight once per 4 rows (measured: equal
-// at M = 8, tile 1.1-1.9x faster at M = 16).
-constexpr int64_t kSmallM = 4;
+// Up to this many rows of x, decoding the nibbles in registers (all rows in one pass) beats
+// dequantizing into a tile first. Measured on 4096 x 4096, one thread: M = 5 small 3.9 ms vs
+// tile 4.4 ms; M = 6 4.8 vs 4.6; M = 8 6.9 vs 5.2.
+constexpr int64_t kSmallM = 5;
 // Large-M tiles: kTileN x kTileK fp32 = 192 KiB per thread, resident in L2 while every row of x
 // streams over it; kTileN is a multiple of the microkernel's 3 weight rows.
 constexpr int64_t kTileN = 48;
 constexpr int64_t kTileK = 1024;
+// Software prefetch distance of the small-M kernel (4-16 KiB measured equally good).
+constexpr int64_t kPrefetchBytes = 4096;
 
 enum class ScaleKind { kFloat, kHalf, kBFloat16 };
 
@@ -139,55 +142,92 @@ inline float hsum(__m256 v) {
 }
 
 // Small M. A block's 16 bytes are broadcast to both 128-bit lanes and read as dwords d0..d3,
-// each holding 8 nibbles. Vector j takes nibble 2j of d0..d3 (low nibbles: columns 4l + j) in
-// lanes 0-3 and nibble 2j+1 (high nibbles: columns 16 + 4l + j) in lanes 4-7: one variable
-// shift and one AND per 8 weights, no shuffle. x is permuted once per call into that order
-// (x_to_fp32), so the weights never are.
+// each holding 8 nibbles. Vector j takes byte j of d0..d3: its low nibble (columns 4l + j) in
+// lanes 0-3 and its high nibble (columns 16 + 4l + j) in lanes 4-7. x is permuted once per call
+// into that order (x_to_fp32), so the weights never are.
+// Decoding leaves each nibble where it sits: one AND with a per-lane mask isolates q * 2^a (a =
+// the nibble's bit offset), the int -> float conversion is exact, and one FMSUB computes
+// (q * 2^a) * 2^-a - zero: the product is exact, so this is float(q) - zero rounded once, as in
+// the reference, for any zero. Three operations per 8 weights instead of a variable shift, AND,
+// convert and subtract. The top nibble (bits 28-31) would convert as a negative int32, so vector
+// 3 reads the dwords shifted right by one (bits 23-26 and 27-30): one shift per 32 weights.
+struct NibbleLanes {
+  __m256i mask[4];
+  __m256 inv_pow[4];  // 2^-a per lane
+};
+
+inline NibbleLanes nibble_lanes() {
+  NibbleLanes t;
+  for (int j = 0; j < 4; ++j) {
+    const int lo = j < 3 ? 8 * j : 23, hi = j < 3 ? 8 * j + 4 : 27;
+    t.mask[j] = _mm256_setr_epi32(0xF << lo, 0xF << lo, 0xF << lo, 0xF << lo, 0xF << hi, 0xF << hi, 0xF << hi,
+                                  0xF << hi);
+    // 2^-a as float bits: biased exponent 127 - a, zero mantissa.
+    const int flo = (127 - lo) << 23, fhi = (127 - hi) << 23;
+    t.inv_pow[j] = _mm256_castsi256_ps(_mm256_setr_epi32(flo, flo, flo, flo, fhi, fhi, fhi, fhi));
+  }
+  return t;
+}
+
+// float(q) - zero for the 8 weights of vector j of a block whose dwords are v.
+template <int J>
+__attribute__((always_inline)) inline __m256 decode(const NibbleLanes& t, __m256i v, __m256 zero) {
+  const __m256i src = J == 3 ? _mm256_srli_epi32(v, 1) : v;
+  return _mm256_fmsub_ps(_mm256_cvtepi32_ps(_mm256_and_si256(src, t.mask[J])), t.inv_pow[J], zero);
+}
+
 template <int MR, int NR>
-void small_m_tile(const Problem& p, const float* xp, int64_t m0, int64_t n0) {
-  // One row of x: decoding is the whole cost, so the scale multiplies a group's partial sum
-  // once instead of every weight. Several rows: the FMAs dominate and per-group partial sums
-  // would need twice the registers, so each weight is scaled as in the reference.
-  constexpr bool kScalePerGroup = MR == 1;
+void small_m_tile(const Problem& p, const NibbleLanes& t, const float* xp, int64_t m0, int64_t n0) {
+  // The scale multiplies a group's partial sum once instead of every weight. One row of x keeps
+  // two partial sums per weight row (even and odd vectors) so that the FMA latency never stalls
+  // the loop; with several rows of x their chains are independent already.
+  constexpr int kParts = MR == 1 ? 2 : 1;
   const int64_t row_bytes = p.Kp / 2;
-  const __m256i mask = _mm256_set1_epi32(0x0F);
-  const __m256i shift[4] = {_mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4), _mm256_setr_epi32(8, 8, 8, 8, 12, 12, 12, 12),
-                            _mm256_setr_epi32(16, 16, 16, 16, 20, 20, 20, 20),
-                            _mm256_setr_epi32(24, 24, 24, 24, 28, 28, 28, 28)};
   __m256 acc[NR][MR];
   for (int r = 0; r < NR; ++r)
     for (int m = 0; m < MR; ++m) acc[r][m] = _mm256_setzero_ps();
   const uint8_t* w = p.w + n0 * row_bytes;
   const float* x = xp + m0 * p.Kp;
   for (int64_t g = 0; g < p.groups; ++g) {
-    __m256 zv[NR], sv[NR], part[NR][MR];
+    __m256 zv[NR], part[NR][MR][kParts];
     for (int r = 0; r < NR; ++r) {
       const int64_t i = (n0 + r) * p.groups + g;
-      sv[r] = _mm256_set1_ps(load_scalar_avx2(p.scale, p.kind, i));
       zv[r] = _mm256_set1_ps(p.zero ? load_scalar_avx2(p.zero, p.kind, i) : 8.0f);
-      for (int m = 0; m < MR; ++m) part[r][m] = _mm256_setzero_ps();
+      for (int m = 0; m < MR; ++m)
+        for (int h = 0; h < kParts; ++h) part[r][m][h] = _mm256_setzero_ps();
     }
     const int64_t b1 = group_end(p, g);
     for (int64_t b = g * p.blocks_per_group; b < b1; ++b) {
-      for (int r = 0; r < NR; ++r) {
-        const __m256i v = _mm256_broadcastsi128_si256(
+      __m256i v[NR];
+      // The rows of a tile are contiguous, so kPrefetchBytes ahead of each row lies in the
+      // rows that follow: the hardware prefetcher alone restarts on every 2 KiB row and left
+      // this loop waiting on memory (measured: 30% faster at M = 1 with it).
+      for (int r = 0; r < NR; ++r)
+        _mm_prefetch(reinterpret_cast<const char*>(w + r * row_bytes + b * kBlockBytes + kPrefetchBytes), _MM_HINT_T0);
+      for (int r = 0; r < NR; ++r)
+        v[r] = _mm256_broadcastsi128_si256(
             _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + r * row_bytes + b * kBlockBytes)));
-#pragma GCC unroll 4
-        for (int j = 0; j < 4; ++j) {
-          const __m256i u = _mm256_and_si256(_mm256_srlv_epi32(v, shift[j]), mask);
-          // float(u) - zero: one rounding, as in the reference (exact for an integer zero).
-          const __m256 d = _mm256_sub_ps(_mm256_cvtepi32_ps(u), zv[r]);
-          for (int m = 0; m < MR; ++m) {
-            const __m256 xv = _mm256_loadu_ps(x + m * p.Kp + b * kBlock + 8 * j);
-            if constexpr (kScalePerGroup) part[r][m] = _mm256_fmadd_ps(d, xv, part[r][m]);
-            else acc[r][m] = _mm256_fmadd_ps(_mm256_mul_ps(d, sv[r]), xv, acc[r][m]);
-          }
+      const float* xb = x + b * kBlock;
+      auto step = [&](auto j_const) {
+        constexpr int J = decltype(j_const)::value;
+        for (int r = 0; r < NR; ++r) {
+          const __m256 d = decode<J>(t, v[r], zv[r]);
+          for (int m = 0; m < MR; ++m)
+            part[r][m][J % kParts] = _mm256_fmadd_ps(d, _mm256_loadu_ps(xb + m * p.Kp + 8 * J), part[r][m][J % kParts]);
         }
+      };
+      step(std::integral_constant<int, 0>{});
+      step(std::integral_constant<int, 1>{});
+      step(std::integral_constant<int, 2>{});
+      step(std::integral_constant<int, 3>{});
+    }
+    for (int r = 0; r < NR; ++r) {
+      const __m256 sv = _mm256_set1_ps(load_scalar_avx2(p.scale, p.kind, (n0 + r) * p.groups + g));
+      for (int m = 0; m < MR; ++m) {
+        const __m256 sum = kParts == 2 ? _mm256_add_ps(part[r][m][0], part[r][m][kParts - 1]) : part[r][m][0];
+        acc[r][m] = _mm256_fmadd_ps(sum, sv, acc[r][m]);
       }
     }
-    if constexpr (kScalePerGroup)
-      for (int r = 0; r < NR; ++r)
-        for (int m = 0; m < MR; ++m) acc[r][m] = _mm256_fmadd_ps(part[r][m], sv[r], acc[r][m]);
   }
   for (int r = 0; r < NR; ++r) {
     const float bias = p.bias ? p.bias[n0 + r] : 0.0f;
@@ -196,50 +236,54 @@ void small_m_tile(const Problem& p, const float* xp, int64_t m0, int64_t n0) {
 }
 
 template <int MR>
-void small_m_rows(const Problem& p, const float* xp, int64_t m0, int64_t n0, int64_t n1) {
-  // Several weight rows per pass give the FMAs independent chains and share each x load.
-  constexpr int NR = MR == 1 ? 4 : 2;
+void small_m_rows(const Problem& p, const NibbleLanes& t, const float* xp, int64_t m0, int64_t n0, int64_t n1) {
+  // Two weight rows per pass share each x load and give the FMAs independent chains; more
+  // rows spill registers (measured: 3 or 4 rows at M = 1 run 2x slower than 2), and so would
+  // two rows for 5 rows of x.
+  constexpr int NR = MR <= 4 ? 2 : 1;
   int64_t n = n0;
-  for (; n + NR <= n1; n += NR) small_m_tile<MR, NR>(p, xp, m0, n);
-  for (; n < n1; ++n) small_m_tile<MR, 1>(p, xp, m0, n);
+  for (; n + NR <= n1; n += NR) small_m_tile<MR, NR>(p, t, xp, m0, n);
+  for (; n < n1; ++n) small_m_tile<MR, 1>(p, t, xp, m0, n);
 }
 
 void small_m_avx2(const Problem& p, const float* xp) {
-  // Work items of 4 output channels, the M = 1 tile; with more rows a weight row pair decoded
-  // once serves 4 rows of x from 8 accumulators.
+  // Work items of 4 output channels; every row of x in one pass, so each weight is decoded once.
+  static_assert(kSmallM == 5, "the switch below instantiates one kernel per M up to kSmallM");
+  const NibbleLanes t = nibble_lanes();
   at::parallel_for(0, (p.N + 3) / 4, 1, [&](int64_t c0, int64_t c1) {
     const int64_t n0 = c0 * 4, n1 = std::min(p.N, c1 * 4);
-    int64_t m = 0;
-    for (; m + 4 <= p.M; m += 4) small_m_rows<4>(p, xp, m, n0, n1);
-    switch (p.M - m) {
-      case 3: small_m_rows<3>(p, xp, m, n0, n1); break;
-      case 2: small_m_rows<2>(p, xp, m, n0, n1); break;
-      case 1: small_m_rows<1>(p, xp, m, n0, n1); break;
-      default: break;
+    switch (p.M) {
+      case 1: small_m_rows<1>(p, t, xp, 0, n0, n1); break;
+      case 2: small_m_rows<2>(p, t, xp, 0, n0, n1); break;
+      case 3: small_m_rows<3>(p, t, xp, 0, n0, n1); break;
+      case 4: small_m_rows<4>(p, t, xp, 0, n0, n1); break;
+      default: small_m_rows<5>(p, t, xp, 0, n0, n1); break;
     }
   });
 }
 
 // Large M: dequantize rows [n0, n0 + rows) x blocks [b0, b1) into `tile` (row stride kTileK),
 // in the same permuted column order as x (see small_m_tile), with the reference's roundings.
-void dequant_tile_avx2(const Problem& p, int64_t n0, int64_t rows, int64_t b0, int64_t b1, float* tile) {
+void dequant_tile_avx2(const Problem& p, const NibbleLanes& t, int64_t n0, int64_t rows, int64_t b0, int64_t b1,
+                       float* tile) {
   const int64_t row_bytes = p.Kp / 2;
-  const __m256i mask = _mm256_set1_epi32(0x0F);
-  const __m256i shift[4] = {_mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4), _mm256_setr_epi32(8, 8, 8, 8, 12, 12, 12, 12),
-                            _mm256_setr_epi32(16, 16, 16, 16, 20, 20, 20, 20),
-                            _mm256_setr_epi32(24, 24, 24, 24, 28, 28, 28, 28)};
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t n = n0 + r;
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t i = n * p.groups + b / p.blocks_per_group;
+    const uint8_t* row = p.w + n * row_bytes;
+    // Group by group: the scale and zero are loaded once per group and no block index is
+    // divided (a division per block cost more than the decode).
+    for (int64_t g = b0 / p.blocks_per_group, b = b0; b < b1; ++g) {
+      const int64_t i = n * p.groups + g;
       const __m256 sv = _mm256_set1_ps(load_scalar_avx2(p.scale, p.kind, i));
       const __m256 zv = _mm256_set1_ps(p.zero ? load_scalar_avx2(p.zero, p.kind, i) : 8.0f);
-      const __m256i v = _mm256_broadcastsi128_si256(
-          _mm_loadu_si128(reinterpret_cast<const __m128i*>(p.w + n * row_bytes + b * kBlockBytes)));
-      float* dst = tile + r * kTileK + (b - b0) * kBlock;
-      for (int j = 0; j < 4; ++j) {
-        const __m256i u = _mm256_and_si256(_mm256_srlv_epi32(v, shift[j]), mask);
-        _mm256_storeu_ps(dst + 8 * j, _mm256_mul_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(u), zv), sv));
+      for (const int64_t end = std::min(b1, group_end(p, g)); b < end; ++b) {
+        _mm_prefetch(reinterpret_cast<const char*>(row + b * kBlockBytes + kPrefetchBytes), _MM_HINT_T0);
+        const __m256i v = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + b * kBlockBytes)));
+        float* dst = tile + r * kTileK + (b - b0) * kBlock;
+        _mm256_storeu_ps(dst, _mm256_mul_ps(decode<0>(t, v, zv), sv));
+        _mm256_storeu_ps(dst + 8, _mm256_mul_ps(decode<1>(t, v, zv), sv));
+        _mm256_storeu_ps(dst + 16, _mm256_mul_ps(decode<2>(t, v, zv), sv));
+        _mm256_storeu_ps(dst + 24, _mm256_mul_ps(decode<3>(t, v, zv), sv));
       }
     }
   }
@@ -288,13 +332,14 @@ void dot_rows(const Problem& p, const float* x, const float* tile, int64_t rows,
 void large_m_avx2(const Problem& p, const float* xp, float* scratch) {
   const int64_t ntiles = (p.N + kTileN - 1) / kTileN;
   const int64_t kblocks_per_tile = kTileK / kBlock;
+  const NibbleLanes lanes = nibble_lanes();
   at::parallel_for(0, ntiles, 1, [&](int64_t t0, int64_t t1) {
     float* const tile = scratch + at::get_thread_num() * kTileN * kTileK;
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t n0 = t * kTileN, rows = std::min(kTileN, p.N - n0);
       for (int64_t b0 = 0; b0 < p.nblocks; b0 += kblocks_per_tile) {
         const int64_t b1 = std::min(p.nblocks, b0 + kblocks_per_tile);
-        dequant_tile_avx2(p, n0, rows, b0, b1, tile);
+        dequant_tile_avx2(p, lanes, n0, rows, b0, b1, tile);
         const int64_t len = (b1 - b0) * kBlock;
         const bool first = b0 == 0, last = b1 == p.nblocks;
         const float* x = xp + b0 * kBlock;
