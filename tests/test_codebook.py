@@ -188,7 +188,7 @@ FAST_LAYOUTS = [
 
 
 @pytest.mark.parametrize("layout", FAST_LAYOUTS, ids=lambda v: layout_id(v[:5]) + f"K{v[5]}")
-@pytest.mark.parametrize("M", [1, 3, 5, 17])
+@pytest.mark.parametrize("M", [1, 3, 17])
 @pytest.mark.parametrize("cb_dtype", [torch.float32, torch.float16], ids=dtype_id)
 def test_fast_decoders_match_reference(layout, M, cb_dtype):
     d, C, bits, R, G, K = layout

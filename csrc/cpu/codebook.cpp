@@ -542,13 +542,31 @@ void fused_vector(const Problem& p, const float* x, int64_t m0, int64_t n0) {
     }
 }
 
-// One vector codebook with byte codes (pq2 = d 4, and d 2 / 8): per row, eight codes from one
-// 64-bit load, split by shifts (BMI2 shrx, no byte loads), d-float entries loaded straight from
-// the L1-resident fp32 codebook into 8-wide registers (d = 4: two entries per register, d = 2:
-// four), one FMA per register and row of x, x loaded once for NR rows, two accumulators per
-// row. Measured (one thread, M = 1, N = K = 4096, under load): d = 2 2.9 ms (was 41 ms through
-// the portable decoder), d = 8 1.0 ms (was 1.2), d = 4 1.7 ms (unchanged from the byte-load
-// kernel; a variant with one 128-bit FMA per entry as memory operand measured the same).
+// One vector codebook with byte codes (pq2 = d 4, and d 2 / 8): d-float entries loaded straight
+// from the L1-resident fp32 codebook into 8-wide registers (d = 4: two entries per register,
+// d = 2: four), one FMA per register and row of x, x loaded once for NR rows, two accumulators
+// per row. Codes: eight from one 64-bit load split by shifts (BMI2 shrx), or (kBytes) one byte
+// load each. Measured (one thread, N = K = 4096, min of 7, under load, two runs): d = 4, M = 1
+// byte loads 1.57/1.57 ms (G = 8) and 1.53/1.44 ms (G = 1) vs 1.62/1.63 and 1.88/1.67 with
+// shifts; M = 4 shifts 3.2/3.1 ms vs 3.5/3.4; d = 8 shifts 1.03/0.99 vs 1.10/1.08 ms; d = 2 equal
+// (2.6-3.0 ms; it was 24 ms through the portable decoder). Hence byte loads for d = 4 at M = 1
+// only. A variant with one 128-bit FMA per entry (memory operand, no lane insert) measured the same.
+template <int D>
+inline __m256 pq_entries_bytes(const float* cb, const uint8_t* c, int i) {
+  if constexpr (D == 8) {
+    return _mm256_loadu_ps(cb + static_cast<uint32_t>(c[i]) * 8);
+  } else if constexpr (D == 4) {
+    return _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_loadu_ps(cb + static_cast<uint32_t>(c[2 * i]) * 4)),
+                                _mm_loadu_ps(cb + static_cast<uint32_t>(c[2 * i + 1]) * 4), 1);
+  } else {
+    const __m128d lo = _mm_loadh_pd(_mm_load_sd(reinterpret_cast<const double*>(cb + static_cast<uint32_t>(c[4 * i]) * 2)),
+                                    reinterpret_cast<const double*>(cb + static_cast<uint32_t>(c[4 * i + 1]) * 2));
+    const __m128d hi = _mm_loadh_pd(_mm_load_sd(reinterpret_cast<const double*>(cb + static_cast<uint32_t>(c[4 * i + 2]) * 2)),
+                                    reinterpret_cast<const double*>(cb + static_cast<uint32_t>(c[4 * i + 3]) * 2));
+    return _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_castpd_ps(lo)), _mm_castpd_ps(hi), 1);
+  }
+}
+
 template <int D>
 inline __m256 pq_entries(const float* cb, uint64_t w, int i) {
   // Register i of the 8 sub-vectors whose codes are the bytes of w.
@@ -567,7 +585,7 @@ inline __m256 pq_entries(const float* cb, uint64_t w, int i) {
   }
 }
 
-template <int MR, int NR, int D>
+template <int MR, int NR, int D, bool kBytes>
 void fused_pq_byte(const Problem& p, const float* x, int64_t m0, int64_t n0) {
   constexpr int kRegs = D;  // 8 sub-vectors = 8 * D floats = D registers
   __m256 acc[NR][MR][2];
@@ -582,14 +600,15 @@ void fused_pq_byte(const Problem& p, const float* x, int64_t m0, int64_t n0) {
     const int64_t j_end = (g + 1) * p.vecs_per_group;
     int64_t j = g * p.vecs_per_group;
     for (; j + 8 <= j_end; j += 8) {
-      uint64_t w[NR];
-      for (int r = 0; r < NR; ++r) std::memcpy(&w[r], rows[r] + j, 8);
+      uint64_t w[NR] = {};
+      if (!kBytes)
+        for (int r = 0; r < NR; ++r) std::memcpy(&w[r], rows[r] + j, 8);
 #pragma GCC unroll 8
       for (int i = 0; i < kRegs; ++i) {
         __m256 xv[MR];
         for (int m = 0; m < MR; ++m) xv[m] = _mm256_loadu_ps(x + m * p.Kp + j * D + 8 * i);
         for (int r = 0; r < NR; ++r) {
-          const __m256 e = pq_entries<D>(cbs[r], w[r], i);
+          const __m256 e = kBytes ? pq_entries_bytes<D>(cbs[r], rows[r] + j, i) : pq_entries<D>(cbs[r], w[r], i);
           for (int m = 0; m < MR; ++m) acc[r][m][i & 1] = _mm256_fmadd_ps(xv[m], e, acc[r][m][i & 1]);
         }
       }
@@ -638,9 +657,9 @@ void fused_vector_c(const Problem& p, const float* x, int64_t m0, int64_t n0) {
 template <int MR, int NR>
 void fused_tile(const Problem& p, Fused kind, const float* x, int64_t m0, int64_t n0) {
   switch (kind) {
-    case Fused::kPq2: fused_pq_byte<MR, NR, 2>(p, x, m0, n0); break;
-    case Fused::kPq4: fused_pq_byte<MR, NR, 4>(p, x, m0, n0); break;
-    case Fused::kPq8: fused_pq_byte<MR, NR, 8>(p, x, m0, n0); break;
+    case Fused::kPq2: fused_pq_byte<MR, NR, 2, false>(p, x, m0, n0); break;
+    case Fused::kPq4: fused_pq_byte<MR, NR, 4, MR == 1>(p, x, m0, n0); break;
+    case Fused::kPq8: fused_pq_byte<MR, NR, 8, false>(p, x, m0, n0); break;
     case Fused::kNibble:
       if (p.planes_half) fused_nibble<MR, NR, true>(p, x, m0, n0);
       else fused_nibble<MR, NR, false>(p, x, m0, n0);
