@@ -176,12 +176,13 @@ def test_dequant_out_dtype(out_dtype):
 
 # The CPU kernel's specialized decoders, each at the M that takes its fused (M <= 4) and its
 # tiled (M > 4) form, odd N (rows left over from the 4-row passes), K past one 1024-column tile:
-# 4-bit scalar codes by byte planes with G = 1 and K not a multiple of 32 (a tail decoded code
-# by code) or G groups of whole 32-blocks, R row groups; byte codes of one vector codebook,
+# 4-bit scalar codes by byte planes with G = 1 and K not a multiple of 32 or odd (a tail decoded
+# code by code) or G groups of whole 32-blocks, R row groups; byte codes of one vector codebook,
 # d = 2, 4, 8, with groups whose sub-vector count is not a multiple of 8 (a tail per group).
 # (d, C, bits, R, G, K)
 FAST_LAYOUTS = [
-    (1, 1, 4, 1, 1, 1100), (1, 1, 4, 1, 2, 1088), (1, 1, 4, 3, 4, 2048), (1, 1, 4, 1, 1, 64),
+    (1, 1, 4, 1, 1, 1100), (1, 1, 4, 1, 1, 1101), (1, 1, 4, 1, 2, 1088), (1, 1, 4, 3, 4, 2048),
+    (1, 1, 4, 1, 1, 64),
     (2, 1, 8, 1, 1, 1086), (2, 1, 8, 1, 3, 1086), (4, 1, 8, 1, 8, 1184), (4, 1, 8, 3, 1, 1028),
     (8, 1, 8, 1, 2, 1104), (8, 1, 8, 3, 1, 64),
 ]

@@ -15,8 +15,9 @@
 //    once per call into the decoder's output order.
 //  * other scalar codebooks of <= 16 entries: 8 weights from one 32-bit load, a variable shift
 //    and two in-register table lookups (vpermps).
-//  * one vector codebook with byte codes (pq2: d = 4; d = 2, 8): 8 codes per 64-bit load, the
-//    entries loaded from the L1-resident fp32 codebook straight into 8-wide registers.
+//  * one vector codebook with byte codes (pq2: d = 4; d = 2, 8): 8 codes per 64-bit load (byte
+//    loads for d = 4 at M = 1), entries from the L1-resident fp32 codebook straight into 8-wide
+//    registers.
 //  * the rest (C >= 2 summed codebooks, 16-bit codes) sums C entry loads per sub-vector.
 // The FAISS-style lookup table (per row of x and sub-vector j, T[j][e] = x_j . entry e, then one
 // table load and add per code) was built and measured for byte codes and lost at every d on this
@@ -235,7 +236,7 @@ void decode_avx2(const Problem& p, int64_t n, int64_t j0, int64_t j1, float* dst
 // looks up 32 nibbles in one plane at once, and two rounds of unpacks reassemble the four bytes
 // of each of the 32 floats. 16 code bytes decode with 1 load, 1 shift, 1 AND, 4 vpshufb and
 // 8 unpacks: about half the shuffle-port work of the per-8 vpermps pair + blend. The floats come
-// out in a fixed permutation of the 32 columns (nibble_column); x is permuted once per call to
+// out in a fixed permutation of the 32 columns (nibble_position); x is permuted once per call to
 // match, so the dot product needs no un-shuffling.
 struct Nibble32 {
   __m256 f[4];
