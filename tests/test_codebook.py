@@ -174,6 +174,51 @@ def test_dequant_out_dtype(out_dtype):
     assert torch.equal(got, fmt.decode(w.packed, w.codebooks, None, 64).to(out_dtype))
 
 
+# The CPU kernel's specialized decoders, each at the M that takes its fused (M <= 4) and its
+# tiled (M > 4) form, odd N (rows left over from the 4-row passes), K past one 1024-column tile:
+# 4-bit scalar codes by byte planes with G = 1 and K not a multiple of 32 or odd (a tail decoded
+# code by code) or G groups of whole 32-blocks, R row groups; byte codes of one vector codebook,
+# d = 2, 4, 8, with groups whose sub-vector count is not a multiple of 8 (a tail per group).
+# (d, C, bits, R, G, K)
+FAST_LAYOUTS = [
+    (1, 1, 4, 1, 1, 1100), (1, 1, 4, 1, 1, 1101), (1, 1, 4, 1, 2, 1088), (1, 1, 4, 3, 4, 2048),
+    (1, 1, 4, 1, 1, 64),
+    (2, 1, 8, 1, 1, 1086), (2, 1, 8, 1, 3, 1086), (4, 1, 8, 1, 8, 1184), (4, 1, 8, 3, 1, 1028),
+    (8, 1, 8, 1, 2, 1104), (8, 1, 8, 3, 1, 64),
+]
+
+
+@pytest.mark.parametrize("layout", FAST_LAYOUTS, ids=lambda v: layout_id(v[:5]) + f"K{v[5]}")
+@pytest.mark.parametrize("M", [1, 3, 17])
+@pytest.mark.parametrize("cb_dtype", [torch.float32, torch.float16], ids=dtype_id)
+def test_fast_decoders_match_reference(layout, M, cb_dtype):
+    d, C, bits, R, G, K = layout
+    w, _ = make_weight(15, K, d, C, bits, R, G, cb_dtype=cb_dtype, seed=M)
+    check_against_exact(torch.randn(M, K), w, torch.randn(15))
+
+
+@pytest.mark.parametrize("x_dtype", FLOATS, ids=dtype_id)
+@pytest.mark.parametrize("cb_dtype", FLOATS, ids=dtype_id)
+@pytest.mark.parametrize("M", [1, 6])
+def test_fast_decoders_every_dtype(x_dtype, cb_dtype, M):
+    for d, C, bits, R, G, K in [(1, 1, 4, 1, 1, 1100), (4, 1, 8, 1, 8, 1184), (2, 1, 8, 1, 1, 1086)]:
+        w, _ = make_weight(9, K, d, C, bits, R, G, cb_dtype=cb_dtype)
+        check_against_exact(torch.randn(M, K).to(x_dtype), w)
+
+
+@pytest.mark.parametrize("M", [1, 6])
+def test_4bit_codebook_that_fp16_cannot_hold_is_decoded_in_fp32(M):
+    """The 4-bit decoder reads fp16 byte planes only when every entry is fp16-exact: one entry
+    that is not (1 + 2**-11, half an fp16 ulp past 1) must be used as is. With most codes on it
+    and x = 1, fp16 rounding would be off by about K * 2**-11 = 0.03, the fp32 bound is 5e-4."""
+    cb = torch.randn(1, 1, 1, 16, 1).half().float()
+    cb[0, 0, 0, 5, 0] = 1 + 2**-11
+    codes = torch.full((8, 64, 1), 5)
+    codes[:, ::7] = torch.randint(0, 16, (8, 10, 1))
+    w = fmt.from_codes(codes, cb, torch.rand(8) + 0.5)
+    check_against_exact(torch.ones(M, 64), w)
+
+
 def test_trailing_bits_of_a_row_are_ignored():
     w, _ = make_weight(5, 30, bits=3)              # 90 bits per row: 6 spare bits in the last byte
     dirty = w.packed.clone()

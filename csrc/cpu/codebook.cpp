@@ -6,13 +6,26 @@
 // with the reference). codebook_mm multiplies a row's whole dot product by scale[n] instead of
 // every weight (equal up to float32 rounding), and accumulates in float32.
 //
-// The float weight is never materialized whole. Rows of the weight are decoded one tile at a
+// The float weight is never materialized whole. At M <= kSmallM the codes are decoded in
+// registers and multiplied at once (fused_*); beyond, rows of the weight are decoded one tile at a
 // time (kTileK columns of a few rows, L1/L2-resident) and an FMA microkernel runs every row of x
-// over the tile before the next is decoded. Decoding is the cost at small M, so the common
-// scalar case (d = 1, one codebook, <= 16 entries) decodes 8 weights with one 32-bit load, a
-// variable shift and two in-register table lookups (vpermps), no memory gather; vector
-// codebooks (d = 2/4/8) copy one entry per code from the fp32 codebook, which stays in L1 for
-// bits <= 8. Each call opens exactly one at::parallel_for (over tiles of output channels).
+// over the tile before the next is decoded. Decoding is the cost at small M:
+//  * 4-bit scalar codes (kmeans4): vpshufb lookups in byte planes of the 16-entry codebook, 32
+//    weights per 16 code bytes (fp16-exact codebooks: 2 planes and vcvtph2ps); x is permuted
+//    once per call into the decoder's output order.
+//  * other scalar codebooks of <= 16 entries: 8 weights from one 32-bit load, a variable shift
+//    and two in-register table lookups (vpermps).
+//  * one vector codebook with byte codes (pq2: d = 4; d = 2, 8): 8 codes per 64-bit load (byte
+//    loads for d = 4 at M = 1), entries from the L1-resident fp32 codebook straight into 8-wide
+//    registers.
+//  * the rest (C >= 2 summed codebooks, 16-bit codes) sums C entry loads per sub-vector.
+// The FAISS-style lookup table (per row of x and sub-vector j, T[j][e] = x_j . entry e, then one
+// table load and add per code) was built and measured for byte codes and lost at every d on this
+// Zen 3 (one thread, M = 1, N = K = 4096, fp32 tables: pq2 2.1 ms vs 1.75 ms decoding, d = 8
+// 1.35 vs 1.0 ms, d = 2 4.9 vs 2.9 ms; M = 4 pq2 11.4 vs 3.3 ms): a table load + add costs
+// about what decoding a d-float entry and half an FMA cost, and its M tables cannot share one
+// decode. (Its speed in FAISS comes from int8 tables in registers, which round the answer.)
+// Each call opens exactly one at::parallel_for (over tiles of output channels).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/Half.h>
@@ -41,6 +54,22 @@ constexpr int64_t kSmallM = 4;
 constexpr int64_t kTileNSmall = 8;
 constexpr int64_t kTileNLarge = 48;
 
+constexpr int64_t kNibbleBlock = 32;
+
+// Position within a 32-column block of column `c` in the decoder's output order: float t of
+// 128-bit lane l of output register q holds column 2 * (4q + t) + l (lane 0: low nibbles, lane
+// 1: high nibbles of code bytes 4q+t).
+inline int64_t nibble_position(int64_t c) {
+  const int64_t lane = c & 1, i = c >> 1, q = i >> 2, t = i & 3;
+  return q * 8 + lane * 4 + t;
+}
+
+// The same for the fp16 decoder: output register 2h + l holds columns 16h + 2t + l, t = 0..7.
+inline int64_t nibble_position_half(int64_t c) {
+  const int64_t lane = c & 1, i = c >> 1, h = i >> 3, t = i & 7;
+  return (2 * h + lane) * 8 + t;
+}
+
 struct Problem {
   int64_t M, N, K, Kp;          // Kp: K rounded up to 8 (x and tiles are zero-padded to it)
   int64_t R, G, C, E, bits, d, J;
@@ -52,6 +81,8 @@ struct Problem {
   void* out;                    // [M, N] in out_type
   c10::ScalarType out_type;
   float* partial;               // [M, N] fp32 sums over earlier K-tiles; aliases out for fp32
+  const uint8_t* planes;        // nibble path: [R*G][4][32] byte planes of the 16-entry codebooks
+  bool planes_half;             // ... of their fp16 values (planes 0, 1): every entry is fp16-exact
 };
 
 inline void store_out(const Problem& p, int64_t i, float v) {
@@ -135,7 +166,7 @@ void mm_scalar(const Problem& p, const float* x) {
 // an out-of-line copy of one, compiled under this target, could be picked by the linker for the
 // whole library and run on a machine without AVX2.
 #pragma GCC push_options
-#pragma GCC target("avx2,fma,f16c")
+#pragma GCC target("avx2,fma,f16c,bmi,bmi2")
 
 inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -173,8 +204,8 @@ void decode_scalar_small_avx2(const Problem& p, int64_t n, int64_t j0, int64_t j
   }
 }
 
-// One codebook of d = 4 or 8 and byte codes (the 2-bit "pq2" layout and its kin): a byte load
-// and one 16/32-byte copy per sub-vector.
+// One codebook of d = 2, 4 or 8 and byte codes (the 2-bit "pq2" layout and its kin): a byte load
+// and one 8/16/32-byte copy per sub-vector.
 template <int D>
 void decode_vec_byte_avx2(const Problem& p, int64_t n, int64_t j0, int64_t j1, float* dst) {
   const uint8_t* row = p.codes + n * p.row_bytes;
@@ -186,7 +217,8 @@ void decode_vec_byte_avx2(const Problem& p, int64_t n, int64_t j0, int64_t j1, f
     for (; j < seg_end; ++j) {
       const float* e = cb + static_cast<int64_t>(row[j]) * D;
       if constexpr (D == 8) _mm256_storeu_ps(dst + (j - j0) * 8, _mm256_loadu_ps(e));
-      else _mm_storeu_ps(dst + (j - j0) * 4, _mm_loadu_ps(e));
+      else if constexpr (D == 4) _mm_storeu_ps(dst + (j - j0) * 4, _mm_loadu_ps(e));
+      else std::memcpy(dst + (j - j0) * 2, e, 8);
     }
   }
 }
@@ -195,7 +227,130 @@ void decode_avx2(const Problem& p, int64_t n, int64_t j0, int64_t j1, float* dst
   if (p.d == 1 && p.C == 1 && p.bits <= 4) return decode_scalar_small_avx2(p, n, j0, j1, dst);
   if (p.C == 1 && p.bits == 8 && p.d == 8) return decode_vec_byte_avx2<8>(p, n, j0, j1, dst);
   if (p.C == 1 && p.bits == 8 && p.d == 4) return decode_vec_byte_avx2<4>(p, n, j0, j1, dst);
+  if (p.C == 1 && p.bits == 8 && p.d == 2) return decode_vec_byte_avx2<2>(p, n, j0, j1, dst);
   decode_portable(p, n, j0, j1, dst);
+}
+
+// ---- 4-bit scalar codebooks (kmeans4): byte-plane lookups with vpshufb.
+// A 16-entry fp32 codebook is split into its four byte planes (byte p of every entry); vpshufb
+// looks up 32 nibbles in one plane at once, and two rounds of unpacks reassemble the four bytes
+// of each of the 32 floats. 16 code bytes decode with 1 load, 1 shift, 1 AND, 4 vpshufb and
+// 8 unpacks: about half the shuffle-port work of the per-8 vpermps pair + blend. The floats come
+// out in a fixed permutation of the 32 columns (nibble_position); x is permuted once per call to
+// match, so the dot product needs no un-shuffling.
+struct Nibble32 {
+  __m256 f[4];
+};
+
+inline Nibble32 decode_nibble32(const uint8_t* code_bytes, const uint8_t* planes) {
+  const __m256i v = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(code_bytes)));
+  const __m256i idx = _mm256_and_si256(_mm256_srlv_epi32(v, _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4)),
+                                       _mm256_set1_epi8(0x0f));
+  const __m256i* pl = reinterpret_cast<const __m256i*>(planes);
+  const __m256i b0 = _mm256_shuffle_epi8(_mm256_load_si256(pl + 0), idx);
+  const __m256i b1 = _mm256_shuffle_epi8(_mm256_load_si256(pl + 1), idx);
+  const __m256i b2 = _mm256_shuffle_epi8(_mm256_load_si256(pl + 2), idx);
+  const __m256i b3 = _mm256_shuffle_epi8(_mm256_load_si256(pl + 3), idx);
+  const __m256i l01 = _mm256_unpacklo_epi8(b0, b1), h01 = _mm256_unpackhi_epi8(b0, b1);
+  const __m256i l23 = _mm256_unpacklo_epi8(b2, b3), h23 = _mm256_unpackhi_epi8(b2, b3);
+  Nibble32 r;
+  r.f[0] = _mm256_castsi256_ps(_mm256_unpacklo_epi16(l01, l23));
+  r.f[1] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(l01, l23));
+  r.f[2] = _mm256_castsi256_ps(_mm256_unpacklo_epi16(h01, h23));
+  r.f[3] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(h01, h23));
+  return r;
+}
+
+// The same from the two byte planes of fp16 entries (exactly the fp32 entries: planes_half): 2
+// vpshufb, 2 unpacks, 2 lane extracts and 4 vcvtph2ps, half the shuffles of decode_nibble32.
+inline Nibble32 decode_nibble32_half(const uint8_t* code_bytes, const uint8_t* planes) {
+  const __m256i v = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(code_bytes)));
+  const __m256i idx = _mm256_and_si256(_mm256_srlv_epi32(v, _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4)),
+                                       _mm256_set1_epi8(0x0f));
+  const __m256i* pl = reinterpret_cast<const __m256i*>(planes);
+  const __m256i lo = _mm256_shuffle_epi8(_mm256_load_si256(pl + 0), idx);
+  const __m256i hi = _mm256_shuffle_epi8(_mm256_load_si256(pl + 1), idx);
+  const __m256i a = _mm256_unpacklo_epi8(lo, hi), b = _mm256_unpackhi_epi8(lo, hi);
+  Nibble32 r;
+  r.f[0] = _mm256_cvtph_ps(_mm256_castsi256_si128(a));
+  r.f[1] = _mm256_cvtph_ps(_mm256_extracti128_si256(a, 1));
+  r.f[2] = _mm256_cvtph_ps(_mm256_castsi256_si128(b));
+  r.f[3] = _mm256_cvtph_ps(_mm256_extracti128_si256(b, 1));
+  return r;
+}
+
+template <bool kHalf>
+inline Nibble32 decode_nibble(const uint8_t* code_bytes, const uint8_t* planes) {
+  if constexpr (kHalf) return decode_nibble32_half(code_bytes, planes);
+  else return decode_nibble32(code_bytes, planes);
+}
+
+inline const uint8_t* planes_of(const Problem& p, int64_t n, int64_t g) {
+  return p.planes + ((n / p.rows_per_rgroup) * p.G + g) * 128;
+}
+
+// Full 32-blocks of sub-vectors of group g: [g*vpg, nibble_block_end(g)); the rest of the group
+// (only when G = 1 and J is not a multiple of 32) is decoded one code at a time in column order.
+inline int64_t nibble_block_end(const Problem& p, int64_t g) {
+  return g * p.vecs_per_group + p.vecs_per_group / kNibbleBlock * kNibbleBlock;
+}
+
+// Columns [j0, j1) of row n (j0, j1 multiples of 32 or j1 = the group end) into dst, full blocks
+// in the permuted order. Used by the large-M tiles.
+void decode_nibble_avx2(const Problem& p, int64_t n, int64_t j0, int64_t j1, float* dst) {
+  const uint8_t* row = p.codes + n * p.row_bytes;
+  int64_t j = j0;
+  while (j < j1) {
+    const int64_t g = j / p.vecs_per_group;
+    const int64_t seg_end = std::min(j1, (g + 1) * p.vecs_per_group);
+    const int64_t blk_end = std::min(seg_end, nibble_block_end(p, g));
+    const uint8_t* planes = planes_of(p, n, g);
+    for (; j + kNibbleBlock <= blk_end; j += kNibbleBlock) {
+      const Nibble32 w = p.planes_half ? decode_nibble32_half(row + j / 2, planes) : decode_nibble32(row + j / 2, planes);
+      for (int q = 0; q < 4; ++q) _mm256_storeu_ps(dst + (j - j0) + 8 * q, w.f[q]);
+    }
+    const float* cb = codebook_of(p, n, g);
+    for (; j < seg_end; ++j) dst[j - j0] = cb[code_at(p, row, j)];
+  }
+}
+
+template <int MR, int NR, bool kHalf>
+void fused_nibble(const Problem& p, const float* x, int64_t m0, int64_t n0) {
+  __m256 acc[NR][MR][2];
+  float tail[NR][MR] = {};
+  for (int r = 0; r < NR; ++r)
+    for (int m = 0; m < MR; ++m) acc[r][m][0] = acc[r][m][1] = _mm256_setzero_ps();
+  const uint8_t* rows[NR];
+  for (int r = 0; r < NR; ++r) rows[r] = p.codes + (n0 + r) * p.row_bytes;
+  for (int64_t g = 0; g < p.G; ++g) {
+    const uint8_t* planes[NR];
+    for (int r = 0; r < NR; ++r) planes[r] = planes_of(p, n0 + r, g);
+    const int64_t blk_end = nibble_block_end(p, g);
+    int64_t j = g * p.vecs_per_group;
+    for (; j < blk_end; j += kNibbleBlock) {
+      for (int r = 0; r < NR; ++r) {
+        const Nibble32 w = decode_nibble<kHalf>(rows[r] + j / 2, planes[r]);
+        for (int m = 0; m < MR; ++m) {
+          const float* xm = x + m * p.Kp + j;
+          acc[r][m][0] = _mm256_fmadd_ps(_mm256_loadu_ps(xm), w.f[0], acc[r][m][0]);
+          acc[r][m][1] = _mm256_fmadd_ps(_mm256_loadu_ps(xm + 8), w.f[1], acc[r][m][1]);
+          acc[r][m][0] = _mm256_fmadd_ps(_mm256_loadu_ps(xm + 16), w.f[2], acc[r][m][0]);
+          acc[r][m][1] = _mm256_fmadd_ps(_mm256_loadu_ps(xm + 24), w.f[3], acc[r][m][1]);
+        }
+      }
+    }
+    for (; j < (g + 1) * p.vecs_per_group; ++j)
+      for (int r = 0; r < NR; ++r) {
+        const float wv = codebook_of(p, n0 + r, g)[code_at(p, rows[r], j)];
+        for (int m = 0; m < MR; ++m) tail[r][m] += x[m * p.Kp + j] * wv;
+      }
+  }
+  for (int r = 0; r < NR; ++r)
+    for (int m = 0; m < MR; ++m) {
+      float v = hsum(_mm256_add_ps(acc[r][m][0], acc[r][m][1])) + tail[r][m];
+      if (p.scale) v *= p.scale[n0 + r];
+      store_out(p, (m0 + m) * p.N + n0 + r, p.bias ? v + p.bias[n0 + r] : v);
+    }
 }
 
 // MR rows of x times NR decoded weight rows over `len` columns (a multiple of 8); partial sums
@@ -250,7 +405,8 @@ void mm_avx2(const Problem& p, const float* xp, float* scratch, int64_t tile_n) 
         const int64_t len = (k1 - k0 + 7) / 8 * 8;
         for (int64_t r = 0; r < rows; ++r) {
           float* dst = tile + r * kTileK;
-          decode_avx2(p, n0 + r, k0 / p.d, k1 / p.d, dst);
+          if (p.planes) decode_nibble_avx2(p, n0 + r, k0, k1, dst);
+          else decode_avx2(p, n0 + r, k0 / p.d, k1 / p.d, dst);
           for (int64_t k = k1 - k0; k < len; ++k) dst[k] = 0.0f;  // meets x's zero padding
         }
         const bool first = k0 == 0, last = k1 == p.K;
@@ -387,9 +543,103 @@ void fused_vector(const Problem& p, const float* x, int64_t m0, int64_t n0) {
     }
 }
 
-enum class Fused { kNone, kScalar8, kScalar16, kVec4x1, kVec8x1, kVec4x2, kVec8x2 };
+// One vector codebook with byte codes (pq2 = d 4, and d 2 / 8): d-float entries loaded straight
+// from the L1-resident fp32 codebook into 8-wide registers (d = 4: two entries per register,
+// d = 2: four), one FMA per register and row of x, x loaded once for NR rows, two accumulators
+// per row. Codes: eight from one 64-bit load split by shifts (BMI2 shrx), or (kBytes) one byte
+// load each. Measured (one thread, N = K = 4096, min of 7, under load, two runs): d = 4, M = 1
+// byte loads 1.57/1.57 ms (G = 8) and 1.53/1.44 ms (G = 1) vs 1.62/1.63 and 1.88/1.67 with
+// shifts; M = 4 shifts 3.2/3.1 ms vs 3.5/3.4; d = 8 shifts 1.03/0.99 vs 1.10/1.08 ms; d = 2 equal
+// (2.6-3.0 ms; it was 24 ms through the portable decoder). Hence byte loads for d = 4 at M = 1
+// only. A variant with one 128-bit FMA per entry (memory operand, no lane insert) measured the same.
+template <int D>
+inline __m256 pq_entries_bytes(const float* cb, const uint8_t* c, int i) {
+  if constexpr (D == 8) {
+    return _mm256_loadu_ps(cb + static_cast<uint32_t>(c[i]) * 8);
+  } else if constexpr (D == 4) {
+    return _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_loadu_ps(cb + static_cast<uint32_t>(c[2 * i]) * 4)),
+                                _mm_loadu_ps(cb + static_cast<uint32_t>(c[2 * i + 1]) * 4), 1);
+  } else {
+    const __m128d lo = _mm_loadh_pd(_mm_load_sd(reinterpret_cast<const double*>(cb + static_cast<uint32_t>(c[4 * i]) * 2)),
+                                    reinterpret_cast<const double*>(cb + static_cast<uint32_t>(c[4 * i + 1]) * 2));
+    const __m128d hi = _mm_loadh_pd(_mm_load_sd(reinterpret_cast<const double*>(cb + static_cast<uint32_t>(c[4 * i + 2]) * 2)),
+                                    reinterpret_cast<const double*>(cb + static_cast<uint32_t>(c[4 * i + 3]) * 2));
+    return _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_castpd_ps(lo)), _mm_castpd_ps(hi), 1);
+  }
+}
+
+template <int D>
+inline __m256 pq_entries(const float* cb, uint64_t w, int i) {
+  // Register i of the 8 sub-vectors whose codes are the bytes of w.
+  if constexpr (D == 8) {
+    return _mm256_loadu_ps(cb + ((w >> (8 * i)) & 0xff) * 8);
+  } else if constexpr (D == 4) {
+    const uint64_t e0 = (w >> (16 * i)) & 0xff, e1 = (w >> (16 * i + 8)) & 0xff;
+    return _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_loadu_ps(cb + e0 * 4)), _mm_loadu_ps(cb + e1 * 4), 1);
+  } else {
+    const uint64_t c = w >> (32 * i);
+    const __m128d lo = _mm_loadh_pd(_mm_load_sd(reinterpret_cast<const double*>(cb + (c & 0xff) * 2)),
+                                    reinterpret_cast<const double*>(cb + ((c >> 8) & 0xff) * 2));
+    const __m128d hi = _mm_loadh_pd(_mm_load_sd(reinterpret_cast<const double*>(cb + ((c >> 16) & 0xff) * 2)),
+                                    reinterpret_cast<const double*>(cb + ((c >> 24) & 0xff) * 2));
+    return _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_castpd_ps(lo)), _mm_castpd_ps(hi), 1);
+  }
+}
+
+template <int MR, int NR, int D, bool kBytes>
+void fused_pq_byte(const Problem& p, const float* x, int64_t m0, int64_t n0) {
+  constexpr int kRegs = D;  // 8 sub-vectors = 8 * D floats = D registers
+  __m256 acc[NR][MR][2];
+  float tail[NR][MR] = {};
+  for (int r = 0; r < NR; ++r)
+    for (int m = 0; m < MR; ++m) acc[r][m][0] = acc[r][m][1] = _mm256_setzero_ps();
+  const uint8_t* rows[NR];
+  for (int r = 0; r < NR; ++r) rows[r] = p.codes + (n0 + r) * p.row_bytes;
+  for (int64_t g = 0; g < p.G; ++g) {
+    const float* cbs[NR];
+    for (int r = 0; r < NR; ++r) cbs[r] = codebook_of(p, n0 + r, g);
+    const int64_t j_end = (g + 1) * p.vecs_per_group;
+    int64_t j = g * p.vecs_per_group;
+    for (; j + 8 <= j_end; j += 8) {
+      uint64_t w[NR] = {};
+      if (!kBytes)
+        for (int r = 0; r < NR; ++r) std::memcpy(&w[r], rows[r] + j, 8);
+#pragma GCC unroll 8
+      for (int i = 0; i < kRegs; ++i) {
+        __m256 xv[MR];
+        for (int m = 0; m < MR; ++m) xv[m] = _mm256_loadu_ps(x + m * p.Kp + j * D + 8 * i);
+        for (int r = 0; r < NR; ++r) {
+          const __m256 e = kBytes ? pq_entries_bytes<D>(cbs[r], rows[r] + j, i) : pq_entries<D>(cbs[r], w[r], i);
+          for (int m = 0; m < MR; ++m) acc[r][m][i & 1] = _mm256_fmadd_ps(xv[m], e, acc[r][m][i & 1]);
+        }
+      }
+    }
+    for (; j < j_end; ++j)
+      for (int r = 0; r < NR; ++r) {
+        const float* e = cbs[r] + static_cast<int64_t>(rows[r][j]) * D;
+        for (int m = 0; m < MR; ++m)
+          for (int t = 0; t < D; ++t) tail[r][m] += x[m * p.Kp + j * D + t] * e[t];
+      }
+  }
+  for (int r = 0; r < NR; ++r)
+    for (int m = 0; m < MR; ++m) {
+      float v = hsum(_mm256_add_ps(acc[r][m][0], acc[r][m][1])) + tail[r][m];
+      if (p.scale) v *= p.scale[n0 + r];
+      store_out(p, (m0 + m) * p.N + n0 + r, p.bias ? v + p.bias[n0 + r] : v);
+    }
+}
+
+enum class Fused { kNone, kPq2, kPq4, kPq8, kNibble, kScalar8, kScalar16, kVec4x1, kVec8x1, kVec4x2, kVec8x2 };
+
+// 4-bit scalar codes whose column groups are whole 32-blocks (or one group) decode by byte planes.
+bool nibble_ok(const Problem& p) {
+  return p.d == 1 && p.C == 1 && p.bits == 4 && (p.G == 1 || p.vecs_per_group % kNibbleBlock == 0);
+}
 
 Fused fused_kind(const Problem& p) {
+  if (nibble_ok(p)) return Fused::kNibble;
+  if (p.C == 1 && p.bits == 8 && p.d >= 2)
+    return p.d == 2 ? Fused::kPq2 : p.d == 4 ? Fused::kPq4 : Fused::kPq8;
   if (p.d == 1 && p.C == 1 && p.bits <= 4) return p.E > 8 ? Fused::kScalar16 : Fused::kScalar8;
   if ((p.bits == 8 || p.bits == 16) && (p.d == 8 || (p.d == 4 && p.vecs_per_group % 2 == 0))) {
     if (p.bits == 8) return p.d == 8 ? Fused::kVec8x1 : Fused::kVec4x1;
@@ -408,6 +658,13 @@ void fused_vector_c(const Problem& p, const float* x, int64_t m0, int64_t n0) {
 template <int MR, int NR>
 void fused_tile(const Problem& p, Fused kind, const float* x, int64_t m0, int64_t n0) {
   switch (kind) {
+    case Fused::kPq2: fused_pq_byte<MR, NR, 2, false>(p, x, m0, n0); break;
+    case Fused::kPq4: fused_pq_byte<MR, NR, 4, MR == 1>(p, x, m0, n0); break;
+    case Fused::kPq8: fused_pq_byte<MR, NR, 8, false>(p, x, m0, n0); break;
+    case Fused::kNibble:
+      if (p.planes_half) fused_nibble<MR, NR, true>(p, x, m0, n0);
+      else fused_nibble<MR, NR, false>(p, x, m0, n0);
+      break;
     case Fused::kScalar8: fused_scalar_small<MR, NR, false>(p, x, m0, n0); break;
     case Fused::kScalar16: fused_scalar_small<MR, NR, true>(p, x, m0, n0); break;
     case Fused::kVec4x1: fused_vector_c<MR, NR, 4, 1>(p, x, m0, n0); break;
@@ -472,33 +729,68 @@ bool use_avx2() {
   static const bool ok = [] {
     const char* isa = std::getenv("LOWBIT_CPU_ISA");
     if (isa && std::strcmp(isa, "scalar") == 0) return false;
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c") &&
+           __builtin_cpu_supports("bmi") && __builtin_cpu_supports("bmi2");
   }();
   return ok;
 }
 
-// x [M, K] (any float dtype and strides) -> fp32 [M, Kp], zero-padded past K. Serial on purpose:
-// M*K cheap work, and a parallel region costs more than that on a busy machine.
+// x [M, K] (any float dtype and strides) -> fp32 [M, Kp], zero-padded past K; with `nibble_cols`
+// > 0 its first nibble_cols columns (whole 32-blocks) in the nibble decoder's order. Serial on
+// purpose: M*K cheap work, and a parallel region costs more than that on a busy machine.
 template <typename T>
-void fill_x(const at::Tensor& x, int64_t Kp, float* dst) {
+void fill_x(const at::Tensor& x, int64_t Kp, int64_t nibble_cols, bool half_order, float* dst) {
   const int64_t M = x.size(0), K = x.size(1), sm = x.stride(0), sk = x.stride(1);
   const T* src = x.const_data_ptr<T>();
+  int64_t pos[kNibbleBlock];
+  for (int64_t c = 0; c < kNibbleBlock; ++c) pos[c] = half_order ? nibble_position_half(c) : nibble_position(c);
   for (int64_t m = 0; m < M; ++m) {
     float* row = dst + m * Kp;
-    for (int64_t k = 0; k < K; ++k) row[k] = static_cast<float>(src[m * sm + k * sk]);
-    for (int64_t k = K; k < Kp; ++k) row[k] = 0.0f;
+    const T* xr = src + m * sm;
+    int64_t k = 0;
+    for (; k < nibble_cols; k += kNibbleBlock)
+      for (int64_t c = 0; c < kNibbleBlock; ++c) row[k + pos[c]] = static_cast<float>(xr[(k + c) * sk]);
+    for (; k < K; ++k) row[k] = static_cast<float>(xr[k * sk]);
+    for (; k < Kp; ++k) row[k] = 0.0f;
   }
 }
 
-at::Tensor x_to_fp32(const at::Tensor& x, int64_t Kp) {
+at::Tensor x_to_fp32(const at::Tensor& x, int64_t Kp, int64_t nibble_cols = 0, bool half_order = false) {
   at::Tensor out = at::empty({x.size(0), Kp}, x.options().dtype(at::kFloat));
   float* dst = out.mutable_data_ptr<float>();
   switch (x.scalar_type()) {
-    case at::kHalf: fill_x<c10::Half>(x, Kp, dst); break;
-    case at::kBFloat16: fill_x<c10::BFloat16>(x, Kp, dst); break;
-    default: fill_x<float>(x, Kp, dst); break;
+    case at::kHalf: fill_x<c10::Half>(x, Kp, nibble_cols, half_order, dst); break;
+    case at::kBFloat16: fill_x<c10::BFloat16>(x, Kp, nibble_cols, half_order, dst); break;
+    default: fill_x<float>(x, Kp, nibble_cols, half_order, dst); break;
   }
   return out;
+}
+
+// The nibble decoder's tables: per codebook (r, g) its 16 entries as byte planes, each 16 bytes
+// repeated in both 128-bit lanes (vpshufb looks up within a lane): the two bytes of their fp16
+// values when every entry converts to fp16 and back unchanged (fp16 codebooks, the presets'
+// default; *half = true), else the four bytes of the fp32 values.
+at::Tensor nibble_planes(const at::Tensor& cb32, bool* half) {
+  const int64_t books = cb32.numel() / 16;
+  at::Tensor planes = at::zeros({books * 128}, cb32.options().dtype(at::kByte));
+  const float* cb = cb32.const_data_ptr<float>();
+  uint8_t* out = planes.mutable_data_ptr<uint8_t>();
+  *half = true;
+  for (int64_t i = 0; i < books * 16 && *half; ++i) {
+    const float back = static_cast<float>(c10::Half(cb[i]));
+    *half = std::memcmp(&back, cb + i, 4) == 0;
+  }
+  for (int64_t b = 0; b < books; ++b)
+    for (int64_t e = 0; e < 16; ++e) {
+      uint32_t bits;
+      if (*half) bits = c10::Half(cb[b * 16 + e]).x;
+      else std::memcpy(&bits, cb + b * 16 + e, 4);
+      for (int plane = 0; plane < (*half ? 2 : 4); ++plane) {
+        const uint8_t v = static_cast<uint8_t>(bits >> (8 * plane));
+        out[b * 128 + plane * 32 + e] = out[b * 128 + plane * 32 + 16 + e] = v;
+      }
+    }
+  return planes;
 }
 
 Problem make_problem(const CodebookShape& s, int64_t K, const at::Tensor& codes, const at::Tensor& cb32,
@@ -540,11 +832,16 @@ at::Tensor codebook_mm_cpu(const at::Tensor& x, const at::Tensor& codes, const a
   p.out_type = out.scalar_type();
   p.partial = nullptr;
 
-  const at::Tensor x32 = x_to_fp32(x, p.Kp);
   if (!use_avx2()) {
-    mm_scalar(p, x32.const_data_ptr<float>());
+    mm_scalar(p, x_to_fp32(x, p.Kp).const_data_ptr<float>());
     return out;
   }
+  at::Tensor planes;
+  if (nibble_ok(p)) {
+    planes = nibble_planes(cb32, &p.planes_half);
+    p.planes = planes.const_data_ptr<uint8_t>();
+  }
+  const at::Tensor x32 = x_to_fp32(x, p.Kp, p.planes ? p.J / kNibbleBlock * kNibbleBlock : 0, p.planes_half);
   const Fused kind = fused_kind(p);
   if (M <= kSmallM && kind != Fused::kNone) {
     fused_small_m_avx2(p, kind, x32.const_data_ptr<float>());
