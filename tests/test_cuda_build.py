@@ -535,7 +535,7 @@ def test_fp8_small_m_kernels_use_128_bit_loads():
 # ============================================================================= binary
 # binary_prep_kernel: the CUTLASS GEMM's prepass; the GEMM itself is CUTLASS's DefaultGemmWithVisitor
 # on cutlass::uint1b_t (= integer_subbyte<1, false> in the mangled name).
-BINARY_CUTLASS = "DefaultGemmWithVisitorIN7cutlass15integer_subbyteILi1ELb0EEE"
+BINARY_CUTLASS = "DefaultGemmWithVisitorINS_15integer_subbyteILi1ELb0EEE"
 BINARY_KERNELS = [BINARY_CUTLASS, "binary_prep_kernel", "binary_gemv_kernel", "binary_quantize_kernel"]
 # b1 tensor cores: mma.sync m16n8k256 .and.popc is BMMA.168256.AND.POPC in SASS on sm_80, sm_89
 # and sm_90a alike (checked with nvcc 13.0 + cuobjdump); CUTLASS feeds it with cp.async (LDGSTS)
@@ -745,7 +745,7 @@ def test_binary_gemm_routing_rule(binary_probe):
 
     big_k = 2**31 - 1
     queries = [(M, N, K, al) for M in (1, 8, 9, 17, 256, 2**31 - 1, 2**31) for N in (1, 7, 65535 * 256,
-               65535 * 256 + 1, 2**31) for K in (1, 100, 128, 2**31 - 128, 2**31 - 129, big_k) for al in (0, 1)]
+               65535 * 256 + 1, 2**31) for K in (1, 96, 100, 128, 2**31 - 128, 2**31 - 129, big_k) for al in (0, 1)]
     out = binary_probe(1, torch.zeros((1, 1), dtype=torch.int32), torch.zeros((1, 1), dtype=torch.int32), queries)
     assert len(out["route"]) == len(queries)
     for M, N, K, al, path, repack in out["route"]:
