@@ -134,7 +134,9 @@ KERNEL_OPS: tuple[tuple[str, str], ...] = (
 )
 # ---- binary
 KERNEL_OPS += (
-    ("binary_mma_kernel", "binary_mm, binary_scaled_mm"),
+    # CUTLASS's b1 GEMM: cutlass::uint1b_t is integer_subbyte<1, false> in the mangled name
+    ("integer_subbyteILi1ELb0E", "binary_mm, binary_scaled_mm"),
+    ("binary_prep_kernel", "binary_mm, binary_scaled_mm"),
     ("binary_gemv_kernel", "binary_mm, binary_scaled_mm"),
     ("binary_quantize_kernel", "binary_quantize"),
     # ---- codebook

@@ -1,11 +1,13 @@
 """The binary CUDA C++ kernels (csrc/cuda/binary.cu), forced with lowbit.backends.use("cuda"),
 against the reference (lowbit.backends.reference.binary), on a real GPU.
 
-binary_mm is exact: int32 dot products from b1 tensor cores (AND-popc, M > 8) or __popc (M <= 8).
+binary_mm is exact: int32 dot products from CUTLASS's b1 tensor-core GEMM (AND-popc with the XNOR
+identity in its epilogue, M > 8) or __popc (M <= 8).
 binary_scaled_mm rounds per operation with __fmul_rn / __fadd_rn, like the reference, so it is
 bit-identical. binary_quantize's bits are exact; its scale (a warp's sum in another order) is held
 to the fp32 summation bound. Shapes cover both GEMM kernels, partial tiles (odd M and N), K not a
-multiple of 32 or of the 256-bit mma step, more than one k-step, and padding bits set to 1.
+multiple of 32 or of CUTLASS's 128-bit accesses (the repack path), more than one k-step, and
+padding bits set to 1.
 """
 
 from __future__ import annotations
@@ -79,3 +81,56 @@ def test_binary_linear_module_on_cuda():
     x = torch.randn(20, 300)
     # alpha (mean |x|) is summed in another order on each device: a few fp32 ulps apart.
     torch.testing.assert_close(m(x.cuda()).cpu(), lowbit.nn.BinaryLinear.from_float(lin)(x), rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------- the CUTLASS path
+# M > 8: CUTLASS (binary_layout.h, gemm_path). K % 128 == 0 with an aligned base goes in as it is;
+# any other K is repacked into whole 128-bit accesses with the padding bits cleared.
+CUTLASS_NK = [(1, 128), (7, 129), (255, 384), (257, 1000), (33, 4096), (300, 8191)]
+
+
+@pytest.mark.parametrize("M", [9, 17, 256])
+@pytest.mark.parametrize("N,K", CUTLASS_NK)
+def test_binary_mm_cutlass_path_exact(M, N, K):
+    a, b = words(M, K, seed=M + K), words(N, K, seed=N + K)
+    out = lowbit.ops.binary_mm(a.cuda(), b.cuda(), K)
+    assert torch.equal(out.cpu(), ref.binary_mm(a, b, K))
+
+
+@pytest.mark.parametrize("out_dtype", [None, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("N,K", [(7, 129), (255, 384)])
+@pytest.mark.parametrize("scalars", [False, True])
+def test_binary_scaled_mm_cutlass_path_bit_identical(out_dtype, N, K, scalars):
+    M = 33
+    a, b = words(M, K, seed=3), words(N, K, seed=4)
+    sa = torch.rand(1 if scalars else M) + 0.01
+    sb = torch.rand(1 if scalars else N) + 0.01
+    bias = torch.randn(N)
+    for bias_arg in (None, bias):
+        out = lowbit.ops.binary_scaled_mm(a.cuda(), b.cuda(), K, sa.cuda(), sb.cuda(),
+                                          None if bias_arg is None else bias_arg.cuda(), out_dtype)
+        assert torch.equal(out.cpu(), ref.binary_scaled_mm(a, b, K, sa, sb, bias_arg, out_dtype))
+
+
+def test_binary_mm_cutlass_misaligned_base_is_repacked():
+    # K % 128 == 0 but the operands start 4 bytes into their buffers: not 16-byte aligned.
+    M, N, K = 40, 24, 256
+    W = fmt.num_words(K)
+    flat_a, flat_b = words(1, 32 * (M * W + 1), seed=5).reshape(-1), words(1, 32 * (N * W + 1), seed=6).reshape(-1)
+    a, b = flat_a[1:].view(M, W), flat_b[1:].view(N, W)
+    a_gpu, b_gpu = flat_a.cuda()[1:].view(M, W), flat_b.cuda()[1:].view(N, W)
+    assert a_gpu.data_ptr() % 16 != 0
+    assert torch.equal(lowbit.ops.binary_mm(a_gpu, b_gpu, K).cpu(), ref.binary_mm(a, b, K))
+
+
+def test_binary_mm_cutlass_large_k_wraps_exactly():
+    # K > 2^29: 4 * and_count and the epilogue terms leave int32, the dot does not. All +1 rows
+    # of a against all +1 / all -1 / half-and-half rows of b: dots K, -K and 0 (by construction).
+    K = 2**29 + 256
+    W = fmt.num_words(K)
+    a = torch.full((9, W), -1, dtype=torch.int32, device="cuda")
+    b = torch.zeros((3, W), dtype=torch.int32, device="cuda")
+    b[0] = -1
+    b[2, : W // 2] = -1
+    out = lowbit.ops.binary_mm(a, b, K).cpu()
+    assert torch.equal(out, torch.tensor([[K, -K, 0]] * 9, dtype=torch.int32))

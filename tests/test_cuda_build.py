@@ -537,11 +537,16 @@ def test_fp8_small_m_kernels_use_128_bit_loads():
 
 
 # ============================================================================= binary
-BINARY_KERNELS = ["binary_mma_kernel", "binary_gemv_kernel", "binary_quantize_kernel"]
+# binary_prep_kernel: the CUTLASS GEMM's prepass; the GEMM itself is CUTLASS's DefaultGemmWithVisitor
+# on cutlass::uint1b_t (= integer_subbyte<1, false> in the mangled name).
+BINARY_CUTLASS = "DefaultGemmWithVisitorINS_15integer_subbyteILi1ELb0EEE"
+BINARY_KERNELS = [BINARY_CUTLASS, "binary_prep_kernel", "binary_gemv_kernel", "binary_quantize_kernel"]
 # b1 tensor cores: mma.sync m16n8k256 .and.popc is BMMA.168256.AND.POPC in SASS on sm_80, sm_89
-# and sm_90a alike (checked with nvcc 13.0 + cuobjdump); the small-M kernel is __popc on CUDA cores.
-SASS_EXPECTED["binary_mma_kernel"] = ["BMMA.168256.AND.POPC"]
+# and sm_90a alike (checked with nvcc 13.0 + cuobjdump); CUTLASS feeds it with cp.async (LDGSTS)
+# and ldmatrix (LDSM). The small-M kernel is __popc on CUDA cores.
+SASS_EXPECTED[BINARY_CUTLASS] = ["BMMA.168256.AND.POPC", "LDGSTS", "LDSM"]
 SASS_EXPECTED["binary_gemv_kernel"] = ["POPC"]
+SASS_EXPECTED["binary_prep_kernel"] = ["POPC"]
 
 
 @needs_cuda_build
@@ -552,45 +557,108 @@ def test_every_binary_kernel_present_for_every_arch(resources, family):
         assert any(family in n for n in names), f"{family} missing from the {arch} SASS"
 
 
+@needs_cuda_build
+def test_binary_cutlass_kernels_are_attributed_to_binary_ops(resources):
+    rows = [r for r in resources if BINARY_CUTLASS in r["kernel"]]
+    assert rows and all(r["op"] == "binary_mm, binary_scaled_mm" for r in rows), {r["op"] for r in rows}
+
+
 BINARY_PROBE = r"""
 #include <cstdio>
+#include <vector>
 #include "lowbit/binary_layout.h"
 using namespace lowbit::binary_layout;
 int main() {
   // stdin: K, rows of a, rows of b, then the words (uint32) of a [Ma, W] and b [Mb, W].
   long long K, Ma, Mb;
   if (std::scanf("%lld %lld %lld", &K, &Ma, &Mb) != 3) return 1;
-  const long long W = num_words(K);
-  static unsigned a[64][256], b[64][256];
-  for (long long r = 0; r < Ma; ++r) for (long long w = 0; w < W; ++w) if (std::scanf("%u", &a[r][w]) != 1) return 1;
-  for (long long r = 0; r < Mb; ++r) for (long long w = 0; w < W; ++w) if (std::scanf("%u", &b[r][w]) != 1) return 1;
-  std::printf("words %lld\n", W);
+  const long long W = num_words(K), Wp = cutlass_row_words(K);
+  std::vector<unsigned> a(Ma * W), b(Mb * W), ap(Ma * Wp), bp(Mb * Wp);
+  for (auto& v : a) if (std::scanf("%u", &v) != 1) return 1;
+  for (auto& v : b) if (std::scanf("%u", &v) != 1) return 1;
+  std::printf("words %lld %lld\n", W, Wp);
   for (long long w = 0; w <= W; ++w) std::printf("mask %lld %u\n", w, word_mask(K, w));
+  // The CUTLASS operands as binary_prep_kernel writes them, and their epilogue terms.
+  std::vector<int> ta(Ma), tb(Mb);
+  for (long long r = 0; r < Ma; ++r) {
+    long long pop = 0;
+    for (long long w = 0; w < Wp; ++w) pop += __builtin_popcount(ap[r * Wp + w] = cutlass_operand_word(&a[r * W], K, W, w));
+    ta[r] = cutlass_a_term(K, pop);
+  }
+  for (long long r = 0; r < Mb; ++r) {
+    long long pop = 0;
+    for (long long w = 0; w < Wp; ++w) pop += __builtin_popcount(bp[r * Wp + w] = cutlass_operand_word(&b[r * W], K, W, w));
+    tb[r] = cutlass_b_term(pop);
+  }
   for (long long i = 0; i < Ma; ++i)
     for (long long j = 0; j < Mb; ++j) {
-      long long x = 0, pa = 0, pb = 0, an = 0;
-      for (long long w = 0; w < W; ++w) {
-        const unsigned m = word_mask(K, w);
-        x += __builtin_popcount((a[i][w] ^ b[j][w]) & m);
-        pa += __builtin_popcount(a[i][w] & m);
-        pb += __builtin_popcount(b[j][w] & m);
-        an += __builtin_popcount(a[i][w] & b[j][w] & m);
-      }
-      std::printf("dot %lld %lld %d %d\n", i, j, dot_from_xor_count(K, x), dot_from_and_count(K, pa, pb, an));
+      long long x = 0, an = 0;
+      for (long long w = 0; w < W; ++w) x += __builtin_popcount((a[i * W + w] ^ b[j * W + w]) & word_mask(K, w));
+      // What the tensor cores count: AND over all K' bits of the repacked rows.
+      for (long long w = 0; w < Wp; ++w) an += __builtin_popcount(ap[i * Wp + w] & bp[j * Wp + w]);
+      std::printf("dot %lld %lld %d %d\n", i, j, dot_from_xor_count(K, x), dot_from_terms(ta[i], tb[j], int(an)));
     }
-  for (int lane = 0; lane < 32; ++lane) {
-    for (int i = 0; i < 4; ++i) std::printf("afrag %d %d %d %d\n", lane, i, mma_b1_a_frag(lane, i).row, mma_b1_a_frag(lane, i).word);
-    for (int i = 0; i < 2; ++i) std::printf("bfrag %d %d %d %d\n", lane, i, mma_b1_b_frag(lane, i).row, mma_b1_b_frag(lane, i).word);
-    for (int i = 0; i < 4; ++i) std::printf("cfrag %d %d %d %d\n", lane, i, mma_b1_c_frag(lane, i).row, mma_b1_c_frag(lane, i).col);
-  }
+  for (long long i = 0; i < Ma * Wp; ++i) std::printf("apword %lld %u\n", i, ap[i]);
+  // Element (r, k) of the repacked operands through CUTLASS's addressing (k < K' = 32 Wp).
+  for (long long r = 0; r < Ma; ++r)
+    for (long long k = 0; k < 32 * Wp; ++k) {
+      const WordBit wb = b1_word_bit(b1_element_offset(r, k, Wp));
+      std::printf("abit %lld %lld %u\n", r, k, (ap[wb.word] >> wb.bit) & 1u);
+    }
+  for (long long r = 0; r < Mb; ++r)
+    for (long long k = 0; k < 32 * Wp; ++k) {
+      const WordBit wb = b1_word_bit(b1_element_offset(r, k, Wp));
+      std::printf("bbit %lld %lld %u\n", r, k, (bp[wb.word] >> wb.bit) & 1u);
+    }
+  // The terms at the extremes, where they and 4 * and wrap modulo 2^32.
+  const long long kMax = 2147483647LL;
+  const long long ext[][4] = {{kMax, kMax, kMax, kMax}, {kMax, kMax, 0, 0}, {kMax, 0, kMax, 0},
+                              {kMax, 0, 0, 0}, {kMax, kMax / 2, kMax / 2 + 1, 7}, {1, 1, 1, 1}, {1, 0, 1, 0}};
+  for (const auto& e : ext)
+    std::printf("ext %lld %lld %lld %lld %d\n", e[0], e[1], e[2], e[3],
+                dot_from_terms(cutlass_a_term(e[0], e[1]), cutlass_b_term(e[2]), int(e[3])));
+  // The routing rule: queries "M N K aligned" after the operands, until EOF.
+  long long M, N, Kq;
+  int aligned;
+  while (std::scanf("%lld %lld %lld %d", &M, &N, &Kq, &aligned) == 4)
+    std::printf("route %lld %lld %lld %d %d %d\n", M, N, Kq, aligned, int(gemm_path(M, N, Kq)),
+                int(cutlass_needs_repack(Kq, aligned != 0)));
+  return 0;
+}
+"""
+
+# The same repacked buffer read through CUTLASS's own host-side sub-byte references (TensorRef of
+# uint1b_t, RowMajor for A and ColumnMajor for B with ld = K' bits): the packing the GEMM assumes.
+BINARY_CUTLASS_PROBE = r"""
+#include <cstdio>
+#include <vector>
+#include "cutlass/numeric_types.h"
+#include "cutlass/layout/matrix.h"
+#include "cutlass/tensor_ref.h"
+int main() {
+  // stdin: rows, words per row (a multiple of 4), then the words.
+  long long R, Wp;
+  if (std::scanf("%lld %lld", &R, &Wp) != 2) return 1;
+  std::vector<unsigned> words(R * Wp);
+  for (auto& v : words) if (std::scanf("%u", &v) != 1) return 1;
+  auto* base = reinterpret_cast<cutlass::uint1b_t*>(words.data());
+  cutlass::TensorRef<cutlass::uint1b_t, cutlass::layout::RowMajor> a(base, cutlass::layout::RowMajor(32 * Wp));
+  cutlass::TensorRef<cutlass::uint1b_t, cutlass::layout::ColumnMajor> b(base, cutlass::layout::ColumnMajor(32 * Wp));
+  for (long long r = 0; r < R; ++r)
+    for (long long k = 0; k < 32 * Wp; ++k)
+      std::printf("%lld %lld %d %d\n", r, k, int(a.at({int(r), int(k)})), int(b.at({int(k), int(r)})));
   return 0;
 }
 """
 
 
+def _host_cxx():
+    return shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++") or shutil.which("clang++")
+
+
 @pytest.fixture(scope="module")
 def binary_probe(tmp_path_factory):
-    cxx = shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++") or shutil.which("clang++")
+    cxx = _host_cxx()
     if cxx is None:
         pytest.skip("no host C++ compiler")
     d = tmp_path_factory.mktemp("binary_layout")
@@ -599,9 +667,10 @@ def binary_probe(tmp_path_factory):
     subprocess.run([cxx, "-std=c++17", "-O1", "-I", os.path.join(ROOT, "csrc", "include"), str(src), "-o", str(exe)],
                    check=True, capture_output=True, text=True)
 
-    def run(K, a, b):
+    def run(K, a, b, routes=()):
         rows = [f"{K} {a.shape[0]} {b.shape[0]}"]
         rows += [" ".join(str(int(v) & 0xFFFFFFFF) for v in t.flatten().tolist()) for t in (a, b)]
+        rows += [" ".join(str(int(v)) for v in q) for q in routes]
         out: dict[str, list[tuple]] = {}
         for line in subprocess.run([str(exe)], input="\n".join(rows) + "\n", check=True, capture_output=True,
                                    text=True).stdout.splitlines():
@@ -612,48 +681,124 @@ def binary_probe(tmp_path_factory):
     return run
 
 
-@pytest.mark.parametrize("K", [1, 31, 32, 33, 65, 1000])
+def _random_words(rows, K, seed):
+    """Random words, padding bits included: the format lets them be set, and kernels must ignore them."""
+    import torch
+
+    from lowbit.formats import binary as fmt
+
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(-2**31, 2**31, (rows, fmt.num_words(K)), generator=g, dtype=torch.int64).to(torch.int32)
+
+
+@pytest.mark.parametrize("K", [1, 31, 32, 33, 65, 127, 128, 129, 1000])
 def test_binary_layout_masks_and_dot_identities_match_the_format(binary_probe, K):
     import torch
 
     from lowbit.formats import binary as fmt
 
-    g = torch.Generator().manual_seed(K)
     W = fmt.num_words(K)
-    a = torch.randint(-2**31, 2**31, (5, W), generator=g, dtype=torch.int64).to(torch.int32)
-    b = torch.randint(-2**31, 2**31, (7, W), generator=g, dtype=torch.int64).to(torch.int32)
+    a, b = _random_words(5, K, K), _random_words(7, K, K + 1)
     out = binary_probe(K, a, b)
-    assert out["words"] == [(W,)]
+    assert out["words"] == [(W, -(-W // 4) * 4)]
     # word_mask: exactly the bits of columns k < K; zero for a word past the row
     for w, mask in out["mask"]:
         assert mask == sum(1 << bit for bit in range(32) if 32 * w + bit < K), (w, mask)
-    # both identities give the ±1 dot product of the format's definition (padding bits ignored)
+    # the XOR count and the CUTLASS path (AND over the repacked rows + the epilogue terms) both
+    # give the ±1 dot product of the format's definition, with the padding bits set in the input
     exact = (fmt.unpack(a, K, torch.float64) @ fmt.unpack(b, K, torch.float64).T).to(torch.int64)
     for i, j, via_xor, via_and in out["dot"]:
         assert via_xor == via_and == int(exact[i, j]), (i, j)
 
 
-def test_binary_mma_fragment_maps_match_the_ptx_layout(binary_probe):
+@pytest.mark.parametrize("K", [1, 33, 128, 200])
+def test_binary_cutlass_element_addressing_matches_the_format(binary_probe, K):
+    from lowbit.formats import binary as fmt
+
+    a, b = _random_words(3, K, 2 * K), _random_words(4, K, 2 * K + 1)
+    out = binary_probe(K, a, b)
+    Wp = out["words"][0][1]
+    for name, t in (("abit", a), ("bbit", b)):
+        bits = fmt.unpack_bits(t, K)
+        got = {(r, k): v for r, k, v in out[name]}
+        assert len(got) == t.shape[0] * 32 * Wp
+        for (r, k), v in got.items():
+            # element (r, k) is bit k % 32 of word k / 32 of row r; zero past K (AND ignores it)
+            assert v == (int(bits[r, k]) if k < K else 0), (name, r, k)
+
+
+def test_binary_dot_terms_wrap_exactly_at_the_largest_k(binary_probe):
     import torch
 
     out = binary_probe(1, torch.zeros((1, 1), dtype=torch.int32), torch.zeros((1, 1), dtype=torch.int32))
-    # PTX ISA, mma.m16n8k256 .b1 (lane = 4 * groupID + threadID_in_group): a{i} holds row
-    # groupID (+8 for odd i) and columns 32 * tid .. +31 (+128 for i >= 2): one 32-bit word each.
-    a = {(lane, i): (r, w) for lane, i, r, w in out["afrag"]}
-    assert a == {(lane, i): (lane // 4 + 8 * (i % 2), lane % 4 + 4 * (i // 2)) for lane in range(32) for i in range(4)}
-    assert sorted(a.values()) == [(r, w) for r in range(16) for w in range(8)]
-    # b{i}: rows (k) 32 * tid + 128 * i .. +31 of column groupID.
-    b = {(lane, i): (n, w) for lane, i, n, w in out["bfrag"]}
-    assert b == {(lane, i): (lane // 4, lane % 4 + 4 * i) for lane in range(32) for i in range(2)}
-    assert sorted(b.values()) == [(n, w) for n in range(8) for w in range(8)]
-    # c{i}: row groupID (+8 for i >= 2), column 2 * tid + i % 2.
-    c = {(lane, i): (r, col) for lane, i, r, col in out["cfrag"]}
-    assert sorted(c.values()) == [(r, col) for r in range(16) for col in range(8)]
-    assert c == {(lane, i): (lane // 4 + 8 * (i // 2), 2 * (lane % 4) + i % 2) for lane in range(32) for i in range(4)}
-    # The kernel's smem row stride of 12 words makes each fragment load conflict-free: the 32
-    # lanes of one register read 32 distinct banks.
-    for i in range(4):
-        assert len({(r * 12 + w) % 32 for (lane, j), (r, w) in a.items() if j == i}) == 32
+    assert len(out["ext"]) == 7
+    for K, pa, pb, both, dot in out["ext"]:
+        # K - 2 popc(a ^ b), popc(a ^ b) = pa + pb - 2 and
+        assert dot == K - 2 * (pa + pb - 2 * both), (K, pa, pb, both)
+
+
+def _expected_route(M, N, K, aligned):
+    """The routing rule, stated independently: (path, needs_repack); path 1 = CUTLASS, 0 = GEMV."""
+    row_bits = -(-K // 128) * 128
+    cutlass = M > 8 and M < 2**31 and N < 2**31 and -(-N // 256) <= 65535 and row_bits < 2**31
+    return int(cutlass), int(K % 128 != 0 or not aligned)
+
+
+def test_binary_gemm_routing_rule(binary_probe):
+    import torch
+
+    big_k = 2**31 - 1
+    queries = [(M, N, K, al) for M in (1, 8, 9, 17, 256, 2**31 - 1, 2**31) for N in (1, 7, 65535 * 256,
+               65535 * 256 + 1, 2**31) for K in (1, 96, 100, 128, 2**31 - 128, 2**31 - 129, big_k) for al in (0, 1)]
+    out = binary_probe(1, torch.zeros((1, 1), dtype=torch.int32), torch.zeros((1, 1), dtype=torch.int32), queries)
+    assert len(out["route"]) == len(queries)
+    for M, N, K, al, path, repack in out["route"]:
+        assert (path, repack) == _expected_route(M, N, K, al), (M, N, K, al)
+    # the sweep reaches both paths and both repack decisions
+    assert {r[4] for r in out["route"]} == {0, 1} and {r[5] for r in out["route"]} == {0, 1}
+
+
+def _cutlass_host_includes():
+    try:
+        import cutlass_library
+    except ImportError:
+        return None
+    inc = [os.path.join(os.path.dirname(cutlass_library.__file__), "source", "include")]
+    # CUTLASS's headers include cuda_runtime_api.h and libcu++ (cuda/std/...), even on the host.
+    cuda = os.environ.get("CUDA_HOME", "/usr/local/cuda")
+    for d in (os.path.join(cuda, "include"), os.path.join(cuda, "include", "cccl")):
+        if os.path.isdir(d):
+            inc.append(d)
+    return inc if len(inc) == 3 else None
+
+
+@pytest.mark.parametrize("K", [33, 256])
+def test_cutlass_reads_the_repacked_words_as_the_format_says(binary_probe, tmp_path, K):
+    from lowbit.formats import binary as fmt
+
+    cxx, inc = _host_cxx(), _cutlass_host_includes()
+    if cxx is None or inc is None:
+        pytest.skip("needs a host C++ compiler, nvidia-cutlass and the CUDA headers")
+    src, exe = tmp_path / "cutlass_probe.cpp", tmp_path / "cutlass_probe"
+    src.write_text(BINARY_CUTLASS_PROBE)
+    subprocess.run([cxx, "-std=c++17", "-O0", *[f"-I{d}" for d in inc], str(src), "-o", str(exe)],
+                   check=True, capture_output=True, text=True)
+    a = _random_words(3, K, 3 * K)
+    out = binary_probe(K, a, a)
+    Wp = out["words"][0][1]
+    # the repacked words exactly as the prepass writes them, read by CUTLASS
+    words = [v for _, v in sorted(out["apword"])]
+    assert len(words) == 3 * Wp
+    stdin = f"3 {Wp}\n" + " ".join(map(str, words)) + "\n"
+    res = subprocess.run([str(exe)], input=stdin, check=True, capture_output=True, text=True).stdout.split("\n")
+    ref_bits = fmt.unpack_bits(a, K)
+    seen = 0
+    for line in filter(None, res):
+        r, k, via_row_major, via_col_major = map(int, line.split())
+        want = int(ref_bits[r, k]) if k < K else 0
+        assert via_row_major == via_col_major == want, (r, k)
+        seen += 1
+    assert seen == 3 * 32 * Wp
 
 
 # ----------------------------------------------------------------------------- FP8 native GEMMs

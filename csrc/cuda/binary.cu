@@ -1,16 +1,19 @@
 // Binary (XNOR-popcount) family, CUDA kernels (format: lowbit/formats/binary.py, spec:
 // lowbit/backends/reference/binary.py). Unverified: nothing here has run on a GPU yet.
 //
-// * binary_mma_kernel (M > kGemvMaxRows): 1-bit tensor cores, mma.sync.m16n8k256 b1 with
-//   .and.popc. PTX has .xor.popc only on sm_80..sm_89, so one path serves sm_80..sm_90:
-//   popc(a ^ b) = popc(a) + popc(b) - 2 popc(a & b), with popc(a) / popc(b) of each row counted
-//   by the threads that stage the tiles (binary_layout.h, dot_from_and_count).
-// * binary_gemv_kernel (small M): __popc on CUDA cores, one warp per output column, lanes over
-//   K words (coalesced reads of the weight row), up to kGemvMaxRows rows of a per warp.
+// * M > kGemvMaxRows: CUTLASS's b1 tensor-core GEMM (lowbit/cuda/binary_cutlass.cuh), AND-popc
+//   (PTX has .xor.popc only on sm_80..sm_89) with the XNOR identity and the scales in its epilogue.
+//   binary_prep_kernel feeds it: one pass per operand that counts each row's set bits (the
+//   epilogue's terms) and, unless K % 128 == 0 and the base is 16-byte aligned, copies the rows
+//   into whole 128-bit accesses with the padding bits cleared (binary_layout.h, gemm_path and
+//   cutlass_needs_repack).
+// * binary_gemv_kernel (small M, and shapes past CUTLASS's int / grid limits): __popc on CUDA
+//   cores, one warp per output column, lanes over K words (coalesced reads of the weight row),
+//   up to 8 rows of a per warp.
 // * binary_quantize_kernel: one warp per row, 32 consecutive values per step; __ballot_sync of
 //   !(x < 0) is the LSB-first word itself.
-// Every kernel masks the last word of a row, so padding bits never count. The scaled epilogue
-// uses __fmul_rn / __fadd_rn: no FMA contraction, the reference's roundings exactly.
+// Every kernel masks the last word of a row, so padding bits never count. The scaled epilogues
+// use __fmul_rn / __fadd_rn: no FMA contraction, the reference's roundings exactly.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
@@ -18,12 +21,15 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <optional>
 #include <tuple>
 #include <type_traits>
 
 #include "lowbit/binary_layout.h"
 #include "lowbit/checks.h"
+#include "lowbit/cuda/binary_cutlass.cuh"
+#include "lowbit/cuda/common.cuh"
 #include "lowbit/cuda/host.cuh"
 
 namespace lowbit {
@@ -60,116 +66,34 @@ __device__ __forceinline__ void store_dot(OutT* out, int64_t M, int64_t N, int64
   }
 }
 
-// ----------------------------------------------------------------------------- tensor cores
-namespace mma {
-constexpr int kBM = 64, kBN = 64;   // block tile
-constexpr int kWords = 8;           // 256 bits: one mma k-step
-constexpr int kStride = 12;         // smem row stride in words: (8 g + t) -> (12 g + t) is bank-conflict free
-constexpr int kThreads = 128;       // 4 warps, 2 x 2, each 32 x 32 = 2 m16 x 4 n8 mma tiles
-constexpr int kWordsPerThread = kBM * kWords / kThreads;  // 4 (same for B: kBN == kBM)
-}  // namespace mma
+// ----------------------------------------------------------------------------- CUTLASS prepass
+constexpr int kPrepWarps = 4;
 
-__device__ __forceinline__ void mma_b1_and_popc(int32_t (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k256.row.col.s32.b1.b1.s32.and.popc "
-      "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-      : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-}
-
-// Thread t stages row t / 2, words 4 (t % 2) .. + 3 of each k-step, for A and for B: a fixed
-// row per thread, so it can count that row's set bits on the way (for the AND -> XOR identity).
-__device__ __forceinline__ void load_words(const uint32_t* base, int64_t rows, int64_t row, int64_t W, int64_t K,
-                                           int64_t w0, uint32_t (&v)[mma::kWordsPerThread]) {
-#pragma unroll
-  for (int i = 0; i < mma::kWordsPerThread; ++i) {
-    const int64_t w = w0 + i;
-    v[i] = (row < rows && w < W) ? (base[row * W + w] & bl::word_mask(K, w)) : 0u;
+// One warp per row of an operand: the row's popcount over its K real bits becomes its epilogue
+// term (cutlass_a_term / cutlass_b_term), and with kCopy the row is rewritten into `dst` as
+// `row_words` words, padding bits and words past the row zero, for CUTLASS's 128-bit accesses.
+template <bool kCopy, bool kIsA>
+__global__ void __launch_bounds__(kPrepWarps * 32)
+    binary_prep_kernel(const uint32_t* __restrict__ src, uint32_t* __restrict__ dst, int32_t* __restrict__ term,
+                       int64_t rows, int64_t K, int64_t W, int64_t row_words) {
+  const int lane = threadIdx.x % 32;
+  const int64_t row = int64_t(blockIdx.x) * kPrepWarps + threadIdx.x / 32;
+  if (row >= rows) return;  // whole warp: no shuffle below is left half-populated
+  const int64_t words = kCopy ? row_words : W;
+  int32_t count = 0;  // <= K < 2^31
+  for (int64_t w = lane; w < words; w += 32) {
+    const uint32_t v = bl::cutlass_operand_word(src + row * W, K, W, w);
+    if constexpr (kCopy) dst[row * row_words + w] = v;
+    count += __popc(v);
   }
-}
-
-// minBlocks 1: with __launch_bounds__(128) alone, ptxas for sm_90a capped the kernel at 72
-// registers and spilled 64 bytes; it needs 80, and 128 threads x 80 registers still leave room
-// for 6 blocks per SM.
-template <typename OutT>
-__global__ void __launch_bounds__(mma::kThreads, 1)
-    binary_mma_kernel(const uint32_t* __restrict__ a, const uint32_t* __restrict__ b, OutT* __restrict__ out,
-                      int64_t M, int64_t N, int64_t K, int64_t W, Scales scales) {
-  using namespace mma;
-  __shared__ uint32_t As[2][kBM * kStride];
-  __shared__ uint32_t Bs[2][kBN * kStride];
-  __shared__ int32_t pop_a[kBM], pop_b[kBN];
-
-  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
-  const int wm = warp / 2, wn = warp % 2;
-  const int64_t m0 = int64_t(blockIdx.y) * kBM, n0 = int64_t(blockIdx.x) * kBN;
-  const int stage_row = tid / 2, stage_word = (tid % 2) * kWordsPerThread;
-  if (tid < kBM) pop_a[tid] = 0;
-  if (tid < kBN) pop_b[tid] = 0;
-
-  int32_t acc[2][4][4] = {};
-  int32_t my_pop_a = 0, my_pop_b = 0;
-  uint32_t va[kWordsPerThread], vb[kWordsPerThread];
-  const int64_t steps = (W + kWords - 1) / kWords;
-
-  // Registers hold the next step's words while the tensor cores work on the current one.
-  load_words(a, M, m0 + stage_row, W, K, stage_word, va);
-  load_words(b, N, n0 + stage_row, W, K, stage_word, vb);
-  for (int64_t s = 0; s < steps; ++s) {
-    const int buf = s % 2;
 #pragma unroll
-    for (int i = 0; i < kWordsPerThread; ++i) {
-      As[buf][stage_row * kStride + stage_word + i] = va[i];
-      Bs[buf][stage_row * kStride + stage_word + i] = vb[i];
-      my_pop_a += __popc(va[i]);
-      my_pop_b += __popc(vb[i]);
-    }
-    __syncthreads();
-    if (s + 1 < steps) {
-      load_words(a, M, m0 + stage_row, W, K, (s + 1) * kWords + stage_word, va);
-      load_words(b, N, n0 + stage_row, W, K, (s + 1) * kWords + stage_word, vb);
-    }
-    uint32_t af[2][4], bf[4][2];
-#pragma unroll
-    for (int mt = 0; mt < 2; ++mt)
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const bl::RowWord f = bl::mma_b1_a_frag(lane, i);
-        af[mt][i] = As[buf][(wm * 32 + mt * 16 + f.row) * kStride + f.word];
-      }
-#pragma unroll
-    for (int nt = 0; nt < 4; ++nt)
-#pragma unroll
-      for (int i = 0; i < 2; ++i) {
-        const bl::RowWord f = bl::mma_b1_b_frag(lane, i);
-        bf[nt][i] = Bs[buf][(wn * 32 + nt * 8 + f.row) * kStride + f.word];
-      }
-#pragma unroll
-    for (int mt = 0; mt < 2; ++mt)
-#pragma unroll
-      for (int nt = 0; nt < 4; ++nt) mma_b1_and_popc(acc[mt][nt], af[mt], bf[nt]);
-    // Double-buffered smem: the next step writes the other buffer, so one barrier per step.
-  }
-  atomicAdd(&pop_a[stage_row], my_pop_a);
-  atomicAdd(&pop_b[stage_row], my_pop_b);
-  __syncthreads();
-
-#pragma unroll
-  for (int mt = 0; mt < 2; ++mt)
-#pragma unroll
-    for (int nt = 0; nt < 4; ++nt)
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const bl::RowCol c = bl::mma_b1_c_frag(lane, i);
-        const int r = wm * 32 + mt * 16 + c.row, col = wn * 32 + nt * 8 + c.col;
-        const int32_t dot = bl::dot_from_and_count(K, pop_a[r], pop_b[col], acc[mt][nt][i]);
-        store_dot(out, M, N, m0 + r, n0 + col, dot, scales);
-      }
+  for (int off = 16; off > 0; off /= 2) count += __shfl_xor_sync(0xffffffffu, count, off);
+  if (lane == 0) term[row] = kIsA ? bl::cutlass_a_term(K, count) : bl::cutlass_b_term(count);
 }
 
 // ----------------------------------------------------------------------------- small M
 constexpr int kGemvWarps = 4;
-constexpr int kGemvMaxRows = 8;
+using bl::kGemvMaxRows;
 
 template <int kRows, typename OutT>
 __global__ void __launch_bounds__(kGemvWarps * 32)
@@ -227,24 +151,80 @@ __global__ void __launch_bounds__(kQuantWarps * 32)
 }
 
 // ----------------------------------------------------------------------------- launchers
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
 template <typename OutT>
-void launch_gemm(const at::Tensor& a, const at::Tensor& b, int64_t K, at::Tensor& out, const Scales& s) {
-  const int64_t M = a.size(0), N = b.size(0), W = a.size(1);
-  const auto* ap = ptr<const uint32_t>(a);
-  const auto* bp = ptr<const uint32_t>(b);
-  OutT* op = ptr<OutT>(out);
-  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  if (M <= kGemvMaxRows) {
-    const dim3 grid(ceil_div(N, kGemvWarps), 1);
-    if (M == 1) binary_gemv_kernel<1, OutT><<<grid, kGemvWarps * 32, 0, stream>>>(ap, bp, op, M, N, K, W, s);
-    else if (M <= 4) binary_gemv_kernel<4, OutT><<<grid, kGemvWarps * 32, 0, stream>>>(ap, bp, op, M, N, K, W, s);
-    else binary_gemv_kernel<8, OutT><<<grid, kGemvWarps * 32, 0, stream>>>(ap, bp, op, M, N, K, W, s);
+void launch_gemv(const uint32_t* a, const uint32_t* b, OutT* out, int64_t M, int64_t N, int64_t K, int64_t W,
+                 const Scales& s, cudaStream_t stream) {
+  const int64_t blocks_n = ceil_div(N, kGemvWarps);
+  if (M == 1) {
+    binary_gemv_kernel<1, OutT><<<dim3(blocks_n, 1), kGemvWarps * 32, 0, stream>>>(a, b, out, M, N, K, W, s);
+  } else if (M <= 4) {
+    binary_gemv_kernel<4, OutT><<<dim3(blocks_n, 1), kGemvWarps * 32, 0, stream>>>(a, b, out, M, N, K, W, s);
   } else {
-    const dim3 grid(ceil_div(N, mma::kBN), ceil_div(M, mma::kBM));
-    binary_mma_kernel<OutT><<<grid, mma::kThreads, 0, stream>>>(ap, bp, op, M, N, K, W, s);
+    // Only shapes past CUTLASS's limits bring M > kGemvMaxRows here: grid.y caps a launch's rows.
+    constexpr int64_t kRowsPerLaunch = kGemvMaxRows * bl::kMaxGridY;
+    for (int64_t m0 = 0; m0 < M; m0 += kRowsPerLaunch) {
+      const int64_t rows = std::min(M - m0, kRowsPerLaunch);
+      Scales part = s;
+      if (part.a != nullptr && part.a_per_row) part.a += m0;
+      binary_gemv_kernel<kGemvMaxRows, OutT><<<dim3(blocks_n, ceil_div(rows, kGemvMaxRows)), kGemvWarps * 32, 0,
+                                               stream>>>(a + m0 * W, b, out + m0 * N, rows, N, K, W, part);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
   }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// An operand as CUTLASS reads it: words with cutlass_row_words(K) per row, and per-row terms.
+struct Operand {
+  at::Tensor words;
+  at::Tensor term;
+};
+
+template <bool kIsA>
+Operand prepare_operand(const at::Tensor& t, int64_t K, cudaStream_t stream) {
+  const int64_t rows = t.size(0), W = t.size(1), row_words = bl::cutlass_row_words(K);
+  Operand o;
+  o.term = at::empty({rows}, t.options().dtype(at::kInt));
+  const bool copy = bl::cutlass_needs_repack(K, aligned16(t.data_ptr()));
+  o.words = copy ? at::empty({rows, row_words}, t.options()) : t;
+  auto kernel = copy ? binary_prep_kernel<true, kIsA> : binary_prep_kernel<false, kIsA>;
+  kernel<<<ceil_div(rows, kPrepWarps), kPrepWarps * 32, 0, stream>>>(
+      ptr<const uint32_t>(t), copy ? ptr<uint32_t>(o.words) : nullptr, ptr<int32_t>(o.term), rows, K, W, row_words);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return o;
+}
+
+void check_cutlass(cutlass::Status status, const char* op, const char* what) {
+  TORCH_CHECK(status == cutlass::Status::kSuccess, "lowbit.", op, ": CUTLASS ", what, " failed: ",
+              cutlassGetStatusString(status));
+}
+
+// ElementD: int32_t (binary_mm) or the CUTLASS float type of the output (binary_scaled_mm, with
+// scale_a [M], scale_b [N] and bias [N] or nullptr, all fp32).
+template <typename ElementD>
+void launch_cutlass(const at::Tensor& a, const at::Tensor& b, int64_t K, const float* scale_a, const float* scale_b,
+                    const float* bias, at::Tensor& out, const char* op, cudaStream_t stream) {
+  using BinaryGemm = binary_cutlass::BinaryGemm<ElementD>;
+  using Gemm = typename BinaryGemm::Gemm;
+  const int64_t M = a.size(0), N = b.size(0), k_bits = bl::cutlass_row_words(K) * bl::kWordBits;
+  const Operand pa = prepare_operand<true>(a, K, stream);
+  const Operand pb = prepare_operand<false>(b, K, stream);
+  typename Gemm::Arguments args(
+      cutlass::gemm::GemmUniversalMode::kGemm, {int(M), int(N), int(k_bits)}, /*batch_count=*/1,
+      BinaryGemm::epilogue_args(ptr<const int32_t>(pa.term), ptr<const int32_t>(pb.term), scale_a, scale_b, bias,
+                                ptr<ElementD>(out), M, N),
+      pa.words.data_ptr(), pb.words.data_ptr(), nullptr, nullptr,
+      /*batch strides*/ M * k_bits, N * k_bits, 0, 0,
+      /*lda, ldb (in bits), ldc, ldd*/ k_bits, k_bits, 0, 0);
+  Gemm gemm;
+  check_cutlass(gemm.can_implement(args), op, "can_implement");
+  // Without split-K CUTLASS asks for no workspace; allocate through torch's caching allocator
+  // should a CUTLASS version ever want some.
+  const size_t workspace_bytes = Gemm::get_workspace_size(args);
+  at::Tensor workspace;
+  if (workspace_bytes > 0) workspace = at::empty({int64_t(workspace_bytes)}, a.options().dtype(at::kByte));
+  check_cutlass(gemm.initialize(args, workspace_bytes > 0 ? workspace.data_ptr() : nullptr, stream), op, "initialize");
+  check_cutlass(gemm.run(stream), op, "run");
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -254,8 +234,15 @@ at::Tensor binary_mm_cuda(const at::Tensor& a_in, const at::Tensor& b_in, int64_
   c10::cuda::CUDAGuard guard(a_in.device());
   require_sm80(op);
   const at::Tensor a = a_in.contiguous(), b = b_in.contiguous();
-  at::Tensor out = at::empty({a.size(0), b.size(0)}, a.options().dtype(at::kInt));
-  launch_gemm<int32_t>(a, b, K, out, Scales{nullptr, nullptr, false, false, nullptr});
+  const int64_t M = a.size(0), N = b.size(0), W = a.size(1);
+  at::Tensor out = at::empty({M, N}, a.options().dtype(at::kInt));
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  if (bl::gemm_path(M, N, K) == bl::GemmPath::kCutlass) {
+    launch_cutlass<int32_t>(a, b, K, nullptr, nullptr, nullptr, out, op, stream);
+  } else {
+    launch_gemv<int32_t>(ptr<const uint32_t>(a), ptr<const uint32_t>(b), ptr<int32_t>(out), M, N, K, W,
+                         Scales{nullptr, nullptr, false, false, nullptr}, stream);
+  }
   return out;
 }
 
@@ -267,15 +254,35 @@ at::Tensor binary_scaled_mm_cuda(const at::Tensor& a_in, const at::Tensor& b_in,
   c10::cuda::CUDAGuard guard(a_in.device());
   require_sm80(op);
   const at::Tensor a = a_in.contiguous(), b = b_in.contiguous();
-  const at::Tensor sa = scale_a.contiguous(), sb = scale_b.contiguous();
+  const int64_t M = a.size(0), N = b.size(0), W = a.size(1);
   at::Tensor bias;
   if (bias_in.has_value()) bias = bias_in->to(at::kFloat).contiguous();
-  const Scales s{ptr<const float>(sa), ptr<const float>(sb), sa.numel() > 1, sb.numel() > 1,
-                 bias.defined() ? ptr<const float>(bias) : nullptr};
-  at::Tensor out = at::empty({a.size(0), b.size(0)}, a.options().dtype(out_type));
+  const float* bias_ptr = bias.defined() ? ptr<const float>(bias) : nullptr;
+  at::Tensor out = at::empty({M, N}, a.options().dtype(out_type));
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  if (bl::gemm_path(M, N, K) == bl::GemmPath::kCutlass) {
+    // The visitor tree reads full vectors: expand scalar scales (M or N floats, negligible).
+    const at::Tensor sa = scale_a.reshape({-1}).expand({M}).contiguous();
+    const at::Tensor sb = scale_b.reshape({-1}).expand({N}).contiguous();
+    const float *sa_ptr = ptr<const float>(sa), *sb_ptr = ptr<const float>(sb);
+    switch (out_type) {
+      case c10::ScalarType::Float:
+        launch_cutlass<float>(a, b, K, sa_ptr, sb_ptr, bias_ptr, out, op, stream);
+        break;
+      case c10::ScalarType::Half:
+        launch_cutlass<cutlass::half_t>(a, b, K, sa_ptr, sb_ptr, bias_ptr, out, op, stream);
+        break;
+      default:
+        launch_cutlass<cutlass::bfloat16_t>(a, b, K, sa_ptr, sb_ptr, bias_ptr, out, op, stream);
+        break;
+    }
+    return out;
+  }
+  const at::Tensor sa = scale_a.contiguous(), sb = scale_b.contiguous();
+  const Scales s{ptr<const float>(sa), ptr<const float>(sb), sa.numel() > 1, sb.numel() > 1, bias_ptr};
   dispatch_float(out_type, [&](auto tag) {
     using T = typename decltype(tag)::type;
-    launch_gemm<T>(a, b, K, out, s);
+    launch_gemv<T>(ptr<const uint32_t>(a), ptr<const uint32_t>(b), ptr<T>(out), M, N, K, W, s, stream);
   });
   return out;
 }
