@@ -115,7 +115,7 @@ def exact_and_bound(x, w_t, bias, K, dtype):
 
 
 M_SWEEP = [1, 16, 37]
-NKG_SWEEP = [(8, 64, 64), (40, 128, 128), (24, 96, 96), (16, 320, 128), (64, 1024, 64), (8, 4096, 4096)]
+NKG_SWEEP = [(8, 64, 64), (40, 128, 128), (24, 96, 96), (16, 320, 128), (64, 512, 64), (8, 4096, 4096)]
 
 
 @needs_cpp
@@ -245,12 +245,11 @@ def test_python_and_cpp_checks_say_the_same(case):
 # ----------------------------------------------------------------------------- torch integration
 @needs_cpp
 def test_opcheck():
-    samples = [_good(M=1), _good(M=7, N=24, K=96, gs=96), _good(M=20, K=256, gs=128, dtype=torch.bfloat16)]
-    samples[1]["bias"] = torch.randn(24).half()
-    for s in samples:
+    fp16 = _good(M=7, N=24, K=96, gs=96)
+    fp16["bias"] = torch.randn(24).half()
+    for s in (fp16, _good(M=1, K=256, gs=128, dtype=torch.bfloat16)):
         torch.library.opcheck(torch.ops.lowbit.int4_cutlass_sm90_mm.default, tuple(s.values()))
     r = _good_repack()
-    torch.library.opcheck(torch.ops.lowbit.int4_repack_cutlass_sm90.default, tuple(r.values()))
     r["zero"] = None
     r["dtype"] = torch.bfloat16
     torch.library.opcheck(torch.ops.lowbit.int4_repack_cutlass_sm90.default, tuple(r.values()))
@@ -272,3 +271,25 @@ def test_not_verified():
     from lowbit.backends import verified
     assert not verified.any_verified("cuda", "int4_cutlass_sm90_mm")
     assert not verified.any_verified("cuda", "int4_repack_cutlass_sm90")
+
+
+# ----------------------------------------------------------------------------- module (opt-in)
+@needs_cpp
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_module_matches_its_int4_linear_within_the_layout_rounding(dtype):
+    from lowbit.nn import Int4Linear, Int4LinearCutlassSm90
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(256, 48).to(dtype)
+    src = Int4Linear.from_float(lin, group_size=128)
+    m = Int4LinearCutlassSm90.from_int4(src)
+    assert "unverified" in repr(m) and m.scale.dtype == dtype
+    x = torch.randn(2, 5, 256).to(dtype)
+    y = m(x)
+    assert y.shape == (2, 5, 48) and y.dtype == dtype
+    exact, bound = exact_and_bound(x.reshape(-1, 256), fmt.dequantize_cutlass_sm90(m.packed, m.scale, m.zero, 128),
+                                   m.bias, 256, dtype)
+    assert ((y.reshape(-1, 48).double() - exact).abs() <= bound).all()
+    with pytest.raises(ValueError, match="dtype"):
+        m(x.float())
+    compiled = torch.compile(m, fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(x), y, rtol=0, atol=0)
