@@ -9,6 +9,10 @@ tests/test_int4_sm90_cuda.py on a GPU (pending: nothing has run on one).
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -168,6 +172,35 @@ def test_mm_stays_close_to_int4_weight_only_mm():
     mag = x.double().abs() @ w.abs().T
     bound = x.double().abs() @ dw.T + (K + 2) * EPS32 * mag * 1.01 + U[torch.float16] * (exact.abs() + 1e-3)
     assert ((out - exact).abs() <= bound).all()
+
+
+@needs_cpp
+@pytest.mark.parametrize("symmetric", [False, True], ids=["asym", "sym"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_kernel_dequantizes_bit_exactly(dtype, symmetric):
+    # Rows of the identity pick single weights: one nonzero product, exact in fp32, and already in
+    # T, so the op must return the spec's weight bit for bit (AVX2 path, or scalar under
+    # LOWBIT_CPU_ISA=scalar).
+    N, K, gs = 48, 384, 128
+    q = make_weight(N, K, gs, symmetric, torch.float32, seed=9)
+    packed, scale_t, zero_t = repack(q, dtype)
+    eye = torch.eye(K, dtype=dtype)
+    got = ops.int4_cutlass_sm90_mm(eye, packed, scale_t, zero_t, gs)
+    assert torch.equal(got, fmt.dequantize_cutlass_sm90(packed, scale_t, zero_t, gs).T)
+
+
+@needs_cpp
+def test_portable_path_matches_reference():
+    """The scalar dequantization (machines without AVX2) runs when LOWBIT_CPU_ISA=scalar is set at startup."""
+    if os.environ.get("LOWBIT_CPU_ISA") == "scalar":
+        pytest.skip("already running on the portable path")
+    env = dict(os.environ, LOWBIT_CPU_ISA="scalar")
+    ids = ["test_kernel_dequantizes_bit_exactly", "test_mm_matches_the_reference[37-24-96-96-bfloat16-asym]",
+           "test_mm_partial_last_group"]
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"] + [f"{__file__}::{i}" for i in ids],
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "6 passed" in r.stdout, r.stdout[-3000:]
 
 
 # ----------------------------------------------------------------------------- bad inputs
