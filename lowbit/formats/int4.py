@@ -226,8 +226,8 @@ def quantize_weight(
 #
 # Against the float32 weight (u - zero) * scale of `dequantize`, for integer zeros (which
 # `quantize_weight` produces) and scales already in T, each weight is off by at most
-#     |q s| u + (|q s| + |(8 - zero) s|) u + |w| u  <=  (2 |q| + |8 - zero|) |s| u + |w| u  (+ O(u^2)),
-# u = 2^-11 (float16) or 2^-8 (bfloat16), the unit roundoff: q*s rounds (u|q s|), zero' rounds
+#     (|q| + |8 - zero|) |s| u + |w| u   (+ O(u^2)),
+# u = 2^-11 (float16) or 2^-8 (bfloat16), the unit roundoff: q*s rounds (u |q s|), zero' rounds
 # (u |(8 - zero) s|) and the sum rounds (u |w|). A float32 scale first rounds to T, adding
 # u |w| more. Symmetric weights (zero' = 0) only round q*s_T.
 #
