@@ -442,3 +442,64 @@ def codebook_dequant(op, codes, codebooks, scale, in_features, out_dtype=None):
         fail(op, f"in_features must be positive, got {in_features}")
     N, *_ = codebook_args(op, codes, codebooks, scale, in_features, codes, "codes")
     return N, out_dtype_arg(op, out_dtype)
+
+
+# ---- int4 cutlass_sm90 (layout: lowbit/formats/int4.py, "cutlass_sm90 layout")
+INT4_SM90_GROUP_SIZES = (64, 128)
+INT4_SM90_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def _dtype_name(d) -> str:
+    return str(d).replace("torch.", "")
+
+
+def int4_sm90_shape(op, N, K, group_size):
+    """The shapes CUTLASS's sm_90 mixed-input GEMM takes: K % 32, N % 8, groups of 64, 128 or K."""
+    if K < 1 or K % 32 != 0:
+        fail(op, f"K must be a positive multiple of 32 (16-byte rows of int4 for TMA), got K={K}")
+    if N % 8 != 0:
+        fail(op, f"N must be a multiple of 8 (16-byte rows of scale, zero and output), got N={N}")
+    if group_size not in INT4_SM90_GROUP_SIZES and group_size != K:
+        fail(op, f"group_size must be 64, 128 or K={K} (a multiple of the kernel's K tile of 64, or one "
+                 f"group per row), got {group_size}")
+    return (K + group_size - 1) // group_size
+
+
+def int4_repack_cutlass_sm90(op, packed_w, scale, zero, group_size, K, dtype):
+    tensor(op, "packed_w", packed_w, dtypes=(torch.uint8,), dim=2)
+    nonempty(op, "packed_w", packed_w)
+    if dtype not in INT4_SM90_DTYPES:
+        fail(op, f"dtype must be float16 or bfloat16, got {_dtype_name(dtype)}")
+    N = packed_w.shape[0]
+    groups = int4_sm90_shape(op, N, K, group_size)
+    if packed_w.shape[1] != K // 2:
+        fail(op, f"packed_w must have shape [N, K/2]=[{N}, {K // 2}] for K={K}, got {_shape(packed_w)}")
+    tensor(op, "scale", scale, dtypes=FLOAT_DTYPES, dim=2)
+    if tuple(scale.shape) != (N, groups):
+        fail(op, f"scale must have shape [N, ceil(K/group_size)]=[{N}, {groups}], got {_shape(scale)}")
+    same_device(op, packed_w=packed_w, scale=scale)
+    if zero is not None:
+        tensor(op, "zero", zero, dtypes=(scale.dtype,), dim=2)
+        if tuple(zero.shape) != (N, groups):
+            fail(op, f"zero must have shape [N, ceil(K/group_size)]=[{N}, {groups}], got {_shape(zero)}")
+        same_device(op, packed_w=packed_w, zero=zero)
+    return N, groups
+
+
+def int4_cutlass_sm90_mm(op, x, packed, scale, zero, group_size, bias=None):
+    tensor(op, "x", x, dtypes=INT4_SM90_DTYPES, dim=2)
+    tensor(op, "packed", packed, dtypes=(torch.uint8,), dim=2)
+    same_device(op, x=x, packed=packed)
+    nonempty(op, "x", x)
+    nonempty(op, "packed", packed)
+    K, N = x.shape[1], packed.shape[0]
+    groups = int4_sm90_shape(op, N, K, group_size)
+    if packed.shape[1] != K // 2:
+        fail(op, f"packed must have shape [N, K/2]=[{N}, {K // 2}] for K={K}, got {_shape(packed)}")
+    for name, t in (("scale", scale), ("zero", zero)):
+        tensor(op, name, t, dtypes=(x.dtype,), dim=2)
+        if tuple(t.shape) != (groups, N):
+            fail(op, f"{name} must have shape [ceil(K/group_size), N]=[{groups}, {N}], got {_shape(t)}")
+        same_device(op, **{"x": x, name: t})
+    bias_arg(op, bias, N, x, "x")
+    return x.shape[0], N

@@ -192,3 +192,25 @@ def _sparse24_int8_scaled_mm_fake(a, values, meta, scale_a, scale_b, bias=None, 
     M, N, out_dtype = _checks.sparse24_int8_scaled_mm("sparse24_int8_scaled_mm", a, values, meta, scale_a, scale_b,
                                                       bias, out_dtype)
     return a.new_empty((M, N), dtype=out_dtype)
+
+
+# ---- int4 cutlass_sm90 (unverified on a GPU: not in backends/verified.py)
+@_define(
+    "int4_repack_cutlass_sm90",
+    "(Tensor packed_w, Tensor scale, Tensor? zero, int group_size, int K, ScalarType dtype) "
+    "-> (Tensor packed, Tensor scale_t, Tensor zero_t)",
+)
+def _int4_repack_cutlass_sm90_fake(packed_w, scale, zero, group_size, K, dtype):
+    N, groups = _checks.int4_repack_cutlass_sm90("int4_repack_cutlass_sm90", packed_w, scale, zero, group_size, K,
+                                                 dtype)
+    return (packed_w.new_empty((N, K // 2)), scale.new_empty((groups, N), dtype=dtype),
+            scale.new_empty((groups, N), dtype=dtype))
+
+
+@_define(
+    "int4_cutlass_sm90_mm",
+    "(Tensor x, Tensor packed, Tensor scale, Tensor zero, int group_size, Tensor? bias=None) -> Tensor",
+)
+def _int4_cutlass_sm90_mm_fake(x, packed, scale, zero, group_size, bias=None):
+    M, N = _checks.int4_cutlass_sm90_mm("int4_cutlass_sm90_mm", x, packed, scale, zero, group_size, bias)
+    return x.new_empty((M, N), dtype=x.dtype)

@@ -144,6 +144,13 @@ KERNEL_OPS += (
     ("codebook_tile", "codebook_mm"),
     ("codebook_dequant", "codebook_dequant"),
 )
+# ---- int4 cutlass_sm90 (mangled names: int4_sm908Sm90Only is CUTLASS's 3.x device_kernel<...>)
+KERNEL_OPS += (
+    ("int4_sm90_repack", "int4_repack_cutlass_sm90"),
+    ("int4_sm90_dequant", "int4_cutlass_sm90_mm"),
+    ("int4_sm908Sm90Only", "int4_cutlass_sm90_mm"),
+    ("int4_sm90::Sm90Only", "int4_cutlass_sm90_mm"),
+)
 
 
 def op_for_kernel(demangled_name: str) -> str | None:

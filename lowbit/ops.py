@@ -227,3 +227,38 @@ def codebook_dequant(
 ) -> torch.Tensor:
     """The decoded weight [N, in_features] of a codebook-coded layer (out_dtype, default float32)."""
     return _lowbit.codebook_dequant(codes, codebooks, scale, in_features, out_dtype)
+
+
+# ---- int4 cutlass_sm90 (unverified on a GPU)
+def int4_repack_cutlass_sm90(
+    packed_w: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor | None,
+    group_size: int,
+    K: int,
+    dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """lowbit int4 weights -> the cutlass_sm90 layout (lowbit/formats/int4.py) for activations of `dtype`.
+
+    Returns ``(packed [N, K/2] uint8, scale [G, N], zero' [G, N])``, scale and zero' in `dtype`
+    (float16 or bfloat16). Needs K % 32 == 0, N % 8 == 0, group_size 64, 128 or K.
+    """
+    return _lowbit.int4_repack_cutlass_sm90(packed_w, scale, zero, group_size, K, dtype)
+
+
+def int4_cutlass_sm90_mm(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    group_size: int,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """W4A16 GEMM on weights in the cutlass_sm90 layout (from :func:`int4_repack_cutlass_sm90`).
+
+    ``out = x @ w.T + bias`` with ``w = round(round(q * scale) + zero')`` in `x.dtype` (float16 or
+    bfloat16), accumulation float32, output in `x.dtype`. On an sm_90 GPU with the CUDA backend
+    forced this runs CUTLASS's TMA + wgmma mixed-input GEMM, which has not run on a GPU yet
+    (unverified, never picked by default).
+    """
+    return _lowbit.int4_cutlass_sm90_mm(x, packed, scale, zero, group_size, bias)

@@ -955,3 +955,40 @@ def test_codebook_word_decode_matches_the_python_format(tmp_path):
     # 3-bit codes straddle words; 1026-byte rows are not whole words; 2 sub-vectors per column
     # group but 4 per word would mix groups in a word.
     assert lines[-1].split() == ["1", "0", "0", "0", "1"]
+
+
+# ============================================================================= int4 cutlass_sm90
+# csrc/cuda/int4_sm90.cu: the repack and fallback kernels (every arch), and CUTLASS's sm_90
+# mixed-input GEMM: the real kernel in the sm_90a object only (HGMMA with the converted int4
+# weights as the register operand, TMA loads of weights / activations / scales / zeros, TMA
+# store of the output), an empty stub elsewhere.
+INT4_SM90_KERNELS = ["int4_sm90_repack_kernel", "int4_sm90_repack_scales_kernel", "int4_sm90_dequant_kernel",
+                     "int4_sm908Sm90Only"]
+INT4_SM90_NATIVE = {"int4_sm908Sm90Only": ("sm_90a", ["HGMMA", "UTMALDG", "UTMASTG"])}
+
+
+@needs_cuda_build
+@pytest.mark.parametrize("family", INT4_SM90_KERNELS)
+def test_every_int4_sm90_kernel_present_for_every_arch(resources, family):
+    for arch in expected_archs():
+        names = [r["kernel"] for r in resources if r["arch"] == arch]
+        assert any(family in n for n in names), f"{family} missing from the {arch} SASS"
+
+
+@needs_cuda_build
+@pytest.mark.parametrize("family", INT4_SM90_NATIVE)
+def test_int4_sm90_kernel_only_in_its_arch(family):
+    so = cuda_resources.extension_path()
+    if cuda_resources.cuobjdump_path() is None:
+        pytest.skip("cuobjdump not found")
+    funcs = _sass_by_function(so)
+    home, opcodes = INT4_SM90_NATIVE[family]
+    for arch in expected_archs():
+        bodies = [body for (a, n), body in funcs.items() if a == arch and family in n]
+        assert bodies, f"{family} not found in the {arch} SASS"
+        for body in bodies:
+            if arch == home:
+                for opcode in opcodes:
+                    assert opcode in body, f"{family} on {arch} has no {opcode} instruction"
+            else:
+                assert not any(op in body for op in TENSOR_CORE_OPCODES), f"{family} on {arch} is not a stub"

@@ -200,3 +200,100 @@ def quantize_weight(
         in_features=K,
         group_size=group_size,
     )
+
+
+# --------------------------------------------------------------------------- cutlass_sm90 layout
+# The layout CUTLASS's sm_90 mixed-input GEMM reads (the collective behind CUTLASS example
+# 55_hopper_mixed_dtype_gemm, `cute::tuple<int4b_t, T, T>` as operand A). It is an inference-time
+# copy of an Int4Weight, made once by `to_cutlass_sm90` (or the op lowbit.int4_repack_cutlass_sm90),
+# and read only by lowbit.int4_cutlass_sm90_mm. Unverified on a GPU (docs/gpu-pending.md).
+#
+#   packed  uint8 [N, K // 2], K-major, natural order: byte k // 2 of row n holds column k in
+#           its low nibble when k is even and in its high nibble when k is odd. The nibble is the
+#           *signed* 4-bit two's-complement q = u - 8 in [-8, 7] (cutlass::int4b_t), whose bit
+#           pattern is u XOR 8.
+#   scale   T [G, N] (T = float16 or bfloat16, the activations' dtype): scale[n, g] rounded to T,
+#           transposed because CUTLASS wants scales MN-major (contiguous along N).
+#   zero    T [G, N]: CUTLASS's zero mode computes scale * q + zero, so the stored zero is the
+#           *offset* zero'[g, n] = round_T(scale_T[g, n] * (8 - zero[n, g])) (the product taken in
+#           float32); symmetric weights have zero' = 0 exactly.
+#
+# The weight the kernel multiplies by (`dequantize_cutlass_sm90`, the spec of the op):
+#     w[n, k] = round_T(round_T(q[n, k] * scale_T[g, n]) + zero'[g, n]),   g = k // group_size
+# q * scale_T and the sum are each rounded to T (cutlass::half_t / bfloat16_t arithmetic); the
+# device compiler may contract them into one fused multiply-add, i.e. round once: the GPU tests
+# allow for that difference (tests/test_int4_sm90.py).
+#
+# Against the float32 weight (u - zero) * scale of `dequantize`, for integer zeros (which
+# `quantize_weight` produces) and scales already in T, each weight is off by at most
+#     (|q| + |8 - zero|) |s| u + |w| u   (+ O(u^2)),
+# u = 2^-11 (float16) or 2^-8 (bfloat16), the unit roundoff: q*s rounds (u |q s|), zero' rounds
+# (u |(8 - zero) s|) and the sum rounds (u |w|). A float32 scale first rounds to T, adding
+# u |w| more. Symmetric weights (zero' = 0) only round q*s_T.
+#
+# Shapes CUTLASS takes (refused otherwise, before any launch): K % 32 == 0 (TMA reads whole
+# 16-byte rows of int4), N % 8 == 0 (16-byte scale/zero rows and output rows), group_size 64, 128
+# or K: groups must be whole multiples of the kernel's K tile of 64 (a group of 32 would need a
+# scale change inside one tile, which the collective does not do).
+CUTLASS_SM90_K_ALIGN = 32
+CUTLASS_SM90_N_ALIGN = 8
+CUTLASS_SM90_K_TILE = 64
+CUTLASS_SM90_GROUP_SIZES = (64, 128)
+CUTLASS_SM90_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def cutlass_sm90_group_ok(group_size: int, K: int) -> bool:
+    return group_size == K or (group_size in CUTLASS_SM90_GROUP_SIZES and group_size % CUTLASS_SM90_K_TILE == 0)
+
+
+def cutlass_sm90_offset_zero(scale_t: torch.Tensor, zero: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """zero' = round_T(scale_T * (8 - zero)) in T, same shape as scale_t (already in T)."""
+    if zero is None:
+        return torch.zeros_like(scale_t, dtype=dtype)
+    return (scale_t.to(torch.float32) * (SYMMETRIC_ZERO - zero.to(torch.float32))).to(dtype)
+
+
+def to_cutlass_sm90(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, group_size: int,
+                    K: int, dtype: torch.dtype):
+    """lowbit int4 format -> (packed [N, K//2], scale [G, N], zero' [G, N]) in the cutlass_sm90 layout."""
+    codes = unpack(packed, K)                                      # uint8 u in [0, 15]
+    N = codes.shape[0]
+    signed_bits = (codes ^ SYMMETRIC_ZERO).view(N, K // 2, 2)     # q = u - 8 as a two's-complement nibble
+    packed_sm90 = (signed_bits[:, :, 0] | (signed_bits[:, :, 1] << 4)).contiguous()
+    scale_t = scale.to(dtype)
+    zero_t = cutlass_sm90_offset_zero(scale_t, zero, dtype)
+    return packed_sm90, scale_t.t().contiguous(), zero_t.t().contiguous()
+
+
+def signed_codes_cutlass_sm90(packed_sm90: torch.Tensor) -> torch.Tensor:
+    """packed [N, K//2] -> int8 q [N, K] in [-8, 7]."""
+    N = packed_sm90.shape[0]
+    nib = torch.stack([packed_sm90 & 0x0F, packed_sm90 >> 4], dim=-1).reshape(N, -1)
+    return nib.to(torch.int8) - ((nib >= 8).to(torch.int8) << 4)
+
+
+def from_cutlass_sm90(packed_sm90: torch.Tensor, scale_t: torch.Tensor, zero_t: torch.Tensor, symmetric: bool):
+    """Inverse of `to_cutlass_sm90` -> (packed, scale [N, G] in T, zero [N, G] in T or None).
+
+    Exact for the codes and for scales that were already in T. The zero is recovered as
+    8 - round(zero' / scale): exact for integer zeros in [0, 15] (what `quantize_weight` makes),
+    since zero' is off by at most 8|scale| u < |scale| / 2 before the division.
+    """
+    codes = (signed_codes_cutlass_sm90(packed_sm90).to(torch.int16) + SYMMETRIC_ZERO).to(torch.uint8)
+    scale = scale_t.t().contiguous()
+    if symmetric:
+        return pack(codes), scale, None
+    ratio = zero_t.t().to(torch.float32) / scale.to(torch.float32)
+    zero = (SYMMETRIC_ZERO - torch.round(ratio)).to(scale.dtype).contiguous()
+    return pack(codes), scale, zero
+
+
+def dequantize_cutlass_sm90(packed_sm90: torch.Tensor, scale_t: torch.Tensor, zero_t: torch.Tensor,
+                            group_size: int) -> torch.Tensor:
+    """[N, K] in T: the weight the cutlass_sm90 kernel multiplies by (see the layout notes above)."""
+    K = packed_sm90.shape[1] * 2
+    dtype = scale_t.dtype
+    q = signed_codes_cutlass_sm90(packed_sm90).to(dtype)
+    s = scale_t.t().repeat_interleave(group_size, dim=1)[:, :K]
+    z = zero_t.t().repeat_interleave(group_size, dim=1)[:, :K]
+    return (q * s) + z   # each op in T: torch rounds q*s and the sum to T, as cutlass::half_t does

@@ -15,3 +15,5 @@ from .conv import QuantizedConv2d, check_float_conv2d, conv_as_linear, im2col, r
 from .binary import BinaryConv2d, BinarizedConv2d, BinarizedLinear, BinaryLinear  # noqa: F401,E402
 from .sparse24 import Sparse24Linear  # noqa: F401
 from .codebook import CodebookLinear  # noqa: F401
+# ---- int4 cutlass_sm90 (opt-in, unverified)
+from .int4_sm90 import Int4LinearCutlassSm90  # noqa: F401,E402

@@ -583,4 +583,74 @@ inline CodebookShape check_codebook_dequant(const char* op, const at::Tensor& co
   return check_codebook_args(op, codes, codebooks, scale, in_features, codes, "codes");
 }
 
+// ---- int4 cutlass_sm90 (mirrors lowbit/_checks.py: int4_sm90_shape, int4_repack_cutlass_sm90,
+// int4_cutlass_sm90_mm; layout in lowbit/formats/int4.py)
+inline int64_t check_int4_sm90_shape(const char* op, int64_t N, int64_t K, int64_t group_size) {
+  if (K < 1 || K % 32 != 0)
+    LOWBIT_FAIL(op, "K must be a positive multiple of 32 (16-byte rows of int4 for TMA), got K=", K);
+  if (N % 8 != 0) LOWBIT_FAIL(op, "N must be a multiple of 8 (16-byte rows of scale, zero and output), got N=", N);
+  if (group_size != 64 && group_size != 128 && group_size != K)
+    LOWBIT_FAIL(op, "group_size must be 64, 128 or K=", K,
+                " (a multiple of the kernel's K tile of 64, or one group per row), got ", group_size);
+  return (K + group_size - 1) / group_size;
+}
+
+inline bool is_int4_sm90_dtype(c10::ScalarType t) {
+  return t == c10::ScalarType::Half || t == c10::ScalarType::BFloat16;
+}
+
+inline int64_t check_int4_repack_cutlass_sm90(const char* op, const at::Tensor& packed_w, const at::Tensor& scale,
+                                              const std::optional<at::Tensor>& zero, int64_t group_size, int64_t K,
+                                              c10::ScalarType dtype) {
+  check_dtype(op, "packed_w", packed_w, c10::ScalarType::Byte);
+  check_dim(op, "packed_w", packed_w, 2);
+  check_nonempty(op, "packed_w", packed_w);
+  if (!is_int4_sm90_dtype(dtype)) LOWBIT_FAIL(op, "dtype must be float16 or bfloat16, got ", dtype_name(dtype));
+  const int64_t N = packed_w.size(0);
+  const int64_t groups = check_int4_sm90_shape(op, N, K, group_size);
+  if (packed_w.size(1) != K / 2)
+    LOWBIT_FAIL(op, "packed_w must have shape [N, K/2]=[", N, ", ", K / 2, "] for K=", K, ", got ",
+                shape_str(packed_w));
+  check_float_dtype(op, "scale", scale);
+  check_dim(op, "scale", scale, 2);
+  if (scale.size(0) != N || scale.size(1) != groups)
+    LOWBIT_FAIL(op, "scale must have shape [N, ceil(K/group_size)]=[", N, ", ", groups, "], got ", shape_str(scale));
+  check_same_device(op, "scale", scale, "packed_w", packed_w);
+  if (zero.has_value()) {
+    check_dtype(op, "zero", *zero, scale.scalar_type());
+    check_dim(op, "zero", *zero, 2);
+    if (zero->size(0) != N || zero->size(1) != groups)
+      LOWBIT_FAIL(op, "zero must have shape [N, ceil(K/group_size)]=[", N, ", ", groups, "], got ", shape_str(*zero));
+    check_same_device(op, "zero", *zero, "packed_w", packed_w);
+  }
+  return groups;
+}
+
+inline void check_int4_cutlass_sm90_mm(const char* op, const at::Tensor& x, const at::Tensor& packed,
+                                       const at::Tensor& scale, const at::Tensor& zero, int64_t group_size,
+                                       const std::optional<at::Tensor>& bias) {
+  if (!is_int4_sm90_dtype(x.scalar_type()))
+    LOWBIT_FAIL(op, "x must have dtype float16, bfloat16, got ", dtype_name(x.scalar_type()));
+  check_dim(op, "x", x, 2);
+  check_dtype(op, "packed", packed, c10::ScalarType::Byte);
+  check_dim(op, "packed", packed, 2);
+  check_same_device(op, "packed", packed, "x", x);
+  check_nonempty(op, "x", x);
+  check_nonempty(op, "packed", packed);
+  const int64_t K = x.size(1), N = packed.size(0);
+  const int64_t groups = check_int4_sm90_shape(op, N, K, group_size);
+  if (packed.size(1) != K / 2)
+    LOWBIT_FAIL(op, "packed must have shape [N, K/2]=[", N, ", ", K / 2, "] for K=", K, ", got ", shape_str(packed));
+  auto check_group_vector = [&](const char* name, const at::Tensor& t) {
+    check_dtype(op, name, t, x.scalar_type());
+    check_dim(op, name, t, 2);
+    if (t.size(0) != groups || t.size(1) != N)
+      LOWBIT_FAIL(op, name, " must have shape [ceil(K/group_size), N]=[", groups, ", ", N, "], got ", shape_str(t));
+    check_same_device(op, name, t, "x", x);
+  };
+  check_group_vector("scale", scale);
+  check_group_vector("zero", zero);
+  check_bias(op, bias, N, "x", x);
+}
+
 }  // namespace lowbit

@@ -150,5 +150,37 @@ LOWBIT_HD int w_byte32(int t) { return 4 * (t % 4); }
 LOWBIT_HD int w_col32(int t, int e, int h) { return 16 * h + 4 * (t % 4) + e; }
 }  // namespace tiled
 
+// ---------------------------------------------------------------------------- cutlass_sm90 layout
+// The copy of the weights that CUTLASS's sm_90 mixed-input GEMM reads (lowbit/formats/int4.py,
+// "cutlass_sm90 layout"): uint8 [N, K/2], column k in byte k/2, low nibble for even k; each
+// nibble the signed q = u - 8 (cutlass::int4b_t), i.e. u XOR 8; scale and zero' [G, N] in T.
+// The CPU and CUDA repack kernels both build a byte with sm90::repack_byte, and the CPU
+// dequantization reads one back with sm90::signed_code_at, so a wrong nibble order fails on a CPU.
+namespace sm90 {
+constexpr int kKAlign = 32;  // int4 elements per 16-byte TMA row unit
+constexpr int kNAlign = 8;   // T elements per 16-byte row of scale / zero' / output
+constexpr int kKTile = 64;   // the kernel's K tile: group sizes must be multiples of it (or K)
+
+LOWBIT_HD int64_t row_bytes(int64_t K) { return K / 2; }
+LOWBIT_HD int64_t byte_of(int64_t k) { return k / 2; }
+LOWBIT_HD int shift_of(int64_t k) { return 4 * int(k % 2); }
+LOWBIT_HD uint32_t signed_nibble(uint32_t u) { return u ^ uint32_t(kSymmetricZero); }
+// Byte j of a repacked row from a row of the lowbit format: columns 2j and 2j+1.
+LOWBIT_HD uint8_t repack_byte(const uint8_t* lowbit_row, int64_t j) {
+  const uint32_t lo = signed_nibble(uint32_t(int4_layout::code_at(lowbit_row, 2 * j)));
+  const uint32_t hi = signed_nibble(uint32_t(int4_layout::code_at(lowbit_row, 2 * j + 1)));
+  return uint8_t(lo | (hi << 4));
+}
+// The signed q in [-8, 7] of column k of a repacked row.
+LOWBIT_HD int signed_code_at(const uint8_t* row, int64_t k) {
+  const int nib = (row[byte_of(k)] >> shift_of(k)) & 0xF;
+  return nib - ((nib & 8) << 1);
+}
+// scale / zero' are [G, N], contiguous along N (CUTLASS wants them MN-major).
+LOWBIT_HD int64_t scale_index(int64_t g, int64_t n, int64_t N) { return g * N + n; }
+// zero' before its rounding to T: scale_T * (8 - zero), both steps in float32.
+LOWBIT_HD float offset_zero(float scale_t, float zero) { return scale_t * (float(kSymmetricZero) - zero); }
+}  // namespace sm90
+
 }  // namespace int4_layout
 }  // namespace lowbit

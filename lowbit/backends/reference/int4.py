@@ -22,3 +22,18 @@ def int4_weight_only_mm(x, packed_w, scale, zero, group_size, bias=None):
     if bias is not None:
         y = y + bias.to(torch.float32)
     return y.to(x.dtype)
+
+
+# ---- cutlass_sm90 layout (lowbit/formats/int4.py): the repack and the GEMM CUTLASS's sm_90
+# mixed-input kernel runs. The weight is rounded to x.dtype as the kernel rounds it
+# (fmt.dequantize_cutlass_sm90); accumulation float32; + bias in float32; output in x.dtype.
+def int4_repack_cutlass_sm90(packed_w, scale, zero, group_size, K, dtype):
+    return fmt.to_cutlass_sm90(packed_w, scale, zero, group_size, K, dtype)
+
+
+def int4_cutlass_sm90_mm(x, packed, scale, zero, group_size, bias=None):
+    w = fmt.dequantize_cutlass_sm90(packed, scale, zero, group_size)
+    y = x.to(torch.float32) @ w.to(torch.float32).T
+    if bias is not None:
+        y = y + bias.to(torch.float32)
+    return y.to(x.dtype)
