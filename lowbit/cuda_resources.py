@@ -142,6 +142,8 @@ KERNEL_OPS += (
     # ---- codebook
     ("codebook_gemv", "codebook_mm"),
     ("codebook_tile", "codebook_mm"),
+    ("codebook_word_gemv", "codebook_mm"),
+    ("codebook_wmma", "codebook_mm"),
     ("codebook_dequant", "codebook_dequant"),
 )
 # ---- int4 cutlass_sm90 (mangled names: int4_sm908Sm90Only is CUTLASS's 3.x device_kernel<...>)
