@@ -30,6 +30,7 @@
 #include "lowbit/checks.h"
 #include "lowbit/cuda/binary_cutlass.cuh"
 #include "lowbit/cuda/common.cuh"
+#include "lowbit/cuda/cutlass_host.cuh"
 #include "lowbit/cuda/host.cuh"
 
 namespace lowbit {
@@ -194,11 +195,6 @@ Operand prepare_operand(const at::Tensor& t, int64_t K, cudaStream_t stream) {
   return o;
 }
 
-void check_cutlass(cutlass::Status status, const char* op, const char* what) {
-  TORCH_CHECK(status == cutlass::Status::kSuccess, "lowbit.", op, ": CUTLASS ", what, " failed: ",
-              cutlassGetStatusString(status));
-}
-
 // ElementD: int32_t (binary_mm) or the CUTLASS float type of the output (binary_scaled_mm, with
 // scale_a [M], scale_b [N] and bias [N] or nullptr, all fp32).
 template <typename ElementD>
@@ -216,16 +212,7 @@ void launch_cutlass(const at::Tensor& a, const at::Tensor& b, int64_t K, const f
       pa.words.data_ptr(), pb.words.data_ptr(), nullptr, nullptr,
       /*batch strides*/ M * k_bits, N * k_bits, 0, 0,
       /*lda, ldb (in bits), ldc, ldd*/ k_bits, k_bits, 0, 0);
-  Gemm gemm;
-  check_cutlass(gemm.can_implement(args), op, "can_implement");
-  // Without split-K CUTLASS asks for no workspace; allocate through torch's caching allocator
-  // should a CUTLASS version ever want some.
-  const size_t workspace_bytes = Gemm::get_workspace_size(args);
-  at::Tensor workspace;
-  if (workspace_bytes > 0) workspace = at::empty({int64_t(workspace_bytes)}, a.options().dtype(at::kByte));
-  check_cutlass(gemm.initialize(args, workspace_bytes > 0 ? workspace.data_ptr() : nullptr, stream), op, "initialize");
-  check_cutlass(gemm.run(stream), op, "run");
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  cutlass_host::run<Gemm>(args, a, op, stream);
 }
 
 at::Tensor binary_mm_cuda(const at::Tensor& a_in, const at::Tensor& b_in, int64_t K) {

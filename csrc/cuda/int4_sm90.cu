@@ -29,6 +29,7 @@
 
 #include "lowbit/checks.h"
 #include "lowbit/cuda/common.cuh"
+#include "lowbit/cuda/cutlass_host.cuh"
 #include "lowbit/cuda/host.cuh"
 #include "lowbit/cuda/int4_cutlass_sm90.cuh"
 #include "lowbit/int4_layout.h"
@@ -149,11 +150,6 @@ bool sm90_available(int device) {
   return attr.binaryVersion == 90;
 }
 
-void check_status(cutlass::Status status, const char* what) {
-  TORCH_CHECK(status == cutlass::Status::kSuccess, "lowbit.int4_cutlass_sm90_mm (CUTLASS sm_90a): ", what,
-              " failed: ", cutlassGetStatusString(status));
-}
-
 template <typename T>
 void run_sm90(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale, const at::Tensor& zero,
               int group_size, const float* bias, at::Tensor& out, cudaStream_t stream) {
@@ -163,14 +159,7 @@ void run_sm90(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale,
   const int device = x.get_device();
   auto args = Mixed::arguments(w.data_ptr(), scale.data_ptr(), zero.data_ptr(), group_size, x.data_ptr(), bias,
                                out.data_ptr(), M, N, K, device, sm_count(device));
-  Gemm gemm;
-  check_status(gemm.can_implement(args), "can_implement");
-  const size_t workspace_bytes = Gemm::get_workspace_size(args);
-  at::Tensor workspace;
-  if (workspace_bytes > 0) workspace = at::empty({int64_t(workspace_bytes)}, x.options().dtype(at::kByte));
-  check_status(gemm.initialize(args, workspace_bytes > 0 ? workspace.data_ptr() : nullptr, stream), "initialize");
-  check_status(gemm.run(stream), "run");
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  cutlass_host::run<Gemm>(args, x, "int4_cutlass_sm90_mm (CUTLASS sm_90a)", stream);
 }
 
 // TMA needs 16-byte aligned base addresses: a contiguous view at an odd offset is copied.
