@@ -5,13 +5,16 @@ What a result means
 Every candidate (a lowbit op or a baseline from torch) computes the same GEMM problem
 ``y[M, N] = x[M, K] @ w[N, K].T`` in its own formats. For each we report
 
-* the median time of one call;
+* the median time of one call, with the caches evicted before every call (cold, the default:
+  a model's weights are read once per token and are not cached from one call of a layer to the
+  next) or, with ``--warm``, back to back;
 * achieved GOP/s = 2*M*N*K / t, and GB/s = the bytes the problem must move at least
   (weights incl. scales + activations + outputs, in the candidate's own dtypes) / t.
   Intermediates a candidate creates (a quantized copy of x, say) are its own cost and are
   not counted as traffic;
 * % of roofline = achieved / min(peak, bandwidth * intensity), with bandwidth and peaks
-  measured in the same run (``measure_roofline``). On CPU, weights that fit in the
+  measured in the same run, at its start and at its end, keeping the best of each
+  (``measure_roofline``, ``Roofline.best``). With ``--warm``, weights that fit in the
   last-level cache can legitimately exceed 100% of the DRAM roofline;
 * the speed ratio against the strongest baseline (and the control, fp32 on CPU / bf16 on
   GPU) of the same run. All candidates of a shape are timed in rounds: each round calls
@@ -110,48 +113,138 @@ class Roofline:
         achieved = flops / seconds / 1e9
         return 100.0 * achieved / self.bound_gops(compute, flops, nbytes)
 
+    @staticmethod
+    def best(*rooflines: "Roofline") -> "Roofline":
+        """Per limit, the highest of several measurements. A roofline is what the machine can
+        do; a low measurement only means other work shared the machine while it ran (one quick
+        run on a loaded machine measured a third of the float peak, and every %roof was 3x)."""
+        bw_i = max(range(len(rooflines)), key=lambda i: rooflines[i].bandwidth_gbs)
+        peaks, how = {}, {"bandwidth": rooflines[bw_i].how.get("bandwidth", "")}
+        for key in rooflines[0].peak_gops:
+            i = max(range(len(rooflines)), key=lambda j: rooflines[j].peak_gops.get(key, 0.0))
+            peaks[key], how[key] = rooflines[i].peak_gops[key], rooflines[i].how.get(key, "")
+        return Roofline(bandwidth_gbs=rooflines[bw_i].bandwidth_gbs, peak_gops=peaks, how=how)
+
 
 # --------------------------------------------------------------------------- timing
 
 
+def last_level_cache_bytes() -> int | None:
+    """Size of the CPU's largest cache, from sysfs (Linux); None where it cannot be read."""
+    base = "/sys/devices/system/cpu/cpu0/cache"
+    units = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30}
+    sizes = []
+    try:
+        entries = os.listdir(base)
+    except OSError:
+        return None
+    for entry in entries:
+        try:
+            with open(os.path.join(base, entry, "size")) as f:
+                m = re.fullmatch(r"(\d+)([KMG]?)", f.read().strip().upper())
+        except OSError:
+            continue
+        if m:
+            sizes.append(int(m.group(1)) * units[m.group(2)])
+    return max(sizes) if sizes else None
+
+
+# Cold-cache timing evicts the caches before every timed call by touching a buffer FLUSH_FACTOR
+# times the last-level cache (at least FLUSH_MIN_BYTES). A model's weights are read once per token
+# and do not stay cached from one call of a layer to the next, so warm-cache timings flatter
+# whichever candidate's weights happen to fit (4096 x 4096 at 4 bits is 8 MiB, well inside a
+# 32 MiB L3 or a 50 MiB H100 L2) and, in interleaved rounds, whichever candidate happens to run
+# right after another one that read the same weights.
+FLUSH_FACTOR = 2
+FLUSH_MIN_BYTES = 64 * 2**20
+
+
+def flush_buffer_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        llc = torch.cuda.get_device_properties(device).L2_cache_size
+    else:
+        llc = last_level_cache_bytes() or 0
+    return max(FLUSH_MIN_BYTES, FLUSH_FACTOR * llc)
+
+
 class CpuTimer:
-    """Wall time of `inner` back-to-back calls, per call."""
+    """Wall time of `inner` calls, per call. Cold (the default): the caches are evicted before
+    each call, outside the timed region, and each call is timed on its own; warm: back to back."""
 
     device = torch.device("cpu")
+
+    def __init__(self, cold: bool = True):
+        self.cold = cold
+        self._flush = None
+        if cold:
+            self._flush = torch.empty(flush_buffer_bytes(self.device) // 4, dtype=torch.float32)
+            self._flush.fill_(1.0)  # first-touch page faults now, not inside a timed round
 
     def sync(self):
         pass
 
+    def evict(self):
+        if self._flush is not None:
+            self._flush.sum()  # reading every line evicts the (clean) weights; parallel, vectorized
+
     def __call__(self, fn: Callable[[], Any], inner: int) -> float:
-        t0 = time.perf_counter()
+        if not self.cold:
+            t0 = time.perf_counter()
+            for _ in range(inner):
+                fn()
+            return (time.perf_counter() - t0) / inner
+        total = 0.0
         for _ in range(inner):
+            self.evict()
+            t0 = time.perf_counter()
             fn()
-        return (time.perf_counter() - t0) / inner
+            total += time.perf_counter() - t0
+        return total / inner
 
 
 class CudaTimer:
-    """CUDA events bracket the calls, so launch queueing is included but host sync is not."""
+    """CUDA events bracket the calls, so launch queueing is included but host sync is not.
+    Cold (the default): L2 is overwritten before each call, outside the events (as Triton's
+    do_bench does), and each call has its own pair of events."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, cold: bool = True):
         self.device = device
+        self.cold = cold
+        self._flush = torch.empty(flush_buffer_bytes(device), dtype=torch.uint8, device=device) if cold else None
 
     def sync(self):
         torch.cuda.synchronize(self.device)
 
+    def evict(self):
+        if self._flush is not None:
+            self._flush.zero_()
+
     def __call__(self, fn: Callable[[], Any], inner: int) -> float:
-        start = torch.cuda.Event(enable_timing=True)
-        end = torch.cuda.Event(enable_timing=True)
         torch.cuda.synchronize(self.device)
-        start.record()
+        if not self.cold:
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(inner):
+                fn()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / 1e3 / inner
+        events = []
         for _ in range(inner):
+            self.evict()
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            start.record()
             fn()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end) / 1e3 / inner
+            end.record()
+            events.append((start, end))
+        torch.cuda.synchronize(self.device)
+        return sum(a.elapsed_time(b) for a, b in events) / 1e3 / inner
 
 
-def timer_for(device: torch.device):
-    return CudaTimer(device) if device.type == "cuda" else CpuTimer()
+def timer_for(device: torch.device, cold: bool = True):
+    return CudaTimer(device, cold) if device.type == "cuda" else CpuTimer(cold)
 
 
 @dataclass
@@ -161,6 +254,7 @@ class TimingPlan:
     min_reps: int = 3         # a slow candidate still gets this many samples
     budget_s: float = 5.0     # per candidate per shape, after warm-up
     min_sample_s: float = 2e-3  # short calls are repeated inside one sample so the clock resolves them
+    cold: bool = True         # evict the caches before every timed call (see CpuTimer)
 
     @classmethod
     def quick(cls) -> "TimingPlan":
@@ -716,7 +810,7 @@ def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
 def measure_roofline(device: torch.device, quick: bool = False) -> Roofline:
     """Bandwidth from reading a tensor far larger than the caches; peaks from large GEMMs
     (the best the machine's own libraries reach, which is what a kernel can be held to)."""
-    timer = timer_for(device)
+    timer = timer_for(device, cold=False)  # peaks: the libraries' best, caches warm
     reps = 3 if quick else 5
 
     def best_of(fn):
@@ -827,6 +921,18 @@ def summarize(shape: Shape, cands: Sequence[Candidate], samples: dict[str, list]
     return rows
 
 
+def with_roofline(rows: Sequence[Row], roof: Roofline, computes: dict[str, str]) -> None:
+    """Recompute rows' %roof against `roof` (e.g. the best of the start and end measurements);
+    `computes` maps candidate_id_row(row) to the row's compute class."""
+    for r in rows:
+        compute = computes.get(candidate_id_row(r))
+        if r.gops is None or r.gbs is None or compute not in roof.peak_gops:
+            continue
+        flops = Shape(r.m, r.n, r.k).flops
+        nbytes = flops / r.gops * r.gbs  # the run's own traffic count, recovered from the row
+        r.roofline_pct = roof.percent(compute, flops, nbytes, flops / r.gops / 1e9)
+
+
 def run_shape(shape: Shape, cands: Sequence[Candidate], device: torch.device, plan: TimingPlan,
               roof: Roofline | None) -> list[Row]:
     inp = make_inputs(shape, device)
@@ -847,7 +953,7 @@ def run_shape(shape: Shape, cands: Sequence[Candidate], device: torch.device, pl
         inp.cache.pop("y_ref", None)
         inp.cache.pop("acc_ref", None)
         inp.cache.pop("bin_ref", None)
-        samples, slow = time_interleaved(fns, timer_for(device), plan)
+        samples, slow = time_interleaved(fns, timer_for(device, plan.cold), plan)
     return summarize(shape, cands, samples, slow, errors, rel_errs, roof, control_name(device))
 
 
@@ -957,7 +1063,8 @@ def format_markdown(rows: Sequence[Row], meta: dict, roof: Roofline | None, cont
            f"- device: {meta['device']}{' ' + meta['capability'] if 'capability' in meta else ''}; "
            f"CPU {meta['cpu']}, {meta['cores']} cores; torch {meta['torch']}; lowbit {meta.get('lowbit', '?')}; "
            f"{meta['date']}; 1-min load average {meta.get('load_start')} at start, {meta.get('load_end')} at end "
-           f"({meta['cores']} cores: a higher load means other processes took CPU time from this run)"]
+           f"({meta['cores']} cores: a higher load means other processes took CPU time from this run)",
+           f"- caches: {meta.get('cache', 'warm: calls back to back')}"]
     if roof:
         out.append(f"- roofline: bandwidth {roof.bandwidth_gbs:.1f} GB/s ({roof.how.get('bandwidth')}); peaks "
                    + ", ".join(f"{k} {v:.0f} GOP/s ({roof.how.get(k)})" for k, v in roof.peak_gops.items()))

@@ -2,6 +2,8 @@
 byte count or ratio here would make every reported benchmark wrong."""
 
 
+import time
+
 import pytest
 import torch
 
@@ -171,3 +173,59 @@ def test_run_shape_measures_and_checks_small_problem():
     assert by["baseline:fp32 F.linear[float32]"].rel_err < 1e-6
     assert by["lowbit:int8_weight_only_mm[float32]"].rel_err < 0.02
     assert by["lowbit:w8a8 (quantize_dynamic+scaled_mm)[float32]"].rel_err < 0.03
+
+
+def test_roofline_best_keeps_the_highest_measurement_of_each_limit():
+    start = Roofline(bandwidth_gbs=25.0, peak_gops={"float": 40.0, "int8": 170.0},
+                     how={"bandwidth": "a", "float": "a", "int8": "a"})
+    end = Roofline(bandwidth_gbs=20.0, peak_gops={"float": 150.0, "int8": 160.0},
+                   how={"bandwidth": "b", "float": "b", "int8": "b"})
+    best = Roofline.best(start, end)
+    assert best.bandwidth_gbs == 25.0 and best.how["bandwidth"] == "a"
+    assert best.peak_gops == {"float": 150.0, "int8": 170.0}
+    assert best.how["float"] == "b" and best.how["int8"] == "a"
+
+
+def test_with_roofline_recomputes_percent_from_the_rows_own_traffic():
+    shape = Shape(256, 1024, 1024)
+    row = bench.Row("int8", "x", "lowbit", "float32", shape.m, shape.n, shape.k)
+    t, nbytes = 0.01, 3_000_000
+    row.gops, row.gbs = shape.flops / t / 1e9, nbytes / t / 1e9
+    low = Roofline(bandwidth_gbs=25.0, peak_gops={"float": 20.0})
+    high = Roofline(bandwidth_gbs=25.0, peak_gops={"float": 100.0})
+    bench.with_roofline([row], low, {bench.candidate_id_row(row): "float"})
+    pct_low = row.roofline_pct
+    bench.with_roofline([row], high, {bench.candidate_id_row(row): "float"})
+    assert pct_low == pytest.approx(high.percent("float", shape.flops, nbytes, t) * 5)
+    assert row.roofline_pct == pytest.approx(100.0 * (shape.flops / t / 1e9) / min(100.0, 25.0 * shape.flops / nbytes))
+
+
+def test_cold_timer_evicts_before_every_timed_call_and_times_only_the_call():
+    timer = bench.CpuTimer(cold=True)
+    assert timer._flush.numel() * 4 >= bench.FLUSH_MIN_BYTES
+    llc = bench.last_level_cache_bytes()
+    if llc:
+        assert timer._flush.numel() * 4 >= bench.FLUSH_FACTOR * llc
+    calls = []
+    timer.evict = lambda: (calls.append("evict"), time.sleep(0.02))
+    t = timer(lambda: calls.append("call"), 3)
+    assert calls == ["evict", "call"] * 3
+    assert t < 0.01  # the 20 ms evictions are outside the timed region
+
+
+def test_cold_cache_makes_a_cache_resident_weight_slower_than_warm():
+    """The point of cold timing: 2 MiB of weights read back to back stay in cache; evicted,
+    each call reads them from memory again. One thread and the minimum of many samples: a
+    2-thread op on this shared 2-core machine stalls for milliseconds whenever another process
+    takes a core, which would swamp the difference."""
+    w = torch.randn(512 * 1024)
+    fn = lambda: w.sum()  # noqa: E731
+    cold, warm = bench.CpuTimer(cold=True), bench.CpuTimer(cold=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        t_cold = min(cold(fn, 1) for _ in range(21))
+        t_warm = min(warm(fn, 1) for _ in range(21))
+    finally:
+        torch.set_num_threads(threads)
+    assert t_cold > 1.2 * t_warm, (t_cold, t_warm)
