@@ -65,6 +65,8 @@ from .nn.codebook import CodebookLinear
 from .nn.binary import BinaryConv2d
 from .nn.conv import QuantizedConv2d, check_float_conv2d
 from .configs import Unsupported
+# ---- int4 cutlass_sm90
+from .nn.int4_sm90 import Int4LinearCutlassSm90
 
 FORMAT = "lowbit"
 FORMAT_VERSION = 1
@@ -92,6 +94,8 @@ _READABLE_VERSIONS = (FORMAT_VERSION, CONV_FORMAT_VERSION)
 _CONV_CLASSES: dict[str, type[nn.Module]] = {c.__name__: c for c in (QuantizedConv2d, BinaryConv2d)}
 _CONV_PAIRS = (("kernel_size", 1), ("stride", 1), ("padding", 0), ("dilation", 1))  # (field, least value)
 _CONV_GEOMETRY = ("in_channels", "out_channels", *(k for k, _ in _CONV_PAIRS), "bias")
+# ---- int4 cutlass_sm90: the layout's own module (dtype = its scale dtype, float16 or bfloat16)
+_CLASSES[Int4LinearCutlassSm90.__name__] = Int4LinearCutlassSm90
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -116,6 +120,8 @@ def _module_args(m: QuantizedLinear) -> dict:
     elif isinstance(m, CodebookLinear):
         args.update({k: getattr(m, k) for k in _CODEBOOK_ARGS}, has_scale=m.scale is not None,
                     codebook_dtype=_dtype_name(m.codebooks.dtype))
+    elif isinstance(m, Int4LinearCutlassSm90):  # ---- int4 cutlass_sm90
+        args.update(group_size=m.group_size)
     return args
 
 
@@ -339,6 +345,9 @@ def _parse_args(where: _Where, cls: type[QuantizedLinear], args: dict) -> dict:
             where.fail(f"codebook args do not fit [out, in]=[{N}, {K}]: dim {d} must divide in_features, groups "
                        f"{out['groups']} the sub-vectors, row_groups {out['row_groups']} out_features, "
                        f"rotation_block {out['rotation_block']} in_features (and be a multiple of dim)")
+    elif cls is Int4LinearCutlassSm90:  # ---- int4 cutlass_sm90 (the constructor checks alignment and dtype)
+        out["group_size"] = where.field(args, "group_size", int, what)
+        keys += ["group_size"]
     where.no_extra(args, keys, what)
     return out
 
@@ -541,6 +550,12 @@ def _check_values(where: _Where, m: nn.Module, t: dict[str, torch.Tensor]) -> No
             for name in ("codebooks", "scale", "rotation"):
                 if name in t:
                     _finite(where, name, t[name])
+        elif isinstance(m, Int4LinearCutlassSm90):  # ---- int4 cutlass_sm90: every nibble is a valid code
+            x = torch.empty(1, m.in_features, dtype=m.orig_dtype, device=t["packed"].device)
+            _checks.int4_cutlass_sm90_mm("int4_cutlass_sm90_mm", x, t["packed"], t["scale"], t["zero"], m.group_size,
+                                         t.get("bias"))
+            _finite(where, "scale", t["scale"])
+            _finite(where, "zero", t["zero"])
     except ValueError as e:
         if str(e).startswith("lowbit.load:"):
             raise

@@ -202,6 +202,10 @@ def _set(d, key, value):
     d[key] = value
 
 
+def _del(d, key):
+    del d[key]
+
+
 def _bad_scale(t, value):
     t["2.scale"][3, 0] = value
 
@@ -402,3 +406,60 @@ def test_fuzz_load_raises_value_error_or_loads(pristine, data):
     # the model must run.
     with torch.no_grad():
         fresh(torch.randn(3, 64))
+
+
+# ----------------------------------------------------------------------------- int4 cutlass_sm90
+def sm90_model(dtype: torch.dtype, seed: int = 0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 32, bias=False)).to(dtype)
+
+
+def saved_sm90(path: Path, dtype: torch.dtype = torch.float16) -> nn.Sequential:
+    from lowbit.nn import Int4LinearCutlassSm90
+
+    m = sm90_model(dtype)
+    m[0] = Int4LinearCutlassSm90.from_float(m[0], group_size=64)
+    m[2] = Int4LinearCutlassSm90.from_float(m[2], group_size=64, symmetric=True)
+    lowbit.save(m, path)
+    return m
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_round_trip_int4_cutlass_sm90(tmp_path, dtype):
+    m = saved_sm90(tmp_path, dtype)
+    fresh = lowbit.load(tmp_path, sm90_model(dtype, seed=1))
+    assert [type(a) for a in fresh] == [type(a) for a in m]
+    for key, t in m.state_dict().items():
+        got = fresh.state_dict()[key]
+        assert got.dtype == t.dtype and torch.equal(got.view(torch.uint8), t.view(torch.uint8)), key
+    x = torch.randn(3, 128, dtype=dtype)
+    with torch.no_grad():
+        assert torch.equal(m(x), fresh(x))
+
+
+SM90_CASES = {
+    "float32 dtype": (lambda h: _set(entry(h, "0")["args"], "dtype", "float32"), "dtype must be float16 or bfloat16"),
+    "group size": (lambda h: _set(entry(h, "0")["args"], "group_size", 32), "group_size 64, 128 or in_features"),
+    "missing group size": (lambda h: _del(entry(h, "0")["args"], "group_size"), "group_size"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(SM90_CASES))
+def test_int4_cutlass_sm90_rejects_bad_json(tmp_path, case):
+    saved_sm90(tmp_path)
+    edit, message = SM90_CASES[case]
+    edit_json(tmp_path, edit)
+    fresh = sm90_model(torch.float16)
+    with pytest.raises(ValueError, match=message):
+        lowbit.load(tmp_path, fresh)
+    assert not any(isinstance(x, QuantizedLinear) for x in fresh.modules())
+
+
+@pytest.mark.parametrize("name, value", [("0.scale", float("nan")), ("0.zero", float("inf")),
+                                         ("2.zero", float("nan"))])
+def test_int4_cutlass_sm90_rejects_non_finite_scales(tmp_path, name, value):
+    saved_sm90(tmp_path)
+    edit_tensors(tmp_path, lambda t: t[name].__setitem__((0, 0), value))
+    module, tensor = name.split(".")
+    with pytest.raises(ValueError, match=f"module '{module}'.*'{tensor}'"):
+        lowbit.load(tmp_path, sm90_model(torch.float16))
