@@ -62,8 +62,9 @@ def check_parent(parent: nn.Module, child_name: str) -> None:
 class QuantizedLinear(nn.Module):
     """Base of lowbit's nn.Linear replacements.
 
-    Subclasses set ``scheme`` and implement ``forward``, ``from_float``, ``bits_per_weight`` and
-    ``weight_nbytes``. ``orig_dtype`` is the float layer's weight dtype (what the bias is stored
+    Subclasses set ``scheme`` and implement ``forward`` and ``from_float``; those whose weight is one
+    format dataclass implement ``quantized_weight`` and get ``bits_per_weight`` and
+    ``weight_nbytes`` from it (the format counts its own bytes), the others override both. ``orig_dtype`` is the float layer's weight dtype (what the bias is stored
     in, and what :func:`lowbit.summary` counts as "bytes before").
     """
 
@@ -83,12 +84,16 @@ class QuantizedLinear(nn.Module):
     def from_float(cls, linear: nn.Linear) -> QuantizedLinear:
         raise NotImplementedError
 
-    def bits_per_weight(self) -> float:
+    def quantized_weight(self):
+        """The layer's weight as its format's dataclass (``lowbit.formats.<family>``)."""
         raise NotImplementedError
+
+    def bits_per_weight(self) -> float:
+        return self.quantized_weight().bits_per_weight()
 
     def weight_nbytes(self) -> int:
         """Bytes of the quantized weight and its scales (bias excluded)."""
-        raise NotImplementedError
+        return self.quantized_weight().nbytes()
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
@@ -99,6 +104,15 @@ class QuantizedLinear(nn.Module):
         if x.dim() == 0 or x.shape[-1] != self.in_features:
             raise ValueError(f"lowbit {type(self).__name__}: input must have shape [..., {self.in_features}], "
                              f"got {list(x.shape)}")
+
+    def _map_rows(self, x: torch.Tensor, matmul) -> torch.Tensor:
+        """nn.Linear's shape contract around a kernel on 2-D rows: x [..., K] -> [..., N]. An
+        empty x gives an empty result without a call: the ops reject empty inputs, nn.Linear
+        returns an empty output."""
+        self._check_input(x)
+        if x.numel() == 0:
+            return x.new_empty((*x.shape[:-1], self.out_features))
+        return matmul(x.reshape(-1, self.in_features)).reshape(*x.shape[:-1], self.out_features)
 
     def _apply(self, fn, recurse=True):
         before = {name: self._buffers[name] for name in self.float32_buffers if self._buffers.get(name) is not None}

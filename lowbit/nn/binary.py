@@ -189,12 +189,8 @@ class BinaryLinear(QuantizedLinear):
         return super().extra_repr() + f", binary_activations={self.binary_activations}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self._check_input(x)
-        if x.numel() == 0:
-            return x.new_empty((*x.shape[:-1], self.out_features))
-        y = _binary_forward(x.reshape(-1, self.in_features), self.packed, self.scale, self.bias,
-                            self.in_features, self.binary_activations, x.dtype)
-        return y.reshape(*x.shape[:-1], self.out_features)
+        return self._map_rows(x, lambda x2: _binary_forward(x2, self.packed, self.scale, self.bias, self.in_features,
+                                                             self.binary_activations, x2.dtype))
 
 
 def _binary_forward(x2, packed, scale, bias, K, binary_activations, out_dtype):

@@ -145,28 +145,19 @@ class CodebookLinear(QuantizedLinear):
         """The float [N, K] weight this layer computes with (for inspection and debugging)."""
         return fmt.dequantize(self.quantized_weight()).to(dtype or self.orig_dtype)
 
-    def bits_per_weight(self) -> float:
-        return self.quantized_weight().bits_per_weight()
-
-    def weight_nbytes(self) -> int:
-        return self.quantized_weight().nbytes()
-
     def extra_repr(self) -> str:
         return (super().extra_repr() + f", dim={self.dim}, bits={self.bits}, num_codebooks={self.num_codebooks}, "
                 f"groups={self.groups}, row_groups={self.row_groups}, rotation_block={self.rotation_block}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self._check_input(x)
-        if x.numel() == 0:
-            return x.new_empty((*x.shape[:-1], self.out_features))
-        x2 = x.reshape(-1, self.in_features)
+        return self._map_rows(x, self._matmul)
+
+    def _matmul(self, x2: torch.Tensor) -> torch.Tensor:
         if self.rotation is not None:
             # x @ W.T = (x @ blockdiag(R).T) @ W_codes.T; the rotated activations stay float32.
-            y = ops.codebook_mm(fmt.apply_rotation(x2, self.rotation), self.codes, self.codebooks, self.scale,
-                                self.bias).to(x.dtype)
-        else:
-            y = ops.codebook_mm(x2, self.codes, self.codebooks, self.scale, self.bias)
-        return y.reshape(*x.shape[:-1], self.out_features)
+            return ops.codebook_mm(fmt.apply_rotation(x2, self.rotation), self.codes, self.codebooks, self.scale,
+                                   self.bias).to(x2.dtype)
+        return ops.codebook_mm(x2, self.codes, self.codebooks, self.scale, self.bias)
 
 
 @register_handler(CodebookConfig)

@@ -123,22 +123,19 @@ class FP8Linear(QuantizedLinear):
                 f"activation={self.activation!r}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self._check_input(x)
-        if x.numel() == 0:  # the ops reject empty inputs; nn.Linear returns an empty output
-            return x.new_empty((*x.shape[:-1], self.out_features))
-        x2 = x.reshape(-1, self.in_features)
+        return self._map_rows(x, self._matmul)
+
+    def _matmul(self, x2: torch.Tensor) -> torch.Tensor:
         if self.activation == "none":
-            y = ops.fp8_weight_only_mm(x2, self.qweight, self.scale, self.bias)
+            return ops.fp8_weight_only_mm(x2, self.qweight, self.scale, self.bias)
+        if self.activation == "dynamic":
+            q, s = ops.fp8_quantize_dynamic(x2, self.act_format, _ACT_GRANULARITY[self.granularity], True)
         else:
-            if self.activation == "dynamic":
-                q, s = ops.fp8_quantize_dynamic(x2, self.act_format, _ACT_GRANULARITY[self.granularity], True)
-            else:
-                q = ops.fp8_quantize_static(x2, self.act_scale, self.act_format, True)
-                s = self.act_scale
-                if self.granularity == "block":  # block-scaled GEMM takes a scale per 1x128 block
-                    s = s.expand(x2.shape[0], (self.in_features + FP8_BLOCK - 1) // FP8_BLOCK)
-            y = ops.fp8_scaled_mm(q, self.qweight, s, self.scale, self.bias, x.dtype)
-        return y.reshape(*x.shape[:-1], self.out_features)
+            q = ops.fp8_quantize_static(x2, self.act_scale, self.act_format, True)
+            s = self.act_scale
+            if self.granularity == "block":  # block-scaled GEMM takes a scale per 1x128 block
+                s = s.expand(x2.shape[0], (self.in_features + FP8_BLOCK - 1) // FP8_BLOCK)
+        return ops.fp8_scaled_mm(q, self.qweight, s, self.scale, self.bias, x2.dtype)
 
 
 @register_handler(FP8Config)

@@ -65,23 +65,13 @@ class Int4Linear(QuantizedLinear):
         """The float [N, K] weight this layer computes with (for inspection and debugging)."""
         return fmt.dequantize(self.quantized_weight()).to(dtype or self.orig_dtype)
 
-    def bits_per_weight(self) -> float:
-        return self.quantized_weight().bits_per_weight()
-
-    def weight_nbytes(self) -> int:
-        return self.quantized_weight().nbytes()
-
     def extra_repr(self) -> str:
         return (super().extra_repr() + f", group_size={self.group_size}, "
                 f"symmetric={self.zero is None}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self._check_input(x)
-        if x.numel() == 0:
-            return x.new_empty((*x.shape[:-1], self.out_features))
-        y = ops.int4_weight_only_mm(x.reshape(-1, self.in_features), self.packed, self.scale, self.zero,
-                                    self.group_size, self.bias)
-        return y.reshape(*x.shape[:-1], self.out_features)
+        return self._map_rows(x, lambda x2: ops.int4_weight_only_mm(x2, self.packed, self.scale, self.zero,
+                                                                     self.group_size, self.bias))
 
 
 @register_handler(Int4Config)

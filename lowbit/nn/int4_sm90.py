@@ -74,8 +74,5 @@ class Int4LinearCutlassSm90(QuantizedLinear):
         if x.dtype != self.scale.dtype:
             raise ValueError(f"lowbit Int4LinearCutlassSm90: input must have dtype {self.scale.dtype} (the layout's "
                              f"scale dtype), got {x.dtype}")
-        if x.numel() == 0:
-            return x.new_empty((*x.shape[:-1], self.out_features))
-        y = ops.int4_cutlass_sm90_mm(x.reshape(-1, self.in_features), self.packed, self.scale, self.zero,
-                                     self.group_size, self.bias)
-        return y.reshape(*x.shape[:-1], self.out_features)
+        return self._map_rows(x, lambda x2: ops.int4_cutlass_sm90_mm(x2, self.packed, self.scale, self.zero,
+                                                                      self.group_size, self.bias))

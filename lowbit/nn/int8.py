@@ -66,9 +66,6 @@ class _Int8LinearBase(QuantizedLinear):
     def weight_nbytes(self) -> int:
         return fmt.nbytes(self.out_features, self.in_features)
 
-    def _empty_output(self, x: torch.Tensor) -> torch.Tensor:
-        return x.new_empty((*x.shape[:-1], self.out_features))
-
 
 class Int8Linear(_Int8LinearBase):
     """W8A8 linear: int8 activations x per-channel int8 weights, int32 accumulation.
@@ -110,16 +107,14 @@ class Int8Linear(_Int8LinearBase):
         return super().extra_repr() + f", activation={self.activation!r}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self._check_input(x)
-        if x.numel() == 0:  # the ops reject empty inputs; nn.Linear returns an empty output
-            return self._empty_output(x)
-        x2 = x.reshape(-1, self.in_features)
+        return self._map_rows(x, self._matmul)
+
+    def _matmul(self, x2: torch.Tensor) -> torch.Tensor:
         if self.activation == "static":
             q, s = ops.int8_quantize_static(x2, self.act_scale), self.act_scale
         else:
             q, s = ops.int8_quantize_dynamic(x2, True)
-        y = ops.int8_scaled_mm(q, self.qweight, s, self.scale, self.bias, x.dtype)
-        return y.reshape(*x.shape[:-1], self.out_features)
+        return ops.int8_scaled_mm(q, self.qweight, s, self.scale, self.bias, x2.dtype)
 
 
 class Int8WeightOnlyLinear(_Int8LinearBase):
@@ -128,11 +123,7 @@ class Int8WeightOnlyLinear(_Int8LinearBase):
     scheme = "int8-weight"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self._check_input(x)
-        if x.numel() == 0:
-            return self._empty_output(x)
-        y = ops.int8_weight_only_mm(x.reshape(-1, self.in_features), self.qweight, self.scale, self.bias)
-        return y.reshape(*x.shape[:-1], self.out_features)
+        return self._map_rows(x, lambda x2: ops.int8_weight_only_mm(x2, self.qweight, self.scale, self.bias))
 
 
 @register_handler(Int8Config)

@@ -107,16 +107,13 @@ class Sparse24Linear(QuantizedLinear):
         return super().extra_repr() + f", values_dtype={str(self.values_dtype).replace('torch.', '')}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self._check_input(x)
-        if x.numel() == 0:
-            return x.new_empty((*x.shape[:-1], self.out_features))
-        x2 = x.reshape(-1, self.in_features)
+        return self._map_rows(x, self._matmul)
+
+    def _matmul(self, x2: torch.Tensor) -> torch.Tensor:
         if self.int8:
             q, s = ops.int8_quantize_dynamic(x2, True)
-            y = ops.sparse24_int8_scaled_mm(q, self.values, self.meta, s, self.scale, self.bias, x.dtype)
-        else:
-            y = ops.sparse24_mm(x2, self.values, self.meta, None, self.bias)
-        return y.reshape(*x.shape[:-1], self.out_features)
+            return ops.sparse24_int8_scaled_mm(q, self.values, self.meta, s, self.scale, self.bias, x2.dtype)
+        return ops.sparse24_mm(x2, self.values, self.meta, None, self.bias)
 
 
 @register_handler(Sparse24Config)
