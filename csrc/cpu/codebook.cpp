@@ -314,6 +314,18 @@ void decode_nibble_avx2(const Problem& p, int64_t n, int64_t j0, int64_t j1, flo
   }
 }
 
+// The fused small-M kernels walk NR rows of codes at once, each row only row_bytes long (2 KiB
+// for 4-bit codes at K = 4096), so the hardware prefetcher, which follows one stream at a time
+// and restarts at every row, leaves them waiting on DRAM. Each therefore prefetches, once per
+// cache line, the same position NR rows further on: the row the next tile of the same thread
+// will read (a thread's rows are contiguous; past its last row the hint is harmless). Measured
+// (one thread, M = 1, 4096 x 4096, caches evicted before each call, min of 31, under load,
+// three interleaved A/B runs): kmeans4 2.01-2.12 -> 1.57-1.65 ms, kmeans3 3.57 -> 3.23-3.33,
+// pq2 2.31-2.56 -> 1.83-2.56, aq2 3.42-4.82 -> 3.10-3.87.
+inline void prefetch_next_tile(const uint8_t* row, int64_t next_tile_offset) {
+  _mm_prefetch(reinterpret_cast<const char*>(row + next_tile_offset), _MM_HINT_T0);
+}
+
 template <int MR, int NR, bool kHalf>
 void fused_nibble(const Problem& p, const float* x, int64_t m0, int64_t n0) {
   __m256 acc[NR][MR][2];
@@ -328,6 +340,7 @@ void fused_nibble(const Problem& p, const float* x, int64_t m0, int64_t n0) {
     const int64_t blk_end = nibble_block_end(p, g);
     int64_t j = g * p.vecs_per_group;
     for (; j < blk_end; j += kNibbleBlock) {
+      for (int r = 0; r < NR; ++r) prefetch_next_tile(rows[r] + j / 2, NR * p.row_bytes);  // 16 bytes a step: every 4th hits a new line
       for (int r = 0; r < NR; ++r) {
         const Nibble32 w = decode_nibble<kHalf>(rows[r] + j / 2, planes[r]);
         for (int m = 0; m < MR; ++m) {
@@ -461,6 +474,8 @@ void fused_scalar_small(const Problem& p, const float* x, int64_t m0, int64_t n0
       __m256 xv[MR];
       for (int m = 0; m < MR; ++m) xv[m] = _mm256_loadu_ps(x + m * p.Kp + j);
       const int64_t byte = (j * b) >> 3;
+      if ((j & 127) == 0)  // every 16 * bits bytes
+        for (int r = 0; r < NR; ++r) prefetch_next_tile(rows[r] + byte, NR * p.row_bytes);
       for (int r = 0; r < NR; ++r) {
         uint32_t word;
         if (j < safe_j) std::memcpy(&word, rows[r] + byte, 4);
@@ -507,6 +522,8 @@ void fused_vector(const Problem& p, const float* x, int64_t m0, int64_t n0) {
     for (int r = 0; r < NR; ++r) cbs[r] = codebook_of(p, n0 + r, g);
     const int64_t j_end = (g + 1) * p.vecs_per_group;
     for (int64_t j = g * p.vecs_per_group; j < j_end; j += kStep) {
+      if ((j & 31) == 0)  // every 32 * C * kCodeBytes bytes
+        for (int r = 0; r < NR; ++r) prefetch_next_tile(rows[r] + j * C * kCodeBytes, NR * p.row_bytes);
       __m256 xv[MR];
       for (int m = 0; m < MR; ++m) xv[m] = _mm256_loadu_ps(x + m * p.Kp + j * D);
       for (int r = 0; r < NR; ++r) {
@@ -601,6 +618,8 @@ void fused_pq_byte(const Problem& p, const float* x, int64_t m0, int64_t n0) {
     const int64_t j_end = (g + 1) * p.vecs_per_group;
     int64_t j = g * p.vecs_per_group;
     for (; j + 8 <= j_end; j += 8) {
+      if ((j & 63) == 0)  // every 64 bytes of codes
+        for (int r = 0; r < NR; ++r) prefetch_next_tile(rows[r] + j, NR * p.row_bytes);
       uint64_t w[NR] = {};
       if (!kBytes)
         for (int r = 0; r < NR; ++r) std::memcpy(&w[r], rows[r] + j, 8);
