@@ -67,6 +67,7 @@ class AotKernel:
     tensor_cores: bool = True  # False: a GEMM whose dot is meant for CUDA cores (fp32 IEEE)
     targets: tuple = TARGETS
     refused: tuple = ()  # targets that must reject the kernel (e.g. fp8 below sm_89)
+    options: tuple = ()  # (name, value) compile options the host function launches with
 
 
 @dataclasses.dataclass
@@ -272,7 +273,8 @@ def _int4_sm90_entries():
         name = f"int4_cutlass_sm90_mm[{t_ty[1:]},bias={bias_ty[1:] if bias_ty else 'none'}]" + (
             f"[{layout}]" if layout else "")
         entries.append(AotKernel(name, fn, sig, {**ones, "HAS_BIAS": bias_ty is not None},
-                                 _configs(int4.cutlass_sm90_configs), aligned=al, gemm=True))
+                                 _configs(int4.cutlass_sm90_configs), aligned=al, gemm=True,
+                                 options=tuple(int4.CUTLASS_SM90_LAUNCH_OPTIONS.items())))
 
     mm("*fp16", "*fp16")
     mm("*bf16", None, "odd-N")
@@ -606,7 +608,8 @@ def compile_one(entry: AotKernel, cfg: dict, target: int) -> AotResult:
     try:
         src = ASTSource(fn=fn, signature=entry.signature, constexprs={**entry.constexprs, **meta}, attrs=attrs)
         compiled = triton.compile(src, target=GPUTarget("cuda", target, 32),
-                                  options={"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]})
+                                  options={"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"],
+                                           **dict(entry.options)})
     except Exception as e:  # noqa: BLE001 - any failure is a result to report
         res.seconds = time.perf_counter() - t0
         if target in entry.refused:

@@ -254,9 +254,9 @@ def _int4_cutlass_sm90_mm_kernel(
         # It is computed in fp32 with an explicit rounding to T after each op, which gives the
         # same bits: q s is exact in fp32 (4-bit q, 11- or 8-bit significand of s), and the fp32
         # sum of two T values rounded again to T is the correctly rounded T sum (double rounding
-        # is innocuous when the wider format has >= 2p + 2 bits: 24 >= 2*11 + 2). The explicit
-        # rounding between them also keeps the compiler from fusing them into one FMA, which
-        # CUTLASS's half_t arithmetic may do.
+        # is innocuous when the wider format has >= 2p + 2 bits: 24 >= 2*11 + 2). CUTLASS's
+        # half_t arithmetic may fuse the two into one FMA; this kernel is launched without FP
+        # contraction (CUTLASS_SM90_LAUNCH_OPTIONS), so it never does.
         w_lo = _round_to(_round_to(q_lo * s, T) + z, T)
         w_hi = _round_to(_round_to(q_hi * s, T) + z, T)
         # Byte j holds column 2j in its low nibble, 2j + 1 in its high one: interleaving the
@@ -278,6 +278,13 @@ def _int4_cutlass_sm90_mm_kernel(
     c_ptrs = c_ptr + offs_cm.to(tl.int64)[:, None] * stride_cm + offs_n[None, :] * stride_cn
     tl.store(c_ptrs, y.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
+
+# No floating-point contraction: Triton fuses a multiply and an add into an FMA by default, and
+# LLVM narrows the fp32 ops above to fp16 ones (exact: see the kernel), so the fp16 dequantize
+# compiled to one fma.rn.f16 (a single rounding of q s + z'), not the spec's two. The AOT
+# compile (lowbit.backends.triton.aot) uses the same options, and tests/test_triton_int4_sm90.py
+# checks its PTX for FMAs.
+CUTLASS_SM90_LAUNCH_OPTIONS = {"enable_fp_fusion": False}
 
 _int4_cutlass_sm90_mm = triton.autotune(
     configs=cutlass_sm90_configs(), key=["M", "N", "K"], prune_configs_by=_PRUNE)(_int4_cutlass_sm90_mm_kernel)
@@ -304,7 +311,7 @@ def int4_cutlass_sm90_mm(x, packed, scale, zero, group_size, bias=None):
         M, N, K, gs,
         x.stride(0), x.stride(1), w.stride(0), w.stride(1), c.stride(0), c.stride(1),
         scale.stride(0), scale.stride(1), stride_bias,
-        HAS_BIAS=bias is not None,
+        HAS_BIAS=bias is not None, **CUTLASS_SM90_LAUNCH_OPTIONS,
     )
     return c.to(out_dtype)
 
