@@ -1,8 +1,9 @@
 """INT4 family, Triton kernels.
 
 Semantics are those of :mod:`lowbit.backends.reference.int4`, format in
-:mod:`lowbit.formats.int4`; tests/test_triton_int4.py runs the host function against it (in the
-interpreter on CPU, natively on a GPU). Layout as in :mod:`.int8`: autotune configs in a
+:mod:`lowbit.formats.int4`; tests/test_triton_int4.py and tests/test_triton_int4_sm90.py (the
+cutlass_sm90 layout's GEMM) run the host functions against it (in the interpreter on CPU,
+natively on a GPU). Layout as in :mod:`.int8`: autotune configs in a
 function beside the kernel, grouped kernel arguments, a host function named like the op.
 
 Every kernel here is listed in :data:`lowbit.backends.triton.aot.AOT_KERNELS`, which compiles
