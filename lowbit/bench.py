@@ -1082,12 +1082,13 @@ def format_markdown(rows: Sequence[Row], meta: dict, roof: Roofline | None, cont
 # ---- int4 cutlass_sm90 (GPU only; the CUTLASS kernel is unverified, so it is forced here)
 def _int4_sm90_candidates() -> list[Candidate]:
     """W4A16 g128 on the cutlass_sm90 layout (CUTLASS's sm_90 mixed-input GEMM), forced to the
-    CUDA C++ backend, beside int4_weight_only_mm and bf16 F.linear on the same weights."""
+    CUDA C++ backend, and the same op's Triton kernel (its default on CUDA), beside bf16 F.linear
+    on the same weights."""
     t_bf16 = lambda s: gemm_traffic(s, weight_bits=16, act_bytes=2, out_bytes=2)  # noqa: E731
     # scale + zero' per group of 128 as 2 x 2 bytes
     t_w4 = lambda s: gemm_traffic(s, weight_bits=4 + 8 * 4 / 128, act_bytes=2, out_bytes=2)  # noqa: E731
 
-    def lb_sm90(inp):
+    def lb_sm90(inp, backend="cuda"):
         import lowbit.backends as lb_backends
         from lowbit.formats import int4 as fmt
         _need(inp.shape.k % fmt.CUTLASS_SM90_K_ALIGN == 0 and inp.shape.n % fmt.CUTLASS_SM90_N_ALIGN == 0,
@@ -1098,7 +1099,7 @@ def _int4_sm90_candidates() -> list[Candidate]:
         x = _bf16(inp, "x16", lambda: inp.x)
 
         def run():
-            with lb_backends.use("cuda"):
+            with lb_backends.use(backend):
                 return ops.int4_cutlass_sm90_mm(x, packed, scale, zero, 128)
         return run
 
@@ -1108,6 +1109,8 @@ def _int4_sm90_candidates() -> list[Candidate]:
           ("cuda",)),
         C("int4_cutlass_sm90_mm g128 (unverified)", "int4-cutlass-sm90", "lowbit", "bfloat16", "float", "float",
           lb_sm90, t_w4, ("cuda",)),
+        C("int4_cutlass_sm90_mm g128 Triton", "int4-cutlass-sm90", "lowbit", "bfloat16", "float", "float",
+          lambda inp: lb_sm90(inp, "triton"), t_w4, ("cuda",)),
     ]
 
 

@@ -4,7 +4,8 @@
 for CUTLASS's sm_90 mixed-input GEMM (:func:`lowbit.ops.int4_repack_cutlass_sm90`, layout in
 :mod:`lowbit.formats.int4`) and runs :func:`lowbit.ops.int4_cutlass_sm90_mm`. It is opt-in only:
 no preset or config builds it, and the op is not in ``lowbit/backends/verified.py``, so on CUDA
-tensors the reference serves it unless ``lowbit.backends.use("cuda")`` forces the CUTLASS kernel.
+tensors its Triton kernel serves it (sm_80+) unless ``lowbit.backends.use("cuda")`` forces the
+CUTLASS kernel.
 The activations' dtype T (float16 or bfloat16) is fixed at conversion: scale and zero' are
 stored in T, each weight is rounded to T (docs/ops.md, "cutlass_sm90 layout").
 """

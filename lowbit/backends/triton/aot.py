@@ -67,6 +67,7 @@ class AotKernel:
     tensor_cores: bool = True  # False: a GEMM whose dot is meant for CUDA cores (fp32 IEEE)
     targets: tuple = TARGETS
     refused: tuple = ()  # targets that must reject the kernel (e.g. fp8 below sm_89)
+    options: tuple = ()  # (name, value) compile options the host function launches with
 
 
 @dataclasses.dataclass
@@ -248,6 +249,41 @@ AOT_KERNELS += _int4_entries()
 # are compiled as part of the kernels that use them.
 DEVICE_FUNCTIONS = [int8._tile_offsets, int8._dot_k_loop]
 DEVICE_FUNCTIONS += [int4._per_byte]
+
+# ---- int4 cutlass_sm90 layout (Triton)
+# As the JIT specialises launches from lowbit.backends.triton.int4.int4_cutlass_sm90_mm: x as for
+# the other GEMMs (K-contiguous, aligned; K % 32 == 0); packed rows byte-contiguous and aligned,
+# K/2 bytes long (a multiple of 16); scale and zero' contiguous [G, N] (stride 1 along N, row
+# stride N aligned only when N % 16 == 0: N % 8 == 0 is all the op asks, hence "odd-N" = N % 16
+# == 8); group_size 64, 128 or K rounded up to 64. M = 1 (decode) is specialised by the JIT like
+# any argument equal to 1. Variants cover fp16 and bf16, bias or not (in T or fp32).
+def _int4_sm90_entries():
+    entries = []
+
+    def mm(t_ty, bias_ty, layout=""):
+        fn = int4._int4_cutlass_sm90_mm
+        unit = ("stride_xk", "stride_wk", "stride_cn", "stride_sn") + (("stride_bias",) if bias_ty else ())
+        unit += ("M",) if layout == "M=1" else ()
+        aligned = ("x_ptr", "w_ptr", "c_ptr", "scale_ptr", "zero_ptr", "K", "group_size", "stride_xm", "stride_wn")
+        aligned += ("bias_ptr",) if bias_ty else ()
+        if layout != "odd-N":
+            aligned += ("N", "stride_cm", "stride_sg")
+        sig, ones, al = _spec(fn, {"x_ptr": t_ty, "w_ptr": "*u8", "c_ptr": t_ty, "scale_ptr": t_ty, "zero_ptr": t_ty,
+                                   "bias_ptr": bias_ty or t_ty}, unit=unit, aligned=aligned)
+        name = f"int4_cutlass_sm90_mm[{t_ty[1:]},bias={bias_ty[1:] if bias_ty else 'none'}]" + (
+            f"[{layout}]" if layout else "")
+        entries.append(AotKernel(name, fn, sig, {**ones, "HAS_BIAS": bias_ty is not None},
+                                 _configs(int4.cutlass_sm90_configs), aligned=al, gemm=True,
+                                 options=tuple(int4.CUTLASS_SM90_LAUNCH_OPTIONS.items())))
+
+    mm("*fp16", "*fp16")
+    mm("*bf16", None, "odd-N")
+    mm("*bf16", "*fp32", "M=1")
+    return entries
+
+
+AOT_KERNELS += _int4_sm90_entries()
+DEVICE_FUNCTIONS += [int4._round_to]
 
 
 # ============================================================================ FP8
@@ -572,7 +608,8 @@ def compile_one(entry: AotKernel, cfg: dict, target: int) -> AotResult:
     try:
         src = ASTSource(fn=fn, signature=entry.signature, constexprs={**entry.constexprs, **meta}, attrs=attrs)
         compiled = triton.compile(src, target=GPUTarget("cuda", target, 32),
-                                  options={"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]})
+                                  options={"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"],
+                                           **dict(entry.options)})
     except Exception as e:  # noqa: BLE001 - any failure is a result to report
         res.seconds = time.perf_counter() - t0
         if target in entry.refused:

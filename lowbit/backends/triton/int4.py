@@ -1,8 +1,9 @@
 """INT4 family, Triton kernels.
 
 Semantics are those of :mod:`lowbit.backends.reference.int4`, format in
-:mod:`lowbit.formats.int4`; tests/test_triton_int4.py runs the host function against it (in the
-interpreter on CPU, natively on a GPU). Layout as in :mod:`.int8`: autotune configs in a
+:mod:`lowbit.formats.int4`; tests/test_triton_int4.py and tests/test_triton_int4_sm90.py (the
+cutlass_sm90 layout's GEMM) run the host functions against it (in the interpreter on CPU,
+natively on a GPU). Layout as in :mod:`.int8`: autotune configs in a
 function beside the kernel, grouped kernel arguments, a host function named like the op.
 
 Every kernel here is listed in :data:`lowbit.backends.triton.aot.AOT_KERNELS`, which compiles
@@ -175,6 +176,148 @@ def int4_weight_only_mm(x, packed_w, scale, zero, group_size, bias=None):
     return c
 
 
+# ============================================================================ cutlass_sm90 layout GEMM
+def cutlass_sm90_configs():
+    """fp16/bf16 x, tensor-core dot in T. BLOCK_K divides 64 (the layout's K tile,
+    fmt.CUTLASS_SM90_K_TILE), which divides every allowed group size, so each K step lies in one
+    group: one [BLOCK_N] row of scale and zero' per step, broadcast over the tile.
+
+    The first three are for decode (M = 1..32, memory-bound: weight bytes in flight matter, so
+    deep pipelines); the last two for prefill / large M, where the dequantize is paid once per
+    BLOCK_M rows."""
+    return [
+        _config(4, 4, BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, GROUP_M=8),
+        _config(4, 4, BLOCK_M=16, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
+        _config(4, 4, BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, GROUP_M=8),
+        _config(4, 3, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
+        _config(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
+    ]
+
+
+@triton.jit
+def _round_to(v, T: tl.constexpr):
+    """fp32 v rounded to nearest even in T (fp16 or bf16), returned as fp32 (exact in T).
+
+    bf16 rounds with integer ops on the fp32 bits (add half an ulp minus one, plus the kept
+    lsb for ties-to-even; finite inputs): the interpreter's fp32 -> bf16 cast neither rounds
+    ties to even nor carries into the exponent, and one code path is what the interpreter
+    tests prove. fp16 casts are RNE everywhere (cvt.rn.f16.f32; numpy's astype)."""
+    if T == tl.bfloat16:
+        bits = v.to(tl.uint32, bitcast=True)
+        bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
+        return bits.to(tl.float32, bitcast=True)
+    else:
+        return v.to(T).to(tl.float32)
+
+
+@triton.jit
+def _int4_cutlass_sm90_mm_kernel(
+    # pointers
+    x_ptr, w_ptr, c_ptr, scale_ptr, zero_ptr, bias_ptr,
+    # sizes: K = x's columns (a multiple of 32; the weight has K // 2 bytes per row);
+    # group_size = columns per scale row (a multiple of 64: per channel is passed as K rounded up)
+    M, N, K, group_size,
+    # strides (scale and zero share theirs)
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_cm, stride_cn, stride_sg, stride_sn, stride_bias,
+    # meta-parameters
+    HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    # T, the dtype every weight is rounded to, is the scale's (float16 or bfloat16). x is T too,
+    # except under the interpreter for bf16, where the host widens x to fp32 (exactly) because
+    # the interpreter's bf16 dot multiplies raw bit patterns.
+    T: tl.constexpr = scale_ptr.dtype.element_ty
+    m0, n0 = _tile_offsets(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_c = tl.arange(0, BLOCK_K // 2)
+    mask_m = (m0 + offs_m) < M
+    mask_n = offs_n < N
+    x_rows = x_ptr + m0.to(tl.int64) * stride_xm + offs_m[:, None] * stride_xm
+    # The weight tile is read as stored, [BLOCK_N, BLOCK_K // 2] bytes along K, straight from
+    # the [N, K/2] layout (no host repacking).
+    w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
+    s_cols = offs_n * stride_sn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        byte = k0 // 2 + offs_c
+        packed = tl.load(w_rows + byte[None, :] * stride_wk, mask=mask_n[:, None] & (byte < K // 2)[None, :],
+                         other=0)
+        # One group per K step (BLOCK_K divides group_size); k0 < K, so the row exists.
+        s_off = (k0 // group_size) * stride_sg + s_cols
+        s = tl.load(scale_ptr + s_off, mask=mask_n, other=0.0).to(tl.float32)[:, None]
+        z = tl.load(zero_ptr + s_off, mask=mask_n, other=0.0).to(tl.float32)[:, None]
+        # Each nibble is the two's-complement q in [-8, 7]: its bits XOR 8 are q + 8.
+        q_lo = ((packed & 0xF) ^ 8).to(tl.float32) - 8.0
+        q_hi = ((packed >> 4) ^ 8).to(tl.float32) - 8.0
+        # The spec (fmt.dequantize_cutlass_sm90) is T arithmetic: w = round_T(round_T(q s) + z').
+        # It is computed in fp32 with an explicit rounding to T after each op, which gives the
+        # same bits: q s is exact in fp32 (4-bit q, 11- or 8-bit significand of s), and the fp32
+        # sum of two T values rounded again to T is the correctly rounded T sum (double rounding
+        # is innocuous when the wider format has >= 2p + 2 bits: 24 >= 2*11 + 2). CUTLASS's
+        # half_t arithmetic may fuse the two into one FMA; this kernel is launched without FP
+        # contraction (CUTLASS_SM90_LAUNCH_OPTIONS), so it never does.
+        w_lo = _round_to(_round_to(q_lo * s, T) + z, T)
+        w_hi = _round_to(_round_to(q_hi * s, T) + z, T)
+        # Byte j holds column 2j in its low nibble, 2j + 1 in its high one: interleaving the
+        # two halves along K restores column order, [BLOCK_N, BLOCK_K], then [BLOCK_K, BLOCK_N].
+        w = tl.trans(tl.interleave(w_lo, w_hi))
+        k = k0 + offs_k
+        # x beyond K reads as 0 (a partial last K step when K % 64 == 32); the weight there is
+        # z', finite, so it adds nothing.
+        x = tl.load(x_rows + k[None, :] * stride_xk, mask=mask_m[:, None] & (k < K)[None, :], other=0.0)
+        if x_ptr.dtype.element_ty == tl.float32:
+            acc = tl.dot(x, w, acc, input_precision="ieee")
+        else:
+            # w is exact in T, so this cast is exact: the tensor cores multiply the spec's weight.
+            acc = tl.dot(x, w.to(x_ptr.dtype.element_ty), acc)
+    y = acc
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + offs_n * stride_bias, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    offs_cm = m0 + offs_m
+    c_ptrs = c_ptr + offs_cm.to(tl.int64)[:, None] * stride_cm + offs_n[None, :] * stride_cn
+    tl.store(c_ptrs, y.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+# No floating-point contraction: Triton fuses a multiply and an add into an FMA by default, and
+# LLVM narrows the fp32 ops above to fp16 ones (exact: see the kernel), so the fp16 dequantize
+# compiled to one fma.rn.f16 (a single rounding of q s + z'), not the spec's two. The AOT
+# compile (lowbit.backends.triton.aot) uses the same options, and tests/test_triton_int4_sm90.py
+# checks its PTX for FMAs.
+CUTLASS_SM90_LAUNCH_OPTIONS = {"enable_fp_fusion": False}
+
+_int4_cutlass_sm90_mm = triton.autotune(
+    configs=cutlass_sm90_configs(), key=["M", "N", "K"], prune_configs_by=_PRUNE)(_int4_cutlass_sm90_mm_kernel)
+
+
+def int4_cutlass_sm90_mm(x, packed, scale, zero, group_size, bias=None):
+    M, N = _checks.int4_cutlass_sm90_mm("int4_cutlass_sm90_mm", x, packed, scale, zero, group_size, bias)
+    K = x.shape[1]
+    out_dtype = x.dtype
+    if _INTERPRETER_BF16_VIA_FP32 and x.dtype == torch.bfloat16:
+        x = x.to(torch.float32)  # exact; scale and zero stay bf16 (T), the output narrows below
+    # Per channel (group_size == K, any multiple of 32) is one group: K rounded up to the K
+    # tile keeps k0 // group_size at 0 on the whole row, as every BLOCK_K divides 64.
+    gs = -(-K // fmt.CUTLASS_SM90_K_TILE) * fmt.CUTLASS_SM90_K_TILE if group_size == K else group_size
+    x = _k_major(x, K)  # K % 32 == 0: already a multiple of 16
+    w = _aligned_rows(packed)  # rows of K/2 bytes, a multiple of 16
+    # contiguous: scale and zero then share strides ([G, N], stride 1 along N).
+    scale = scale.contiguous()
+    zero = zero.contiguous()
+    c = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    bias_arg, stride_bias = _vector(bias) if bias is not None else (scale, 0)
+    _int4_cutlass_sm90_mm[_gemm_grid(M, N)](
+        x, w, c, scale, zero, bias_arg,
+        M, N, K, gs,
+        x.stride(0), x.stride(1), w.stride(0), w.stride(1), c.stride(0), c.stride(1),
+        scale.stride(0), scale.stride(1), stride_bias,
+        HAS_BIAS=bias is not None, **CUTLASS_SM90_LAUNCH_OPTIONS,
+    )
+    return c.to(out_dtype)
+
+
 KERNELS = {
     "int4_weight_only_mm": int4_weight_only_mm,
+    "int4_cutlass_sm90_mm": int4_cutlass_sm90_mm,
 }
