@@ -19,10 +19,13 @@
 //   * Same view: data_ptr, storage offset, sizes, strides and dtype are part of the key
 //     (`t.data = other`, `set_`, `resize_` change them).
 // What it cannot see: writes that do not go through the version counter: through `t.data`
-// (a new counter), `t.numpy()`, `t.untyped_storage()`, DLPack or a raw data_ptr (another
-// library, a custom kernel). After such a write call lowbit.clear_validation_cache(), or run with
+// (a new counter), `t.numpy()`, `t.untyped_storage()`, another tensor sharing the storage
+// without being a view of t (`set_`, `frombuffer`), DLPack or a raw data_ptr (another library, a
+// custom kernel). After such a write call lowbit.clear_validation_cache(), or run with
 // LOWBIT_VALIDATION_CACHE=0 (check on every call). Inference tensors (created under
 // torch.inference_mode) have no version counter: they are never cached, always checked.
+// Why the key is not the data pointer alone: a freed weight's memory is reused by the next
+// allocation of its size, often another weight's metadata.
 //
 // Bounded: at most kCapacity entries. When full, entries of dead tensors are dropped; if all are
 // alive the cache is emptied (every later call re-validates once). Cap-and-clear rather than LRU:
@@ -51,8 +54,9 @@ class ValidationCache {
  public:
   static constexpr size_t kCapacity = 4096;
 
-  // `what` names the property checked (a string literal, compared by address: one tensor can be
-  // checked for different properties by different ops).
+  // `what` names the property checked, compared by address (one tensor can be checked for
+  // different properties by different ops): pass an `inline constexpr char[]` from a header, one
+  // definition, hence one address, in every translation unit (a literal's address may differ).
   struct Key {
     const c10::TensorImpl* impl = nullptr;
     const char* what = nullptr;
