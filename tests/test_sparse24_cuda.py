@@ -134,12 +134,13 @@ def test_meta_validated_once_then_no_sync_and_graph_capture(kind, N, K, fresh_ca
     prev = torch.cuda.get_sync_debug_mode()
     torch.cuda.set_sync_debug_mode("error")  # any synchronizing call now raises
     try:
-        assert torch.equal(call(meta), want)
+        got = call(meta)  # (compared below: torch.equal itself syncs)
         clear_validation_cache()
-        with pytest.raises(RuntimeError):  # the detector is live: a miss syncs
+        with pytest.raises(RuntimeError, match="synchroniz"):  # the detector is live: a miss syncs
             call(meta)
     finally:
         torch.cuda.set_sync_debug_mode(prev)
+    assert torch.equal(got, want)
     side = torch.cuda.Stream()  # warm-up on a side stream, as torch.cuda.graphs documents
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
