@@ -21,6 +21,9 @@ functions then do nothing and :func:`validation_cache_stats` returns ``None``.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
+
+import torch
 
 from . import _extension
 
@@ -64,3 +67,18 @@ def validation_cache_stats(reset: bool = False) -> ValidationCacheStats | None:
     if reset:
         lib._validation_cache_reset_stats()
     return stats
+
+
+def check_once(tensor: torch.Tensor, tag: str, validate: Callable[[], None]) -> bool:
+    """Run ``validate()`` (which raises on bad data) unless `tensor`, in its current state, already
+    passed the check named `tag`; remember it when it passes. True when the check was skipped.
+
+    Shared with the C++ kernels: a tensor validated here is not validated again by them, nor the
+    reverse. `tag` must be one the extension knows (``"sparse24.meta"``). Without the extension
+    ``validate()`` runs every time.
+    """
+    lib = _lib()
+    if lib is None:
+        validate()
+        return False
+    return lib._validation_cache_check_once(tensor, tag, validate)

@@ -331,3 +331,35 @@ def test_env_var_and_portable_path():
 
 def test_public_names():
     assert lowbit.clear_validation_cache is clear_validation_cache
+
+
+def test_python_backends_share_the_cache():
+    """The Triton / reference backends check meta in Python (lowbit/_checks.py) through the same
+    cache: a tensor validated there is a hit for the C++ op, and an in-place write is seen by both."""
+    from lowbit.backends import checked_reference
+
+    W = make()
+    x = torch.randn(2, 80)
+    meta = W.meta.clone()
+    reference = checked_reference("sparse24_mm")
+    reference(x, W.values, meta, W.scale, None)
+    mm(x, W, meta)
+    reference(x, W.values, meta, W.scale, None)
+    s = validation_cache_stats()
+    assert (s.misses, s.hits) == (1, 2)
+    corrupt(meta)
+    with pytest.raises(ValueError, match=BAD):
+        reference(x, W.values, meta, W.scale, None)
+    with pytest.raises(ValueError, match=BAD):
+        mm(x, W, meta)
+
+
+def test_check_once_refuses_unknown_tags():
+    from lowbit.validation_cache import check_once
+
+    with pytest.raises(ValueError, match="unknown tag"):
+        check_once(torch.zeros(2, dtype=torch.uint8), "no.such.check", lambda: None)
+    calls = []
+    t = torch.zeros(2, 2, dtype=torch.uint8)
+    assert [check_once(t, "sparse24.meta", lambda: calls.append(1)) for _ in range(3)] == [False, True, True]
+    assert calls == [1]
