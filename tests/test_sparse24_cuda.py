@@ -124,9 +124,19 @@ def fresh_cache():
     clear_validation_cache()
 
 
+@pytest.fixture(params=["cuda", "triton"])
+def backend(request):
+    """The CUDA C++ kernels check meta in C++, Triton in Python (lowbit/_checks.py): one cache."""
+    status = lowbit.backends.backends()[request.param]
+    if not status.available:
+        pytest.skip(f"{request.param} backend unavailable: {status.reason}")
+    with lowbit.backends.use(request.param):
+        yield request.param
+
+
 @pytest.mark.parametrize("kind", ["mm", "int8"])
 @pytest.mark.parametrize("N,K", [(64, 256), (33, 100)])  # CUTLASS, SIMT
-def test_meta_validated_once_then_no_sync_and_graph_capture(kind, N, K, fresh_cache):
+def test_meta_validated_once_then_no_sync_and_graph_capture(kind, N, K, backend, fresh_cache):
     call, meta = _call_for(kind, N, K)
     want = call(meta)  # the one validation: a device sync
     torch.cuda.synchronize()
@@ -157,7 +167,7 @@ def test_meta_validated_once_then_no_sync_and_graph_capture(kind, N, K, fresh_ca
 
 
 @pytest.mark.parametrize("kind", ["mm", "int8"])
-def test_in_place_corruption_after_caching_is_caught(kind, fresh_cache):
+def test_in_place_corruption_after_caching_is_caught(kind, backend, fresh_cache):
     call, meta = _call_for(kind, 64, 256)
     call(meta)
     call(meta)
@@ -167,7 +177,7 @@ def test_in_place_corruption_after_caching_is_caught(kind, fresh_cache):
         call(meta)
 
 
-def test_capture_with_an_unvalidated_meta_fails_before_enqueueing(fresh_cache):
+def test_capture_with_an_unvalidated_meta_fails_before_enqueueing(backend, fresh_cache):
     call, meta = _call_for("mm", 64, 256)
     graph = torch.cuda.CUDAGraph()
     with pytest.raises(RuntimeError, match=r"meta has not been validated.*before capturing"):
