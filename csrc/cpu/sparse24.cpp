@@ -471,11 +471,11 @@ bool use_avx2() {
 // The in-kernel block check is cheap but not free. Skipping it, one thread, under load (minimum
 // and 10th percentile of 100-1000 interleaved hit/check pairs): W8A8 M = 1 and M = 4 at
 // N = K = 4096 7-10% faster, fp16 values M = 1 at 1024 x 1024 and 1024 x 4096 5%, fp16 / fp32
-// M = 1 at 4096 x 4096 (bound by the weight stream) 1-4%; never slower. Using the cache on the CPU
-// also gives the CPU and CUDA ops one guarantee, tested here without a GPU. A write that bypasses the version counter is then not
-// re-checked (see the header), which on the CPU stays memory-safe: every kernel reads only the
-// 2-bit indices, which cannot leave their 4-column group, so such metadata gives wrong values,
-// never an out-of-bounds read.
+// M = 1 at 4096 x 4096 (bound by the weight stream) 1-4%; never slower. Using the cache on the
+// CPU also gives the CPU and CUDA ops one guarantee, tested here without a GPU. A write that
+// bypasses the version counter is then not re-checked (see the header), which on the CPU stays
+// memory-safe: every kernel reads only 2-bit indices, which cannot leave their 4-column group,
+// so such metadata gives wrong values, never an out-of-bounds read.
 struct MetaCheck {
   std::optional<ValidationCache::Key> key;
   bool known_valid = false;
