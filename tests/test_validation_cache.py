@@ -82,14 +82,18 @@ def test_hit_and_miss_give_identical_results(M, values_dtype):
     assert validation_cache_stats().misses == 1
     second = mm(x, W, W.meta)                     # skips the checks
     assert validation_cache_stats().hits == 1
-    assert torch.equal(first, second)
-    assert torch.equal(first, ref.sparse24_mm(x, W.values, W.meta, W.scale, None))
+    assert torch.equal(first, second)  # (accuracy against the spec: tests/test_sparse24.py)
     if values_dtype == torch.int8:
         a = torch.randint(-128, 128, (M, 2048 + 16), dtype=torch.int8)  # -128: the other product form
-        call = lambda: torch.ops.lowbit.sparse24_int8_scaled_mm(a, W.values, W.meta, torch.ones(M), W.scale,  # noqa: E731
-                                                                  None, None)
-        assert torch.equal(call(), call())
-        assert torch.equal(call(), ref.sparse24_int8_scaled_mm(a, W.values, W.meta, torch.ones(M), W.scale))
+        scale_a = torch.rand(M) + 0.5
+
+        def w8a8():
+            return torch.ops.lowbit.sparse24_int8_scaled_mm(a, W.values, W.meta, scale_a, W.scale, None, None)
+
+        clear_validation_cache()
+        checked, skipped = w8a8(), w8a8()
+        assert torch.equal(checked, skipped)
+        assert torch.equal(checked, ref.sparse24_int8_scaled_mm(a, W.values, W.meta, scale_a, W.scale))  # exact
 
 
 @pytest.mark.parametrize("write", [
