@@ -36,12 +36,16 @@ class ValidationCacheStats:
     enabled: bool
 
 
-def _lib():
-    if not _extension.LOADED:
-        return None
-    from . import _C
+_C_MODULE = None
 
-    return _C
+
+def _lib():
+    global _C_MODULE
+    if _C_MODULE is None and _extension.LOADED:  # once: check_once runs on every sparse24 call
+        from . import _C
+
+        _C_MODULE = _C
+    return _C_MODULE
 
 
 def clear_validation_cache() -> None:
