@@ -38,3 +38,5 @@ from . import compress  # noqa: E402,F401
 from .configs import BinaryConfig  # noqa: E402,F401
 # ---- ptq: AWQ (activation-aware int4 / int8 weight-only scaling)
 from .quant.awq import awq  # noqa: E402,F401
+# ---- validation cache: data checks (2:4 metadata) run once per tensor version; clear after raw writes
+from .validation_cache import clear_validation_cache  # noqa: E402,F401

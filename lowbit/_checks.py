@@ -323,10 +323,28 @@ def _is_fake(t: torch.Tensor) -> bool:
     return t.device.type == "meta" or is_fake(t)
 
 
+#: ValidationCache tag (csrc/include/lowbit/sparse24_layout.h, kMetaNibblesValid)
+SPARSE24_META_TAG = "sparse24.meta"
+
+
 def sparse24_meta_data(op, meta):
-    """Data check: every nibble names two distinct columns in increasing order (skipped for fake tensors)."""
+    """Data check: every nibble names two distinct columns in increasing order (skipped for fake tensors).
+
+    Once per meta tensor version where lowbit._C is built (lowbit/validation_cache.py): on CUDA
+    the scan ends in a sync, which the Triton backend would otherwise pay on every call."""
     if _is_fake(meta):
         return
+    from .validation_cache import check_once
+
+    check_once(meta, SPARSE24_META_TAG, lambda: _sparse24_meta_scan(op, meta))
+
+
+def _sparse24_meta_scan(op, meta):
+    if meta.is_cuda and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            f"lowbit.{op}: meta has not been validated in its current state (new, modified in place, an inference "
+            "tensor, or the validation cache was cleared or disabled), and validating it needs a device sync, which "
+            "CUDA-graph capture forbids: run the op once with this meta before capturing")
     table = torch.zeros(16, dtype=torch.bool, device=meta.device)
     table[list(SPARSE24_VALID_NIBBLES)] = True
     m = meta.to(torch.int64)

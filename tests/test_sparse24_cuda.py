@@ -98,3 +98,107 @@ def test_torch_semi_structured_agrees():
     ours = lowbit.ops.sparse24_mm(x, values, meta)
     theirs = torch.nn.functional.linear(x, t)
     torch.testing.assert_close(ours, theirs, rtol=2e-3, atol=2e-3)
+
+
+# ---- validation cache: the metadata check (a device sync) runs once per meta tensor version
+from lowbit.validation_cache import clear_validation_cache, validation_cache_stats  # noqa: E402
+
+
+def _call_for(kind, N, K):
+    """(call(meta), meta): one op on CUDA tensors; N % 32 == 0 with K % 128 == 0 is the CUTLASS path."""
+    if kind == "mm":
+        values, meta, scale = make(N, K, torch.float16)
+        x = torch.randn(3, K, device="cuda", dtype=torch.float16)
+        return (lambda m: lowbit.ops.sparse24_mm(x, values, m, scale)), meta.clone()
+    values, meta, scale = make(N, K, torch.int8)
+    a = torch.randint(-128, 128, (3, K), dtype=torch.int8, device="cuda")
+    scale_a = torch.rand(3, device="cuda") + 0.1
+    return (lambda m: lowbit.ops.sparse24_int8_scaled_mm(a, values, m, scale_a, scale)), meta.clone()
+
+
+@pytest.fixture
+def fresh_cache():
+    clear_validation_cache()
+    validation_cache_stats(reset=True)
+    yield
+    clear_validation_cache()
+
+
+@pytest.fixture(params=["cuda", "triton"])
+def backend(request):
+    """The CUDA C++ kernels check meta in C++, Triton in Python (lowbit/_checks.py): one cache."""
+    status = lowbit.backends.backends()[request.param]
+    if not status.available:
+        pytest.skip(f"{request.param} backend unavailable: {status.reason}")
+    with lowbit.backends.use(request.param):
+        yield request.param
+
+
+@pytest.mark.parametrize("kind", ["mm", "int8"])
+@pytest.mark.parametrize("N,K", [(64, 256), (33, 100)])  # CUTLASS, SIMT
+def test_meta_validated_once_then_no_sync_and_graph_capture(kind, N, K, backend, fresh_cache):
+    call, meta = _call_for(kind, N, K)
+    want = call(meta)  # the one validation: a device sync
+    torch.cuda.synchronize()
+    assert validation_cache_stats().misses == 1
+    prev = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")  # any synchronizing call now raises
+    try:
+        got = call(meta)  # (compared below: torch.equal itself syncs)
+        clear_validation_cache()
+        with pytest.raises(RuntimeError, match="synchroniz"):  # the detector is live: a miss syncs
+            call(meta)
+    finally:
+        torch.cuda.set_sync_debug_mode(prev)
+    assert torch.equal(got, want)
+    side = torch.cuda.Stream()  # warm-up on a side stream, as torch.cuda.graphs documents
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        call(meta)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = call(meta)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, want)
+    # The first call, the refused one after clearing (not recorded), the warm-up; capture hit.
+    assert validation_cache_stats().misses == 3
+
+
+@pytest.mark.parametrize("kind", ["mm", "int8"])
+def test_in_place_corruption_after_caching_is_caught(kind, backend, fresh_cache):
+    call, meta = _call_for(kind, 64, 256)
+    call(meta)
+    call(meta)
+    assert validation_cache_stats().hits == 1
+    meta[3, 1] = 0x0E  # high nibble 0x0 is invalid; the write bumps meta._version
+    with pytest.raises(ValueError, match=r"lowbit\.sparse24_(int8_scaled_)?mm: meta\[3, 1\]=0x0e"):
+        call(meta)
+
+
+def test_capture_with_an_unvalidated_meta_fails_before_enqueueing(backend, fresh_cache):
+    call, meta = _call_for("mm", 64, 256)
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match=r"meta has not been validated.*before capturing"):
+        with torch.cuda.graph(graph):
+            call(meta)
+    want = call(meta)  # the stream is usable; this validates
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = call(meta)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, want)
+
+
+def test_write_bypassing_the_version_counter_is_caught_after_clear(fresh_cache):
+    # (Never run the op on the corrupted meta before clearing: on the GPU that is the undefined
+    # behaviour the check exists to prevent.)
+    call, meta = _call_for("mm", 64, 256)
+    call(meta)
+    meta.data[3, 1] = 0x0E
+    assert meta._version == 0
+    clear_validation_cache()
+    with pytest.raises(ValueError, match=r"meta\[3, 1\]=0x0e"):
+        call(meta)

@@ -15,7 +15,10 @@
 // kernel scatters lowbit's row-major nibbles with sparse24_layout::cutlass_meta_offset, which
 // tests/test_sparse24.py checks on the CPU against torch's own port of reorder_meta.
 // Metadata validity is checked on the device (one flag), and on failure the message comes from
-// the same host check as the CPU kernel.
+// the same host check as the CPU kernel. Reading the flag is a device sync, so it runs once per
+// metadata tensor and content version, not per call: lowbit::ValidationCache
+// (lowbit/validated_once.h; the guarantee and its limits are there and in docs/ops.md). A cache hit
+// costs a hash lookup and no sync, which also lets a warmed-up call be captured in a CUDA graph.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
@@ -25,6 +28,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <optional>
 #include <type_traits>
 
 #include "cutlass/cutlass.h"
@@ -36,6 +40,7 @@
 #include "lowbit/cuda/cutlass_host.cuh"
 #include "lowbit/cuda/host.cuh"
 #include "lowbit/sparse24_layout.h"
+#include "lowbit/validated_once.h"
 
 namespace lowbit {
 namespace cuda {
@@ -165,6 +170,27 @@ void check_meta_on_device(const char* op, const at::Tensor& meta, cudaStream_t s
   if (bad.item<int>() != 0) check_sparse24_meta_data(op, meta.cpu());
 }
 
+// Invalid metadata must never reach mma.sp (undefined behaviour), but checking it costs a sync:
+// check once per tensor and content version (the key is taken before the check, so a write
+// racing with it makes the next call check again). A miss under CUDA-graph capture cannot sync:
+// it fails with a message saying to warm up first, before anything illegal is enqueued.
+// Not chosen: a device-side flag that every kernel (CUTLASS's too) reads and exits on. It would
+// need no cache, but a bad meta would then give an unfinished output and no ValueError, since
+// raising one needs the flag on the host.
+void check_meta_once(const char* op, const at::Tensor& meta, const at::Tensor& meta_c, cudaStream_t stream) {
+  ValidationCache& cache = validation_cache();
+  const std::optional<ValidationCache::Key> key = cache.key(meta, L::kMetaNibblesValid);
+  if (key && cache.contains(*key)) return;
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
+  TORCH_CHECK(capture == cudaStreamCaptureStatusNone, "lowbit.", op,
+              ": meta has not been validated in its current state (new, modified in place, an inference "
+              "tensor, or the validation cache was cleared or disabled), and validating it needs a device "
+              "sync, which CUDA-graph capture forbids: run the op once with this meta before capturing");
+  check_meta_on_device(op, meta_c, stream);
+  if (key) cache.record(meta, *key);
+}
+
 // x [M, K] -> [M, Kp] contiguous in `dtype`, zero past K (a view when it already is one).
 at::Tensor padded_rows(const at::Tensor& x, int64_t Kp, c10::ScalarType dtype) {
   if (x.scalar_type() == dtype && x.size(1) == Kp && x.is_contiguous() && aligned16(x.data_ptr())) return x;
@@ -205,7 +231,7 @@ at::Tensor sparse24_mm_cuda(const at::Tensor& x, const at::Tensor& values, const
   const c10::cuda::CUDAGuard guard(x.device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const at::Tensor meta_c = meta.contiguous();
-  check_meta_on_device(op, meta_c, stream);
+  check_meta_once(op, meta, meta_c, stream);
   const int64_t M = x.size(0), K = x.size(1), N = values.size(0), Kp = L::padded_k(K);
   const at::Tensor v = values.contiguous();
   const at::Tensor s = scale.has_value() ? scale->contiguous() : at::Tensor();
@@ -262,7 +288,7 @@ at::Tensor sparse24_int8_scaled_mm_cuda(const at::Tensor& a, const at::Tensor& v
   const c10::cuda::CUDAGuard guard(a.device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const at::Tensor meta_c = meta.contiguous();
-  check_meta_on_device(op, meta_c, stream);
+  check_meta_once(op, meta, meta_c, stream);
   const int64_t M = a.size(0), K = a.size(1), N = values.size(0), Kp = L::padded_k(K);
   const at::Tensor v = values.contiguous();
   const at::Tensor sa = scale_a.contiguous(), sb = scale_b.contiguous();

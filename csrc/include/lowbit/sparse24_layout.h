@@ -29,6 +29,11 @@ LOWBIT_HD int64_t padded_k(int64_t K) { return (K + kKAlign - 1) / kKAlign * kKA
 LOWBIT_HD int64_t values_per_row(int64_t K) { return padded_k(K) / 2; }
 LOWBIT_HD int64_t meta_bytes_per_row(int64_t K) { return padded_k(K) / 8; }
 
+// The property "every metadata nibble is valid", as the ValidationCache (validated_once.h) tag:
+// an inline variable, so the CPU and CUDA translation units share its address. Python code
+// (lowbit/_checks.py) names it by this content.
+inline constexpr char kMetaNibblesValid[] = "sparse24.meta";
+
 // A nibble is valid when its two indices are strictly increasing: 0x4, 0x8, 0x9, 0xC, 0xD, 0xE.
 LOWBIT_HD bool nibble_valid(uint32_t nibble) { return (nibble & 3u) < ((nibble >> 2) & 3u); }
 LOWBIT_HD bool byte_valid(uint32_t byte) { return nibble_valid(byte & 0xFu) && nibble_valid(byte >> 4); }
