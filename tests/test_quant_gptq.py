@@ -237,6 +237,20 @@ def test_codebook_gptq_module_runs_on_the_kernels(preset):
     assert G.output_error(w, W, H) < G.output_error(w, base.dequantize(torch.float32), H)
 
 
+def test_codebook_gptq_learns_aq_codebooks_weighted(caplog):
+    """weighted_init: the aq codebooks GPTQ starts from are the importance-weighted learner's (its
+    least-squares step used to fail under diag(H) and the codebooks were learned unweighted)."""
+    torch.manual_seed(5)
+    lin = torch.nn.Linear(128, 32)
+    H = _correlated_hessian(128, 5)
+    with caplog.at_level("WARNING", logger="lowbit"):
+        m, base = G.codebook_gptq_module(lin, "aq2", H, refit_steps=0)
+    assert not caplog.records
+    ref = CodebookLinear.from_float(lin, "aq", 8, 8, num_codebooks=2, importance=torch.diag(H).float())
+    assert torch.equal(base.codebooks, ref.codebooks) and torch.equal(base.codes, ref.codes)
+    assert isinstance(m, CodebookLinear) and m.num_codebooks == 2
+
+
 @pytest.mark.parametrize("layer,preset,weighted", [(LAYERS[0], "kmeans4", True), (LAYERS[1], "kmeans4", True),
                                                     (LAYERS[0], "pq2", False)])
 def test_codebook_gptq_beats_the_plain_fit_on_minilm(minilm_hessians, layer, preset, weighted):
