@@ -23,10 +23,9 @@ from torch import nn
 import lowbit
 from lowbit.configs import BinaryConfig, CodebookConfig, Sparse24Config
 from lowbit.nn import BinaryConv2d, BinaryLinear, CodebookLinear, QuantizedConv2d, Sparse24Linear, im2col
-from lowbit.qat import (CodebookWeightFakeQuant, QATConfig, QATConv2d, QATLinear, Sparse24WeightFakeQuant,
-                        configure_codebook, configure_sparse24)
+from lowbit.qat import (CodebookWeightFakeQuant, GeneralCodebookWeightFakeQuant, QATConfig, QATConv2d, QATLinear,
+                        Sparse24WeightFakeQuant, configure_codebook, configure_sparse24)
 from lowbit.formats import codebook as cb_fmt
-from lowbit.qat.families import GeneralCodebookWeightFakeQuant
 from lowbit.quant import nm_prune
 from lowbit.quant.codebook import scalar_kmeans_quantize
 

@@ -81,16 +81,16 @@ LAYERS = ["encoder.layer.0.attention.self.query", "encoder.layer.3.intermediate.
 def minilm_hessians(minilm):
     model, (cal, held) = minilm
     mods = dict(model.named_modules())
-    out = {}
-    for name in LAYERS:
-        hs = [G.Hessian(mods[name].in_features), G.Hessian(mods[name].in_features)]
-        for h, batch in zip(hs, (cal, held)):
-            handle = mods[name].register_forward_pre_hook(lambda m, a, h=h: h.add(a[0][batch["attention_mask"].bool()]))
-            with torch.no_grad():
-                model(**batch)
+    hs = {name: [G.Hessian(mods[name].in_features), G.Hessian(mods[name].in_features)] for name in LAYERS}
+    for i, batch in enumerate((cal, held)):  # one forward pass per batch serves every layer
+        real = batch["attention_mask"].bool()
+        handles = [mods[name].register_forward_pre_hook(lambda m, a, h=hs[name][i]: h.add(a[0][real]))
+                   for name in LAYERS]
+        with torch.no_grad():
+            model(**batch)
+        for handle in handles:
             handle.remove()
-        out[name] = (mods[name].weight.detach(), *hs)
-    return out
+    return {name: (mods[name].weight.detach(), *hs[name]) for name in LAYERS}
 
 
 @pytest.mark.parametrize("layer", LAYERS)
@@ -235,6 +235,28 @@ def test_codebook_gptq_module_runs_on_the_kernels(preset):
     assert bool(((y.double() - ref).abs() <= bound).all())
     w = lin.weight.detach()
     assert G.output_error(w, W, H) < G.output_error(w, base.dequantize(torch.float32), H)
+
+
+def test_codebook_gptq_learns_aq_codebooks_weighted(caplog, monkeypatch):
+    """weighted_init: the aq codebooks GPTQ starts from are the diag(H)-weighted learner's (its
+    least-squares step used to fail under per-coordinate importance, and GPTQ fell back to
+    unweighted codebooks with a warning; tests/test_quant_codebook.py tests the learner itself)."""
+    calls = []
+    learner = learn.additive_quantize
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("importance"))
+        return learner(*args, **kwargs)
+
+    monkeypatch.setattr(learn, "additive_quantize", spy)
+    torch.manual_seed(5)
+    lin = torch.nn.Linear(128, 32)
+    H = _correlated_hessian(128, 5)
+    with caplog.at_level("WARNING", logger="lowbit"):
+        m, base = G.codebook_gptq_module(lin, "aq2", H, refit_steps=0)
+    assert not caplog.records
+    assert len(calls) == 1 and torch.equal(calls[0], torch.diag(H).float())
+    assert isinstance(m, CodebookLinear) and m.num_codebooks == 2 and base.num_codebooks == 2
 
 
 @pytest.mark.parametrize("layer,preset,weighted", [(LAYERS[0], "kmeans4", True), (LAYERS[1], "kmeans4", True),

@@ -91,6 +91,29 @@ def test_least_squares_recovery_reduces_output_error():
     assert grad[mask].abs().max() < tol
 
 
+def test_recovery_solves_in_a_fresh_multithreaded_process():
+    """Regression: the per-row solves were one batched torch.linalg.solve, whose CPU LU (torch 2.14 +
+    MKL 2024.2, 2 threads) returns invalid pivots in a fresh process for [rows, 192, 192] systems
+    (MiniLM's K = 384 at 2:4): "Pivots given to lu_solve must all be greater or equal to 1". A
+    process that has already factored small matrices does not show it, hence a fresh interpreter."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = (
+        "import torch\n"
+        "from lowbit.quant import nm_prune as P\n"
+        "torch.set_num_threads(2)\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        "w, x = torch.randn(8, 384, generator=g), torch.randn(1000, 384, generator=g)\n"
+        "out = P.least_squares_recovery(w, P.nm_prune_mask(w), x)\n"
+        "assert bool(torch.isfinite(out).all()) and P.is_nm_sparse(out)\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-1500:]
+
+
 def test_recovery_leaves_a_dense_row_unchanged():
     x = torch.randn(100, 8)
     w = torch.randn(2, 8)

@@ -6,6 +6,9 @@
 
 * :mod:`lowbit.qat.fake_quant`: fake quantizers with straight-through (and LSQ) gradients whose
   values are the real formats' bit for bit, and :func:`register_fake_quant` for new families;
+* :mod:`lowbit.qat.families`: binary, 2:4 sparse and codebook fake quantizers
+  (:class:`CodebookWeightFakeQuant` for kmeans / pq, :class:`GeneralCodebookWeightFakeQuant` for
+  opq / rq / aq / lattice);
 * :mod:`lowbit.qat.modules`: QATLinear, QATConv2d, and the batch-norm-fused QATConvBn2d / QATLinearBn1d;
 * :mod:`lowbit.qat.bn_fold`: :func:`fold_bn` for post-training quantization;
 * :mod:`lowbit.qat.prepare`: :func:`prepare_qat`, :func:`convert`, :class:`QATConfig`,
@@ -38,6 +41,7 @@ from .fake_quant import (  # noqa: F401
 from .families import (  # noqa: F401
     BinaryWeightFakeQuant,
     CodebookWeightFakeQuant,
+    GeneralCodebookWeightFakeQuant,
     Sparse24WeightFakeQuant,
     configure_codebook,
     configure_sparse24,

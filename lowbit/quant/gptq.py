@@ -388,17 +388,7 @@ def codebook_gptq_module(linear: nn.Linear, config: CodebookConfig | str, H: tor
     if not isinstance(config, CodebookConfig):
         raise Unsupported(f"codebook GPTQ needs a CodebookConfig, not {type(config).__name__}")
     Hd = H.detach().to(torch.float64)
-    base = None
-    if weighted_init:
-        try:
-            base = _codebook_module(linear, config, torch.diag(Hd))
-        except RuntimeError as e:
-            # The AQ learner's least-squares step fails under per-coordinate importance (a
-            # singular solve inside lowbit.quant.codebook.ls_codebooks); GPTQ only needs codebooks.
-            log.warning("lowbit.gptq: the %s learner failed with diag(H) importance (%s); "
-                        "learning the codebooks unweighted", config.method, str(e).splitlines()[0])
-    if base is None:
-        base = _codebook_module(linear, config, None)
+    base = _codebook_module(linear, config, torch.diag(Hd) if weighted_init else None)
     w = linear.weight.detach().to(torch.float32)
     fit = gptq_codebook(w, Hd.to(w.device), _codebook_fit_of(base), act_order=act_order, damp=damp,
                         block_size=block_size, beam=beam)
