@@ -564,14 +564,10 @@ void run_scaled_cutlass(const at::Tensor& a, const at::Tensor& b, const at::Tens
   using Scaled = int8_cutlass::Int8ScaledGemm<ElementD>;
   using Gemm = typename Scaled::Gemm;
   const int64_t M = a.size(0), N = b.size(0), K = a.size(1);
-  typename Gemm::Arguments args(cutlass::gemm::GemmUniversalMode::kGemm, {int(M), int(N), int(K)},
-                                /*batch_count=*/1,
-                                Scaled::epilogue_args(ptr<const float>(scale_a), ptr<const float>(scale_b), bias,
-                                                      ptr<ElementD>(out), M, N),
-                                a.data_ptr(), b.data_ptr(), nullptr, nullptr,
-                                /*batch strides*/ M * K, N * K, 0, 0,
-                                /*lda, ldb, ldc, ldd*/ K, K, 0, 0);
-  cutlass_host::run<Gemm>(args, a, "int8_scaled_mm", stream);
+  const auto evt = Scaled::Epilogue::arguments({}, ptr<const float>(scale_a), ptr<const float>(scale_b), bias,
+                                                ptr<ElementD>(out), M, N);
+  cutlass_host::run<Gemm>(cutlass_evt::sm80::arguments<Gemm>(evt, a.data_ptr(), b.data_ptr(), M, N, K), a,
+                          "int8_scaled_mm", stream);
 }
 
 at::Tensor int8_scaled_mm_cuda(const at::Tensor& a_in, const at::Tensor& b_in, const at::Tensor& scale_a_in,
@@ -597,11 +593,9 @@ at::Tensor int8_scaled_mm_cuda(const at::Tensor& a_in, const at::Tensor& b_in, c
     // The visitor tree reads full vectors: expand scalar scales (M or N floats, negligible).
     const at::Tensor sa = scale_a_in.reshape({-1}).expand({M}).contiguous();
     const at::Tensor sb = aligned_copy_if_needed(scale_b_in.reshape({-1}).expand({N}).contiguous());
-    switch (out_dtype) {
-      case c10::ScalarType::Float: run_scaled_cutlass<float>(a, b, sa, sb, bias_ptr, out, stream); break;
-      case c10::ScalarType::Half: run_scaled_cutlass<cutlass::half_t>(a, b, sa, sb, bias_ptr, out, stream); break;
-      default: run_scaled_cutlass<cutlass::bfloat16_t>(a, b, sa, sb, bias_ptr, out, stream); break;
-    }
+    cutlass_host::dispatch_output(out_dtype, [&](auto tag) {
+      run_scaled_cutlass<typename decltype(tag)::type>(a, b, sa, sb, bias_ptr, out, stream);
+    });
     return out;
   }
   const at::Tensor sa = scale_a_in.reshape({-1}).contiguous();
