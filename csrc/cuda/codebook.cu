@@ -210,7 +210,7 @@ __global__ void __launch_bounds__(kTileThreads)
     __syncthreads();
 #pragma unroll
     for (int kk = 0; kk < kTileK; ++kk) {
-      fma_4x4(xs[kk], ws[kk], [&](int i) { return tm + i; }, [&](int j) { return tn + j; }, acc);
+      fma_4x4(xs, ws, kk, [&](int i) { return tm + i; }, [&](int j) { return tn + j; }, acc);
     }
     __syncthreads();
   }

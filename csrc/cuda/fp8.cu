@@ -399,7 +399,7 @@ __global__ void __launch_bounds__(simt_tile::kThreads)
     __syncthreads();
 #pragma unroll
     for (int kk = 0; kk < kBK; ++kk) {
-      fma_4x4(As[kk], Bs[kk], [&](int i) { return out_row(t, i); }, [&](int j) { return out_col(t, j); }, acc);
+      fma_4x4(As, Bs, kk, [&](int i) { return out_row(t, i); }, [&](int j) { return out_col(t, j); }, acc);
     }
     __syncthreads();
   }

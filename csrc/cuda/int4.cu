@@ -318,7 +318,7 @@ __global__ void __launch_bounds__(L::tiled::kThreads32)
     __syncthreads();
 #pragma unroll 8
     for (int kk = 0; kk < L::kBlock; ++kk) {
-      fma_4x4(Xs[kk], Ws[kk], [&](int i) { return out_row32(t, i); }, [&](int j) { return out_col32(t, j); }, part);
+      fma_4x4(Xs, Ws, kk, [&](int i) { return out_row32(t, i); }, [&](int j) { return out_col32(t, j); }, part);
     }
     if (group_ends(gp, b, nblocks)) {
 #pragma unroll

@@ -380,7 +380,7 @@ __global__ void __launch_bounds__(L::tiled::kThreads32)
     __syncthreads();
 #pragma unroll
     for (int kk = 0; kk < kBK32; ++kk) {
-      fma_4x4(As[kk], Bs[kk], [&](int i) { return out_row32(t, i); }, [&](int j) { return out_col32(t, j); }, acc);
+      fma_4x4(As, Bs, kk, [&](int i) { return out_row32(t, i); }, [&](int j) { return out_col32(t, j); }, acc);
     }
     __syncthreads();
   }

@@ -86,15 +86,16 @@ __device__ __forceinline__ void load16(const T16* p, float (&f)[16]) {
   }
 }
 
-// One k step of a SIMT GEMM thread's 4x4 register tile: acc[i][j] += a[row(i)] * b[col(j)],
-// a and b the k-th rows of the block's k-major operand tiles, row / col the thread's map.
-template <class Row, class Col>
-__device__ __forceinline__ void fma_4x4(const float* a, const float* b, Row row, Col col, float (&acc)[4][4]) {
+// One k step of a SIMT GEMM thread's 4x4 register tile: acc[i][j] += a[k][row(i)] * b[k][col(j)],
+// a and b the block's k-major operand tiles, row / col the thread's map.
+template <int kK, int kLdA, int kLdB, class Row, class Col>
+__device__ __forceinline__ void fma_4x4(const float (&a)[kK][kLdA], const float (&b)[kK][kLdB], int k, Row row, Col col,
+                                        float (&acc)[4][4]) {
   float av[4], bv[4];
 #pragma unroll
-  for (int i = 0; i < 4; ++i) av[i] = a[row(i)];
+  for (int i = 0; i < 4; ++i) av[i] = a[k][row(i)];
 #pragma unroll
-  for (int j = 0; j < 4; ++j) bv[j] = b[col(j)];
+  for (int j = 0; j < 4; ++j) bv[j] = b[k][col(j)];
 #pragma unroll
   for (int i = 0; i < 4; ++i)
 #pragma unroll

@@ -14,8 +14,9 @@ using Acc = nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float>
 
 // acc += A[wm * 32 .. +32][0 .. kBK) x B[wn * 32 .. +32][0 .. kBK)^T for warp (wm, wn); a and b
 // are the block's operand tiles, kLd elements per row.
-template <int kBK, typename T, int kLd>
-__device__ __forceinline__ void mma_tile(Acc (&acc)[2][2], const T (*a)[kLd], const T (*b)[kLd], int wm, int wn) {
+template <int kBK, typename T, int kRowsA, int kRowsB, int kLd>
+__device__ __forceinline__ void mma_tile(Acc (&acc)[2][2], const T (&a)[kRowsA][kLd], const T (&b)[kRowsB][kLd], int wm,
+                                         int wn) {
   namespace wmma = nvcuda::wmma;
 #pragma unroll
   for (int kk = 0; kk < kBK; kk += 16) {
@@ -34,8 +35,8 @@ __device__ __forceinline__ void mma_tile(Acc (&acc)[2][2], const T (*a)[kLd], co
 
 // Warp (wm, wn)'s 32 x 32 sums into the block's fp32 tile c (kLdC floats per row): the
 // fragments' element map is opaque, so epilogues read the sums back from shared memory.
-template <int kLdC>
-__device__ __forceinline__ void store_tile(float (*c)[kLdC], const Acc (&acc)[2][2], int wm, int wn) {
+template <int kRows, int kLdC>
+__device__ __forceinline__ void store_tile(float (&c)[kRows][kLdC], const Acc (&acc)[2][2], int wm, int wn) {
 #pragma unroll
   for (int i = 0; i < 2; ++i)
 #pragma unroll
