@@ -16,7 +16,8 @@
 // * BinaryGemm<int32_t>: D = dot (binary_mm).
 // * BinaryGemm<D> for float / half_t / bfloat16_t: D = round_D(((float(dot) * scale_a[m]) *
 //   scale_b[n]) + bias[n]), each step rounded to fp32 like the reference's sequence of torch ops
-//   (lowbit/backends/reference/binary.py): bit-identical results.
+//   (lowbit/backends/reference/binary.py): bit-identical results. The scaled chain and the
+//   kernel template are cutlass_evt_sm80.cuh's (shared with int8 and fp8 sm_89), fed by the dot.
 //
 // Output alignment 1 (scalar stores and per-column loads): any N, and N-vectors at any offset.
 #pragma once
