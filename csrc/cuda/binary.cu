@@ -205,14 +205,12 @@ void launch_cutlass(const at::Tensor& a, const at::Tensor& b, int64_t K, const f
   const int64_t M = a.size(0), N = b.size(0), k_bits = bl::cutlass_row_words(K) * bl::kWordBits;
   const Operand pa = prepare_operand<true>(a, K, stream);
   const Operand pb = prepare_operand<false>(b, K, stream);
-  typename Gemm::Arguments args(
-      cutlass::gemm::GemmUniversalMode::kGemm, {int(M), int(N), int(k_bits)}, /*batch_count=*/1,
-      BinaryGemm::epilogue_args(ptr<const int32_t>(pa.term), ptr<const int32_t>(pb.term), scale_a, scale_b, bias,
-                                ptr<ElementD>(out), M, N),
-      pa.words.data_ptr(), pb.words.data_ptr(), nullptr, nullptr,
-      /*batch strides*/ M * k_bits, N * k_bits, 0, 0,
-      /*lda, ldb (in bits), ldc, ldd*/ k_bits, k_bits, 0, 0);
-  cutlass_host::run<Gemm>(args, a, op, stream);
+  const auto evt = BinaryGemm::epilogue_args(ptr<const int32_t>(pa.term), ptr<const int32_t>(pb.term), scale_a,
+                                            scale_b, bias, ptr<ElementD>(out), M, N);
+  // K in bits: the operands are b1 elements.
+  cutlass_host::run<Gemm>(
+      cutlass_evt::sm80::arguments<Gemm>(evt, pa.words.data_ptr(), pb.words.data_ptr(), M, N, k_bits), a, op,
+      stream);
 }
 
 at::Tensor binary_mm_cuda(const at::Tensor& a_in, const at::Tensor& b_in, int64_t K) {
@@ -252,17 +250,9 @@ at::Tensor binary_scaled_mm_cuda(const at::Tensor& a_in, const at::Tensor& b_in,
     const at::Tensor sa = scale_a.reshape({-1}).expand({M}).contiguous();
     const at::Tensor sb = scale_b.reshape({-1}).expand({N}).contiguous();
     const float *sa_ptr = ptr<const float>(sa), *sb_ptr = ptr<const float>(sb);
-    switch (out_type) {
-      case c10::ScalarType::Float:
-        launch_cutlass<float>(a, b, K, sa_ptr, sb_ptr, bias_ptr, out, op, stream);
-        break;
-      case c10::ScalarType::Half:
-        launch_cutlass<cutlass::half_t>(a, b, K, sa_ptr, sb_ptr, bias_ptr, out, op, stream);
-        break;
-      default:
-        launch_cutlass<cutlass::bfloat16_t>(a, b, K, sa_ptr, sb_ptr, bias_ptr, out, op, stream);
-        break;
-    }
+    cutlass_host::dispatch_output(out_type, [&](auto tag) {
+      launch_cutlass<typename decltype(tag)::type>(a, b, K, sa_ptr, sb_ptr, bias_ptr, out, op, stream);
+    });
     return out;
   }
   const at::Tensor sa = scale_a.contiguous(), sb = scale_b.contiguous();

@@ -36,6 +36,7 @@
 #include "lowbit/codebook_layout.h"
 #include "lowbit/cuda/common.cuh"
 #include "lowbit/cuda/host.cuh"
+#include "lowbit/cuda/wmma_2x2.cuh"
 
 namespace lowbit {
 namespace cuda {
@@ -209,16 +210,7 @@ __global__ void __launch_bounds__(kTileThreads)
     __syncthreads();
 #pragma unroll
     for (int kk = 0; kk < kTileK; ++kk) {
-      float a[4], b[4];
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        a[i] = xs[kk][tm + i];
-        b[i] = ws[kk][tn + i];
-      }
-#pragma unroll
-      for (int i = 0; i < 4; ++i)
-#pragma unroll
-        for (int q = 0; q < 4; ++q) acc[i][q] = fmaf(a[i], b[q], acc[i][q]);
+      fma_4x4(xs, ws, kk, [&](int i) { return tm + i; }, [&](int j) { return tn + j; }, acc);
     }
     __syncthreads();
   }
@@ -280,7 +272,7 @@ __global__ void __launch_bounds__(wmma_tile::kThreads)
   const int64_t row_group = b_ok ? (n / L.rows_per_r) * L.G : 0;
   const T zero = Num<T>::from_f32(0.0f);
 
-  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2][2];
+  wmma_2x2::Acc acc[2][2];
 #pragma unroll
   for (int i = 0; i < 2; ++i)
 #pragma unroll
@@ -298,26 +290,10 @@ __global__ void __launch_bounds__(wmma_tile::kThreads)
       for (int e = 0; e < L.d; ++e) smem.tiles.b[rr][rc + i + e] = ok ? cb_s[first + e] : zero;
     }
     __syncthreads();  // (the first pass also publishes the staged codebook)
-#pragma unroll
-    for (int kk = 0; kk < kBK; kk += 16) {
-      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa[2];
-      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> fb[2];  // W tile is [n][k]: B^T
-#pragma unroll
-      for (int i = 0; i < 2; ++i) wmma::load_matrix_sync(fa[i], &smem.tiles.a[wm * 32 + i * 16][kk], kLd);
-#pragma unroll
-      for (int j = 0; j < 2; ++j) wmma::load_matrix_sync(fb[j], &smem.tiles.b[wn * 32 + j * 16][kk], kLd);
-#pragma unroll
-      for (int i = 0; i < 2; ++i)
-#pragma unroll
-        for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], fa[i], fb[j], acc[i][j]);
-    }
+    wmma_2x2::mma_tile<kBK>(acc, smem.tiles.a, smem.tiles.b, wm, wn);  // W tile is [n][k]: B^T
     __syncthreads();
   }
-#pragma unroll
-  for (int i = 0; i < 2; ++i)
-#pragma unroll
-    for (int j = 0; j < 2; ++j)
-      wmma::store_matrix_sync(&smem.c[wm * 32 + i * 16][wn * 32 + j * 16], acc[i][j], kLdC, wmma::mem_row_major);
+  wmma_2x2::store_tile(smem.c, acc, wm, wn);
   __syncthreads();
   for (int idx = t; idx < kBM * kBN; idx += kThreads) {
     const int r = idx / kBN, c = idx % kBN;
@@ -437,10 +413,9 @@ at::Tensor codebook_mm_cuda(const at::Tensor& x_in, const at::Tensor& codes_in, 
     using T = typename decltype(tag)::type;
     if (M <= kGemvMaxRows) {
       if (try_word_gemv<T>(x, codes, cb, scale_ptr, bias_ptr, out, L, stream)) return;
-      if (M == 1) launch_gemv<T, 1>(x, codes, cb, scale_ptr, bias_ptr, out, L, stream);
-      else if (M == 2) launch_gemv<T, 2>(x, codes, cb, scale_ptr, bias_ptr, out, L, stream);
-      else if (M <= 4) launch_gemv<T, 4>(x, codes, cb, scale_ptr, bias_ptr, out, L, stream);
-      else launch_gemv<T, 8>(x, codes, cb, scale_ptr, bias_ptr, out, L, stream);
+      dispatch_gemv_rows(M, [&](auto rows) {
+        launch_gemv<T, decltype(rows)::value>(x, codes, cb, scale_ptr, bias_ptr, out, L, stream);
+      });
       return;
     }
     if constexpr (!std::is_same_v<T, float>) {

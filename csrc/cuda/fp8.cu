@@ -50,6 +50,7 @@
 #include "lowbit/checks.h"
 #include "lowbit/cuda/common.cuh"
 #include "lowbit/cuda/host.cuh"
+#include "lowbit/cuda/wmma_2x2.cuh"
 #include "lowbit/cuda/fp8_native.h"
 #include "lowbit/cuda/fp8_tiles.cuh"
 #include "lowbit/fp8.h"
@@ -91,20 +92,7 @@ __device__ __forceinline__ uint8_t quantize_one(float x, float scale, bool e4m3,
 // Max over a group of kGroup threads (a warp or the block); the inputs are finite and >= 0.
 template <int kGroup>
 __device__ __forceinline__ float group_max(float v) {
-#pragma unroll
-  for (int offset = 16; offset > 0; offset /= 2) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, offset));
-  if constexpr (kGroup == 32) {
-    return v;
-  } else {
-    static_assert(kGroup == kQuantThreads, "group is a warp or the block");
-    __shared__ float warp_max[kQuantThreads / 32];
-    if (threadIdx.x % 32 == 0) warp_max[threadIdx.x / 32] = v;
-    __syncthreads();
-    v = warp_max[0];
-#pragma unroll
-    for (int i = 1; i < kQuantThreads / 32; ++i) v = fmaxf(v, warp_max[i]);
-    return v;
-  }
+  return group_reduce<kGroup, kQuantThreads>(v, [](float a, float b) { return fmaxf(a, b); });
 }
 
 // Scale groups of group_rows x group_cols elements of x [rows, K]; group g covers rows
@@ -296,7 +284,7 @@ __global__ void __launch_bounds__(wmma_tile::kThreads)
   const uint8_t* brow = b + (b_ok ? (n0 + rr) * K : 0);
   const int64_t kb = (K + kBlk - 1) / kBlk;
 
-  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2][2];
+  wmma_2x2::Acc acc[2][2];
   // -0.0: the additive identity (see stage_run), so exact -0.0 results survive.
 #pragma unroll
   for (int i = 0; i < 2; ++i)
@@ -310,20 +298,8 @@ __global__ void __launch_bounds__(wmma_tile::kThreads)
     stage_run<MT, kVec, kRun>(arow, a_ok, k0 + rc, K, a_e4m3, -0.f, &smem.tiles.a[rr][rc]);
     stage_run<MT, kVec, kRun>(brow, b_ok, k0 + rc, K, b_e4m3, 0.f, &smem.tiles.b[rr][rc]);
     __syncthreads();
-#pragma unroll
-    for (int kk = 0; kk < kBK; kk += 16) {
-      wmma::fragment<wmma::matrix_a, 16, 16, 16, MT, wmma::row_major> fa[2];
-      // B tile is [n][k], i.e. B^T stored column-major.
-      wmma::fragment<wmma::matrix_b, 16, 16, 16, MT, wmma::col_major> fb[2];
-#pragma unroll
-      for (int i = 0; i < 2; ++i) wmma::load_matrix_sync(fa[i], &smem.tiles.a[wm * 32 + i * 16][kk], kLd);
-#pragma unroll
-      for (int j = 0; j < 2; ++j) wmma::load_matrix_sync(fb[j], &smem.tiles.b[wn * 32 + j * 16][kk], kLd);
-#pragma unroll
-      for (int i = 0; i < 2; ++i)
-#pragma unroll
-        for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], fa[i], fb[j], acc[i][j]);
-    }
+    // B tile is [n][k], i.e. B^T stored column-major.
+    wmma_2x2::mma_tile<kBK>(acc, smem.tiles.a, smem.tiles.b, wm, wn);
     __syncthreads();
     if constexpr (kBlock) {
       if ((k0 + kBK) % kBlk == 0 || k0 + kBK >= K) {  // end of a 128-wide K block
@@ -356,11 +332,7 @@ __global__ void __launch_bounds__(wmma_tile::kThreads)
     }
   }
   if constexpr (!kBlock) {
-#pragma unroll
-    for (int i = 0; i < 2; ++i)
-#pragma unroll
-      for (int j = 0; j < 2; ++j)
-        wmma::store_matrix_sync(&smem.c[wm * 32 + i * 16][wn * 32 + j * 16], acc[i][j], kLdC, wmma::mem_row_major);
+    wmma_2x2::store_tile(smem.c, acc, wm, wn);
     __syncthreads();
   }
   for (int idx = t; idx < kBM * kBN; idx += kThreads) {
@@ -427,15 +399,7 @@ __global__ void __launch_bounds__(simt_tile::kThreads)
     __syncthreads();
 #pragma unroll
     for (int kk = 0; kk < kBK; ++kk) {
-      float av[4], bv[4];
-#pragma unroll
-      for (int i = 0; i < 4; ++i) av[i] = As[kk][out_row(t, i)];
-#pragma unroll
-      for (int j = 0; j < 4; ++j) bv[j] = Bs[kk][out_col(t, j)];
-#pragma unroll
-      for (int i = 0; i < 4; ++i)
-#pragma unroll
-        for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(av[i], bv[j], acc[i][j]);
+      fma_4x4(As, Bs, kk, [&](int i) { return out_row(t, i); }, [&](int j) { return out_col(t, j); }, acc);
     }
     __syncthreads();
   }

@@ -318,15 +318,7 @@ __global__ void __launch_bounds__(L::tiled::kThreads32)
     __syncthreads();
 #pragma unroll 8
     for (int kk = 0; kk < L::kBlock; ++kk) {
-      float av[4], bv[4];
-#pragma unroll
-      for (int i = 0; i < 4; ++i) av[i] = Xs[kk][out_row32(t, i)];
-#pragma unroll
-      for (int j = 0; j < 4; ++j) bv[j] = Ws[kk][out_col32(t, j)];
-#pragma unroll
-      for (int i = 0; i < 4; ++i)
-#pragma unroll
-        for (int j = 0; j < 4; ++j) part[i][j] = fmaf(av[i], bv[j], part[i][j]);
+      fma_4x4(Xs, Ws, kk, [&](int i) { return out_row32(t, i); }, [&](int j) { return out_col32(t, j); }, part);
     }
     if (group_ends(gp, b, nblocks)) {
 #pragma unroll
@@ -396,10 +388,9 @@ at::Tensor int4_weight_only_mm_cuda(const at::Tensor& x_in, const at::Tensor& pa
   dispatch_float(x.scalar_type(), [&](auto tag) {
     using T = typename decltype(tag)::type;
     if (M <= L::gemv::kMaxRows) {
-      if (M == 1) launch_gemv<T, 1>(x, w, gp, bias_ptr, out, N, stream);
-      else if (M == 2) launch_gemv<T, 2>(x, w, gp, bias_ptr, out, N, stream);
-      else if (M <= 4) launch_gemv<T, 4>(x, w, gp, bias_ptr, out, N, stream);
-      else launch_gemv<T, 8>(x, w, gp, bias_ptr, out, N, stream);
+      dispatch_gemv_rows(M, [&](auto rows) {
+        launch_gemv<T, decltype(rows)::value>(x, w, gp, bias_ptr, out, N, stream);
+      });
       return;
     }
     const dim3 grid(ceil_div(N, L::tiled::kBN), ceil_div(M, L::tiled::kBM));

@@ -22,7 +22,6 @@
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
-#include <atomic>
 #include <optional>
 #include <tuple>
 #include <type_traits>
@@ -124,30 +123,9 @@ __global__ void int4_sm90_dequant_kernel(const uint8_t* __restrict__ packed, con
 // ---------------------------------------------------------------------------- CUTLASS sm_90a
 using ProbeGemm = int4_sm90::MixedGemm<cutlass::half_t>::Gemm;
 
-int sm_count(int device) {
-  static std::atomic<int> cached[64] = {};
-  if (device < 0 || device >= 64) return cutlass::KernelHardwareInfo::query_device_multiprocessor_count(device);
-  int n = cached[device].load(std::memory_order_relaxed);
-  if (n == 0) {
-    n = cutlass::KernelHardwareInfo::query_device_multiprocessor_count(device);
-    cached[device].store(n, std::memory_order_relaxed);
-  }
-  return n;
-}
-
 // A 9.0 GPU and a kernel image built for it (binaryVersion 90), not the stub or foreign PTX.
 bool sm90_available(int device) {
-  int major = 0, minor = 0;
-  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device) != cudaSuccess)
-    return false;
-  if (major != 9 || minor != 0) return false;
-  cudaFuncAttributes attr{};
-  if (cudaFuncGetAttributes(&attr, cutlass::device_kernel<typename ProbeGemm::GemmKernel>) != cudaSuccess) {
-    (void)cudaGetLastError();
-    return false;
-  }
-  return attr.binaryVersion == 90;
+  return cutlass_host::compiled_for_device(cutlass::device_kernel<typename ProbeGemm::GemmKernel>, device, 9, 0);
 }
 
 template <typename T>
@@ -158,7 +136,7 @@ void run_sm90(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale,
   const int M = int(x.size(0)), N = int(w.size(0)), K = int(x.size(1));
   const int device = x.get_device();
   auto args = Mixed::arguments(w.data_ptr(), scale.data_ptr(), zero.data_ptr(), group_size, x.data_ptr(), bias,
-                               out.data_ptr(), M, N, K, device, sm_count(device));
+                               out.data_ptr(), M, N, K, device, cutlass_evt::sm90::sm_count(device));
   cutlass_host::run<Gemm>(args, x, "int4_cutlass_sm90_mm (CUTLASS sm_90a)", stream);
 }
 

@@ -30,6 +30,7 @@
 #include "lowbit/cuda/common.cuh"
 #include "lowbit/cuda/cutlass_host.cuh"
 #include "lowbit/cuda/host.cuh"
+#include "lowbit/cuda/wmma_2x2.cuh"
 #include "lowbit/cuda/int8_cutlass.cuh"
 #include "lowbit/int8_layout.h"
 
@@ -61,20 +62,7 @@ constexpr int kQuantThreads = 256;
 // Max over a group of kGroup threads: a warp, or the whole block.
 template <int kGroup>
 __device__ __forceinline__ float group_amax(float v) {
-#pragma unroll
-  for (int offset = 16; offset > 0; offset /= 2) v = nan_max(v, __shfl_xor_sync(0xffffffffu, v, offset));
-  if constexpr (kGroup == 32) {
-    return v;
-  } else {
-    static_assert(kGroup == kQuantThreads, "group is a warp or the block");
-    __shared__ float warp_max[kQuantThreads / 32];
-    if (threadIdx.x % 32 == 0) warp_max[threadIdx.x / 32] = v;
-    __syncthreads();
-    v = warp_max[0];
-#pragma unroll
-    for (int i = 1; i < kQuantThreads / 32; ++i) v = nan_max(v, warp_max[i]);
-    return v;
-  }
+  return group_reduce<kGroup, kQuantThreads>(v, [](float a, float b) { return nan_max(a, b); });
 }
 
 // Rows of length K; a group of kGroup threads owns one row. kDynamic: compute the row's scale
@@ -224,25 +212,6 @@ void launch_int8_gemm_simt(const int8_t* a, const int8_t* b, int64_t M, int64_t 
 }
 
 // ============================================================================ weight-only, M <= 8
-// 16 consecutive elements of x as fp32, from a 16-byte-aligned address.
-__device__ __forceinline__ void load16(const float* p, float (&f)[16]) {
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const float4 v = reinterpret_cast<const float4*>(p)[i];
-    f[4 * i] = v.x, f[4 * i + 1] = v.y, f[4 * i + 2] = v.z, f[4 * i + 3] = v.w;
-  }
-}
-template <typename T16>  // __half or __nv_bfloat16
-__device__ __forceinline__ void load16(const T16* p, float (&f)[16]) {
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    const uint4 v = reinterpret_cast<const uint4*>(p)[i];
-    const T16* h = reinterpret_cast<const T16*>(&v);
-#pragma unroll
-    for (int e = 0; e < 8; ++e) f[8 * i + e] = Num<T16>::to_f32(h[e]);
-  }
-}
-
 // kVec: K % 16 == 0 and 16-byte-aligned x and w, so every 16-element chunk is in bounds and
 // one 128-bit load. Otherwise element loads with any K.
 template <typename T, int kRows, bool kVec>
@@ -322,7 +291,7 @@ __global__ void __launch_bounds__(L::tiled::kThreads)
   const L::TileRun run = load_map(t);
   const int64_t xm = m0 + run.row, wnr = n0 + run.row;
 
-  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2][2];
+  wmma_2x2::Acc acc[2][2];
 #pragma unroll
   for (int i = 0; i < 2; ++i)
 #pragma unroll
@@ -355,27 +324,11 @@ __global__ void __launch_bounds__(L::tiled::kThreads)
       }
     }
     __syncthreads();
-#pragma unroll
-    for (int kk = 0; kk < kBK; kk += 16) {
-      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa[2];
-      // The weight tile is [n][k], i.e. B = W^T stored column-major.
-      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> fb[2];
-#pragma unroll
-      for (int i = 0; i < 2; ++i) wmma::load_matrix_sync(fa[i], &smem.tiles.a[wm * 32 + i * 16][kk], kLd);
-#pragma unroll
-      for (int j = 0; j < 2; ++j) wmma::load_matrix_sync(fb[j], &smem.tiles.b[wn * 32 + j * 16][kk], kLd);
-#pragma unroll
-      for (int i = 0; i < 2; ++i)
-#pragma unroll
-        for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], fa[i], fb[j], acc[i][j]);
-    }
+    // The weight tile is [n][k], i.e. B = W^T stored column-major.
+    wmma_2x2::mma_tile<kBK>(acc, smem.tiles.a, smem.tiles.b, wm, wn);
     __syncthreads();
   }
-#pragma unroll
-  for (int i = 0; i < 2; ++i)
-#pragma unroll
-    for (int j = 0; j < 2; ++j)
-      wmma::store_matrix_sync(&smem.c[wm * 32 + i * 16][wn * 32 + j * 16], acc[i][j], kLdC, wmma::mem_row_major);
+  wmma_2x2::store_tile(smem.c, acc, wm, wn);
   __syncthreads();
   for (int idx = t; idx < kBM * kBN; idx += kThreads) {
     const int r = idx / kBN, c = idx % kBN;
@@ -427,15 +380,7 @@ __global__ void __launch_bounds__(L::tiled::kThreads32)
     __syncthreads();
 #pragma unroll
     for (int kk = 0; kk < kBK32; ++kk) {
-      float av[4], bv[4];
-#pragma unroll
-      for (int i = 0; i < 4; ++i) av[i] = As[kk][out_row32(t, i)];
-#pragma unroll
-      for (int j = 0; j < 4; ++j) bv[j] = Bs[kk][out_col32(t, j)];
-#pragma unroll
-      for (int i = 0; i < 4; ++i)
-#pragma unroll
-        for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(av[i], bv[j], acc[i][j]);
+      fma_4x4(As, Bs, kk, [&](int i) { return out_row32(t, i); }, [&](int j) { return out_col32(t, j); }, acc);
     }
     __syncthreads();
   }
@@ -564,14 +509,10 @@ void run_scaled_cutlass(const at::Tensor& a, const at::Tensor& b, const at::Tens
   using Scaled = int8_cutlass::Int8ScaledGemm<ElementD>;
   using Gemm = typename Scaled::Gemm;
   const int64_t M = a.size(0), N = b.size(0), K = a.size(1);
-  typename Gemm::Arguments args(cutlass::gemm::GemmUniversalMode::kGemm, {int(M), int(N), int(K)},
-                                /*batch_count=*/1,
-                                Scaled::epilogue_args(ptr<const float>(scale_a), ptr<const float>(scale_b), bias,
-                                                      ptr<ElementD>(out), M, N),
-                                a.data_ptr(), b.data_ptr(), nullptr, nullptr,
-                                /*batch strides*/ M * K, N * K, 0, 0,
-                                /*lda, ldb, ldc, ldd*/ K, K, 0, 0);
-  cutlass_host::run<Gemm>(args, a, "int8_scaled_mm", stream);
+  const auto evt = Scaled::Epilogue::arguments({}, ptr<const float>(scale_a), ptr<const float>(scale_b), bias,
+                                                ptr<ElementD>(out), M, N);
+  cutlass_host::run<Gemm>(cutlass_evt::sm80::arguments<Gemm>(evt, a.data_ptr(), b.data_ptr(), M, N, K), a,
+                          "int8_scaled_mm", stream);
 }
 
 at::Tensor int8_scaled_mm_cuda(const at::Tensor& a_in, const at::Tensor& b_in, const at::Tensor& scale_a_in,
@@ -597,11 +538,9 @@ at::Tensor int8_scaled_mm_cuda(const at::Tensor& a_in, const at::Tensor& b_in, c
     // The visitor tree reads full vectors: expand scalar scales (M or N floats, negligible).
     const at::Tensor sa = scale_a_in.reshape({-1}).expand({M}).contiguous();
     const at::Tensor sb = aligned_copy_if_needed(scale_b_in.reshape({-1}).expand({N}).contiguous());
-    switch (out_dtype) {
-      case c10::ScalarType::Float: run_scaled_cutlass<float>(a, b, sa, sb, bias_ptr, out, stream); break;
-      case c10::ScalarType::Half: run_scaled_cutlass<cutlass::half_t>(a, b, sa, sb, bias_ptr, out, stream); break;
-      default: run_scaled_cutlass<cutlass::bfloat16_t>(a, b, sa, sb, bias_ptr, out, stream); break;
-    }
+    cutlass_host::dispatch_output(out_dtype, [&](auto tag) {
+      run_scaled_cutlass<typename decltype(tag)::type>(a, b, sa, sb, bias_ptr, out, stream);
+    });
     return out;
   }
   const at::Tensor sa = scale_a_in.reshape({-1}).contiguous();
@@ -648,10 +587,9 @@ at::Tensor int8_weight_only_mm_cuda(const at::Tensor& x_in, const at::Tensor& w_
     if (M <= L::gemv::kMaxRows) {
       const bool vec = K % L::gemv::kVec == 0 && aligned16(x.data_ptr()) && aligned16(w.data_ptr());
       const float* s = ptr<const float>(scale);
-      if (M == 1) launch_gemv<T, 1>(x, w, s, bias_ptr, out, vec, stream);
-      else if (M == 2) launch_gemv<T, 2>(x, w, s, bias_ptr, out, vec, stream);
-      else if (M <= 4) launch_gemv<T, 4>(x, w, s, bias_ptr, out, vec, stream);
-      else launch_gemv<T, 8>(x, w, s, bias_ptr, out, vec, stream);
+      dispatch_gemv_rows(M, [&](auto rows) {
+        launch_gemv<T, decltype(rows)::value>(x, w, s, bias_ptr, out, vec, stream);
+      });
       return;
     }
     const dim3 grid(ceil_div(N, L::tiled::kBN), ceil_div(M, L::tiled::kBM));

@@ -16,7 +16,8 @@
 // * BinaryGemm<int32_t>: D = dot (binary_mm).
 // * BinaryGemm<D> for float / half_t / bfloat16_t: D = round_D(((float(dot) * scale_a[m]) *
 //   scale_b[n]) + bias[n]), each step rounded to fp32 like the reference's sequence of torch ops
-//   (lowbit/backends/reference/binary.py): bit-identical results.
+//   (lowbit/backends/reference/binary.py): bit-identical results. The scaled chain and the
+//   kernel template are cutlass_evt_sm80.cuh's (shared with int8 and fp8 sm_89), fed by the dot.
 //
 // Output alignment 1 (scalar stores and per-column loads): any N, and N-vectors at any offset.
 #pragma once
@@ -25,15 +26,8 @@
 
 #include <type_traits>
 
-// Order matters: visitor_2x.hpp names `gemm::GemmCoord` under `using namespace cute`, which
-// only resolves to cutlass::gemm if that namespace is declared before it (else cute::gemm).
-#include "cutlass/cutlass.h"
-#include "cutlass/epilogue/thread/linear_combination.h"
-#include "cutlass/gemm/device/gemm.h"
-#include "cutlass/gemm/device/gemm_universal_adapter.h"
-#include "cutlass/epilogue/threadblock/fusion/visitors.hpp"
-#include "cutlass/gemm/kernel/default_gemm_universal_with_visitor.h"
 #include "lowbit/binary_layout.h"
+#include "lowbit/cuda/cutlass_evt_sm80.cuh"
 
 namespace lowbit {
 namespace cuda {
@@ -74,64 +68,28 @@ struct XnorFromAnd<cutlass::Array<int32_t, N>> {
   }
 };
 
-// Element-wise fp32 ops with explicit rounding, so that no FMA contraction merges the multiply
-// into the bias add (the reference rounds after each operation).
-template <class T>
-struct MulRn;
-template <int N>
-struct MulRn<cutlass::Array<float, N>> {
-  CUTLASS_DEVICE cutlass::Array<float, N> operator()(cutlass::Array<float, N> const& a,
-                                                     cutlass::Array<float, N> const& b) const {
-    cutlass::Array<float, N> r;
-    CUTLASS_PRAGMA_UNROLL
-    for (int i = 0; i < N; ++i) r[i] = __fmul_rn(a[i], b[i]);
-    return r;
-  }
-};
-template <class T>
-struct AddRn;
-template <int N>
-struct AddRn<cutlass::Array<float, N>> {
-  CUTLASS_DEVICE cutlass::Array<float, N> operator()(cutlass::Array<float, N> const& a,
-                                                     cutlass::Array<float, N> const& b) const {
-    cutlass::Array<float, N> r;
-    CUTLASS_PRAGMA_UNROLL
-    for (int i = 0; i < N; ++i) r[i] = __fadd_rn(a[i], b[i]);
-    return r;
-  }
-};
-
-using namespace cutlass::epilogue::threadblock;
-using ThreadMap = OutputTileThreadLayout<TileShape, WarpShape, float, kAlignOut, /*EpilogueStages=*/1>;
-constexpr auto kRn = cutlass::FloatRoundStyle::round_to_nearest;
-
-// Per output row m (one value per row of A) and per output column n (one per row of B).
-template <class T>
-using PerRow = VisitorColBroadcast<ThreadMap, T, cute::Stride<cute::_1, cute::_0, cute::_0>>;
-template <class T>
-using PerCol = VisitorRowBroadcast<ThreadMap, T, cute::Stride<cute::_0, cute::_1, cute::_0>>;
+namespace evt = ::lowbit::cuda::cutlass_evt::sm80;
+namespace tb = cutlass::epilogue::threadblock;
+using Map = evt::ThreadMap<TileShape, WarpShape, kAlignOut>;
+constexpr auto kRn = evt::kRn;
 
 // ElementD int32_t: the dot itself; float types: the scaled chain after it.
 template <typename ElementD>
 struct BinaryGemm {
   static constexpr bool kScaled = !std::is_same_v<ElementD, int32_t>;
   using DotOut = std::conditional_t<kScaled, float, int32_t>;
-  using Dot = Sm80EVT<VisitorCompute<XnorFromAnd, DotOut, int32_t, kRn>, VisitorAccFetch, PerRow<int32_t>,
-                     PerCol<int32_t>>;
-  using TimesA = Sm80EVT<VisitorCompute<MulRn, float, float, kRn>, Dot, PerRow<float>>;
-  using TimesB = Sm80EVT<VisitorCompute<MulRn, float, float, kRn>, TimesA, PerCol<float>>;
-  // The output conversion (round to nearest even) happens in this node.
-  using PlusBias = Sm80EVT<VisitorCompute<AddRn, ElementD, float, kRn>, TimesB, PerCol<float>>;
-  using Store = VisitorAuxStore<ThreadMap, ElementD, kRn, cute::Stride<int64_t, cute::_1, int64_t>>;
-  using Evt = Sm80EVT<Store, std::conditional_t<kScaled, PlusBias, Dot>>;
+  using Dot = tb::Sm80EVT<tb::VisitorCompute<XnorFromAnd, DotOut, int32_t, kRn>, tb::VisitorAccFetch,
+                          evt::PerRow<Map, int32_t>, evt::PerCol<Map, int32_t>>;
+  using Store = evt::Store<Map, ElementD>;
+  using Scaled = evt::ScaleBiasEpilogue<Map, ElementD, Dot>;
+  struct Unscaled {
+    using Evt = tb::Sm80EVT<typename Store::Node, Dot>;
+  };
+  // Named lazily: the scaled chain is never formed for the int32 output.
+  using Evt = typename std::conditional_t<kScaled, Scaled, Unscaled>::Evt;
 
-  using Kernel = typename cutlass::gemm::kernel::DefaultGemmWithVisitor<
-      Element, cutlass::layout::RowMajor, cutlass::ComplexTransform::kNone, kAlignAB,     //
-      Element, cutlass::layout::ColumnMajor, cutlass::ComplexTransform::kNone, kAlignAB,  //
-      float, cutlass::layout::RowMajor, kAlignOut,                                        //
-      int32_t, float, cutlass::arch::OpClassTensorOp, cutlass::arch::Sm80, TileShape, WarpShape,
-      InstructionShape, Evt, cutlass::gemm::threadblock::GemmIdentityThreadblockSwizzle<>, kStages, MathOp,
-      /*EpilogueStages=*/1>::GemmKernel;
+  using Kernel = evt::GemmWithEvt<Element, Element, int32_t, cutlass::arch::Sm80, TileShape, WarpShape,
+                                  InstructionShape, kStages, kAlignAB, kAlignOut, MathOp, Evt>;
   using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
   static_assert(sizeof(typename Kernel::SharedStorage) <= kMaxSharedBytes, "binary GEMM tile too big");
 
@@ -140,31 +98,16 @@ struct BinaryGemm {
   }
 
   // binary_mm: scale_a, scale_b and bias are unused (nullptr).
-  // binary_scaled_mm: full [M] / [N] fp32 vectors (the host expands scalars). Without a bias the
-  // tree still adds -0.0, the additive identity of every float (x + -0.0 == x, -0.0 included).
+  // binary_scaled_mm: full [M] / [N] fp32 vectors (the host expands scalars); see
+  // ScaleBiasEpilogue for the -0.0 that stands for "no bias".
   static typename Evt::Arguments epilogue_args(const int32_t* a_term, const int32_t* b_term, const float* scale_a,
                                                const float* scale_b, const float* bias, ElementD* out, int64_t M,
                                                int64_t N) {
-    typename Store::Arguments store{out, {N, cute::_1{}, M * N}};
     if constexpr (kScaled) {
-      return typename Evt::Arguments{
-          {
-              {
-                  {
-                      dot_args(a_term, b_term),  // Dot
-                      {scale_a, 0.0f, {}},       // scale_a[m]
-                      {}                         // TimesA
-                  },
-                  {scale_b, 0.0f, {}},           // scale_b[n]
-                  {}                             // TimesB
-              },
-              {bias, -0.0f, {}},                 // bias[n] (nullptr -> -0.0 everywhere)
-              {}                                 // PlusBias
-          },
-          store};
+      return Scaled::arguments(dot_args(a_term, b_term), scale_a, scale_b, bias, out, M, N);
     } else {
       (void)scale_a, (void)scale_b, (void)bias;
-      return typename Evt::Arguments{dot_args(a_term, b_term), store};
+      return typename Evt::Arguments{dot_args(a_term, b_term), Store::arguments(out, M, N)};
     }
   }
 };

@@ -1,5 +1,6 @@
-// Host side of every lowbit CUTLASS GEMM (int8, sparse24, fp8 sm_89 / sm_90a): one launch
-// sequence and one error message shape, so a CUTLASS failure reads the same from every family.
+// Host side of every lowbit CUTLASS GEMM (int8, sparse24, binary, fp8 sm_89 / sm_90a, int4
+// sm_90a): one launch sequence and one error message shape, so a CUTLASS failure reads the same
+// from every family; the output-type dispatch and the per-arch image probe.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -11,6 +12,8 @@
 #include <cstdint>
 
 #include "cutlass/cutlass.h"
+#include "cutlass/numeric_types.h"
+#include "lowbit/cuda/host.cuh"
 
 namespace lowbit {
 namespace cuda {
@@ -53,6 +56,18 @@ bool compiled_for_device(Kernel* kernel, int device, int major, int minor) {
     return false;
   }
   return attr.binaryVersion == major * 10 + minor;
+}
+
+// torch output dtype -> CUTLASS element type, as a host::Tag the launcher's generic lambda
+// unpacks (the CUTLASS twin of host::dispatch_float).
+template <typename F>
+void dispatch_output(c10::ScalarType dtype, F&& f) {
+  switch (dtype) {
+    case c10::ScalarType::Float: f(host::Tag<float>{}); break;
+    case c10::ScalarType::Half: f(host::Tag<cutlass::half_t>{}); break;
+    case c10::ScalarType::BFloat16: f(host::Tag<cutlass::bfloat16_t>{}); break;
+    default: TORCH_CHECK(false, "lowbit: unexpected output dtype ", c10::toString(dtype));
+  }
 }
 
 }  // namespace cutlass_host

@@ -1,6 +1,6 @@
 // CUTLASS 2.x FP8 GEMM for sm_89 (Ada): mma.sync m16n8k32 on e4m3/e5m2 operands with fp32
-// accumulation, used by csrc/cuda/fp8_sm89.cu. The same structure and epilogue visitor tree
-// as the int8 GEMM (int8_cutlass.cuh):
+// accumulation, used by csrc/cuda/fp8_sm89.cu. The same kernel template and epilogue visitor
+// tree as the int8 GEMM (cutlass_evt_sm80.cuh):
 //
 //   A  fp8 [M, K] row-major  x  B  fp8 [N, K] row-major (= CUTLASS ColumnMajor [K, N])
 //   D = round_D(((acc * scale_a[m]) * scale_b[n]) + bias[n]), each step rounded to fp32
@@ -18,14 +18,7 @@
 
 #include <cuda_runtime.h>
 
-// Order matters: visitor_2x.hpp names `gemm::GemmCoord` under `using namespace cute`, which
-// only resolves to cutlass::gemm if that namespace is declared before it (else cute::gemm).
-#include "cutlass/cutlass.h"
-#include "cutlass/epilogue/thread/linear_combination.h"
-#include "cutlass/gemm/device/gemm.h"
-#include "cutlass/gemm/device/gemm_universal_adapter.h"
-#include "cutlass/epilogue/threadblock/fusion/visitors.hpp"
-#include "cutlass/gemm/kernel/default_gemm_universal_with_visitor.h"
+#include "lowbit/cuda/cutlass_evt_sm80.cuh"
 
 namespace lowbit {
 namespace cuda {
@@ -45,31 +38,6 @@ constexpr int kAlignOut = 8;  // N % 8 == 0 (fp8_native::shape_ok)
 // 99 KiB: sm_89's per-block opt-in maximum.
 constexpr int kMaxSharedBytes = 99 * 1024;
 
-template <class T>
-struct MulRn;
-template <int N>
-struct MulRn<cutlass::Array<float, N>> {
-  CUTLASS_DEVICE cutlass::Array<float, N> operator()(cutlass::Array<float, N> const& a,
-                                                     cutlass::Array<float, N> const& b) const {
-    cutlass::Array<float, N> r;
-    CUTLASS_PRAGMA_UNROLL
-    for (int i = 0; i < N; ++i) r[i] = __fmul_rn(a[i], b[i]);
-    return r;
-  }
-};
-template <class T>
-struct AddRn;
-template <int N>
-struct AddRn<cutlass::Array<float, N>> {
-  CUTLASS_DEVICE cutlass::Array<float, N> operator()(cutlass::Array<float, N> const& a,
-                                                     cutlass::Array<float, N> const& b) const {
-    cutlass::Array<float, N> r;
-    CUTLASS_PRAGMA_UNROLL
-    for (int i = 0; i < N; ++i) r[i] = __fadd_rn(a[i], b[i]);
-    return r;
-  }
-};
-
 // The kernel body exists only in the sm_89 object (mma.sync on fp8 needs sm_89; on sm_90a
 // the wgmma kernel serves instead); elsewhere an empty stub.
 template <class Kernel>
@@ -83,56 +51,21 @@ struct Sm89Only : Kernel {
 
 template <typename ElementA, typename ElementB, typename ElementD>
 struct ScaledGemm {
-  using RowMajor = cutlass::layout::RowMajor;
-  using ThreadMap = cutlass::epilogue::threadblock::OutputTileThreadLayout<TileShape, WarpShape, float, kAlignOut,
-                                                                          /*EpilogueStages=*/1>;
-  static constexpr auto kRn = cutlass::FloatRoundStyle::round_to_nearest;
-
-  using Accum = cutlass::epilogue::threadblock::VisitorAccFetch;
-  using ScaleA = cutlass::epilogue::threadblock::VisitorColBroadcast<ThreadMap, float,
-                                                                    cute::Stride<cute::_1, cute::_0, cute::_0>>;
-  using ScaleB = cutlass::epilogue::threadblock::VisitorRowBroadcast<ThreadMap, float,
-                                                                    cute::Stride<cute::_0, cute::_1, cute::_0>>;
-  using Bias = ScaleB;
-  using TimesA = cutlass::epilogue::threadblock::VisitorCompute<MulRn, float, float, kRn>;
-  using EvtTimesA = cutlass::epilogue::threadblock::Sm80EVT<TimesA, Accum, ScaleA>;
-  using TimesB = cutlass::epilogue::threadblock::VisitorCompute<MulRn, float, float, kRn>;
-  using EvtTimesB = cutlass::epilogue::threadblock::Sm80EVT<TimesB, EvtTimesA, ScaleB>;
-  using PlusBias = cutlass::epilogue::threadblock::VisitorCompute<AddRn, ElementD, float, kRn>;
-  using EvtPlusBias = cutlass::epilogue::threadblock::Sm80EVT<PlusBias, EvtTimesB, Bias>;
-  using Store = cutlass::epilogue::threadblock::VisitorAuxStore<ThreadMap, ElementD, kRn,
-                                                               cute::Stride<int64_t, cute::_1, int64_t>>;
-  using Evt = cutlass::epilogue::threadblock::Sm80EVT<Store, EvtPlusBias>;
-
-  using Kernel = typename cutlass::gemm::kernel::DefaultGemmWithVisitor<
-      ElementA, RowMajor, cutlass::ComplexTransform::kNone, kAlignAB,                       //
-      ElementB, cutlass::layout::ColumnMajor, cutlass::ComplexTransform::kNone, kAlignAB,  //
-      float, RowMajor, kAlignOut,                                                           //
-      float, float, cutlass::arch::OpClassTensorOp, cutlass::arch::Sm89, TileShape, WarpShape,
-      InstructionShape, Evt, cutlass::gemm::threadblock::GemmIdentityThreadblockSwizzle<>, kStages,
-      cutlass::arch::OpMultiplyAdd, /*EpilogueStages=*/1>::GemmKernel;
+  using Map = cutlass_evt::sm80::ThreadMap<TileShape, WarpShape, kAlignOut>;
+  using Epilogue = cutlass_evt::sm80::ScaleBiasEpilogue<Map, ElementD>;
+  using Kernel = cutlass_evt::sm80::GemmWithEvt<ElementA, ElementB, float, cutlass::arch::Sm89, TileShape, WarpShape,
+                                                InstructionShape, kStages, kAlignAB, kAlignOut,
+                                                cutlass::arch::OpMultiplyAdd, typename Epilogue::Evt>;
   using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Sm89Only<Kernel>>;
   static_assert(sizeof(typename Kernel::SharedStorage) <= kMaxSharedBytes, "fp8 sm89 GEMM tile too big");
 
-  // Without a bias the tree still adds -0.0, the additive identity (as in int8_cutlass.cuh).
-  static typename Evt::Arguments epilogue_args(const float* scale_a, const float* scale_b, const float* bias,
-                                               ElementD* out, int64_t M, int64_t N) {
-    return typename Evt::Arguments{
-        {
-            {
-                {
-                    {},                       // Accum
-                    {scale_a, 0.0f, {}},      // ScaleA
-                    {}                        // TimesA
-                },
-                {scale_b, 0.0f, {}},          // ScaleB
-                {}                            // TimesB
-            },
-            {bias, -0.0f, {}},                // Bias
-            {}                                // PlusBias
-        },
-        {out, {N, cute::_1{}, M * N}}         // Store
-    };
+  // The signature of fp8_sm90::ScaledGemm::arguments (fp8_native_dispatch.cuh calls either);
+  // the 2.x kernel needs no device information.
+  static typename Gemm::Arguments arguments(const void* a, const void* b, const float* scale_a,
+                                            const float* scale_b, const float* bias, void* out, int64_t M,
+                                            int64_t N, int64_t K, int /*device_id*/) {
+    const auto evt = Epilogue::arguments({}, scale_a, scale_b, bias, static_cast<ElementD*>(out), M, N);
+    return cutlass_evt::sm80::arguments<Gemm>(evt, a, b, M, N, K);
   }
 };
 

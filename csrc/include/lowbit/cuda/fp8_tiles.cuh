@@ -67,25 +67,6 @@ constexpr int kMaxRows = 8;
 }  // namespace gemv
 
 // ---------------------------------------------------------------------------- loads
-// 16 consecutive elements as fp32 from a 16-byte-aligned address.
-__device__ __forceinline__ void load16(const float* p, float (&f)[16]) {
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const float4 v = reinterpret_cast<const float4*>(p)[i];
-    f[4 * i] = v.x, f[4 * i + 1] = v.y, f[4 * i + 2] = v.z, f[4 * i + 3] = v.w;
-  }
-}
-template <typename T16>  // __half or __nv_bfloat16
-__device__ __forceinline__ void load16(const T16* p, float (&f)[16]) {
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    const uint4 v = reinterpret_cast<const uint4*>(p)[i];
-    const T16* h = reinterpret_cast<const T16*>(&v);
-#pragma unroll
-    for (int e = 0; e < 8; ++e) f[8 * i + e] = Num<T16>::to_f32(h[e]);
-  }
-}
-
 // One staged run of kRun elements of a row into shared memory as the MMA type MT, `pad`
 // outside the matrix. The A operand pads with -0.0 and B with +0.0: a padded product is then
 // -0.0, the additive identity, so a sum of -0.0 terms stays -0.0 as in the reference. kVec: K % 16 == 0 and 16-byte-aligned rows, so a run is entirely in or

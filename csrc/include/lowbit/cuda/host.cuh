@@ -7,6 +7,9 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <cstdint>
+#include <type_traits>
+
 namespace lowbit {
 namespace cuda {
 namespace host {
@@ -25,6 +28,16 @@ void dispatch_float(c10::ScalarType dtype, F&& f) {
     case c10::ScalarType::BFloat16: f(Tag<__nv_bfloat16>{}); break;
     default: TORCH_CHECK(false, "lowbit: unexpected dtype ", c10::toString(dtype));
   }
+}
+
+// The small-M (gemv) kernels of int8, int4 and codebook are instantiated for 1, 2, 4 and 8 rows
+// of x per pass; f gets M (1 <= M <= 8) rounded up to one of them, as an integral_constant.
+template <typename F>
+void dispatch_gemv_rows(int64_t M, F&& f) {
+  if (M == 1) f(std::integral_constant<int, 1>{});
+  else if (M == 2) f(std::integral_constant<int, 2>{});
+  else if (M <= 4) f(std::integral_constant<int, 4>{});
+  else f(std::integral_constant<int, 8>{});
 }
 
 // Every lowbit CUDA kernel uses sm_80 features (cp.async, ldmatrix, bf16 and int8 mma.sync,

@@ -21,18 +21,13 @@
 // Base pointers 16-byte aligned (the launcher copies a misaligned operand).
 //
 // Compiled into the sm_90a object only: Sm90Only<> leaves an empty stub for other targets.
+// The kernel skeleton and the epilogue nodes are cutlass_evt_sm90.cuh's, shared with fp8.
 #pragma once
 
 #include <cuda_runtime.h>
 
-#include "cute/tensor.hpp"
-#include "cutlass/cutlass.h"
-#include "cutlass/epilogue/collective/collective_builder.hpp"
-#include "cutlass/epilogue/fusion/sm90_callbacks_tma_warpspecialized.hpp"
-#include "cutlass/gemm/collective/collective_builder.hpp"
-#include "cutlass/gemm/device/gemm_universal_adapter.h"
-#include "cutlass/gemm/kernel/gemm_universal.hpp"
 #include "cutlass/util/packed_stride.hpp"
+#include "lowbit/cuda/cutlass_evt_sm90.cuh"
 
 namespace lowbit {
 namespace cuda {
@@ -40,73 +35,40 @@ namespace int4_sm90 {
 
 using namespace cute;
 
-// fp32 add with explicit rounding (no contraction with anything upstream).
-template <class T>
-struct AddRn;
-template <int N>
-struct AddRn<cutlass::Array<float, N>> {
-  CUTLASS_DEVICE cutlass::Array<float, N> operator()(cutlass::Array<float, N> const& a,
-                                                     cutlass::Array<float, N> const& b) const {
-    cutlass::Array<float, N> r;
-    CUTLASS_PRAGMA_UNROLL
-    for (int i = 0; i < N; ++i) r[i] = __fadd_rn(a[i], b[i]);
-    return r;
-  }
-};
-
-template <class Kernel>
-struct Sm90Only : Kernel {
-  CUTLASS_DEVICE void operator()(typename Kernel::Params const& params, char* smem) {
-#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
-    Kernel::operator()(params, smem);
-#endif
-  }
-};
-
 // 128 weight rows x 128 tokens x 64 K per tile (64 = 128 bytes of 16-bit B per row, the
 // swizzle width; also the group-size granule), one CTA per cluster, cooperative: two consumer
 // warpgroups of 64 x 128. One tile config keeps this file's compile time modest.
 constexpr int kTileK = 64;
 using TileShape = Shape<_128, _128, Int<kTileK>>;
-using ClusterShape = Shape<_1, _1, _1>;
 constexpr int kAlignW = 32;  // int4 elements per 16 bytes
 constexpr int kAlignX = 8;   // 16-bit elements per 16 bytes
 constexpr int kAlignD = 8;
 
+// This family's name for the sm_90a-only kernel (see cutlass_evt::sm90::Sm90Only).
+template <class Kernel>
+struct Sm90Only : cutlass_evt::sm90::Sm90Only<Kernel> {};
+
 template <typename T>  // cutlass::half_t or cutlass::bfloat16_t: activations, scale, zero', output
 struct MixedGemm {
-  static constexpr auto kRn = cutlass::FloatRoundStyle::round_to_nearest;
-  using Accum = cutlass::epilogue::fusion::Sm90AccFetch;
-  // bias[n]: n is the row (M') of the swapped problem.
-  using Bias = cutlass::epilogue::fusion::Sm90ColBroadcast<0, TileShape, float, float, Stride<_1, _0, int64_t>>;
-  using PlusBias = cutlass::epilogue::fusion::Sm90Compute<AddRn, T, float, kRn>;
-  using Evt = cutlass::epilogue::fusion::Sm90EVT<PlusBias, Accum, Bias>;
-
-  using Epilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
-      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,
-      cutlass::epilogue::collective::EpilogueTileAuto, float, float,
-      /*ElementC (no source)*/ void, cutlass::layout::ColumnMajor, kAlignD,  //
-      T, cutlass::layout::ColumnMajor, kAlignD,                              //
-      cutlass::epilogue::TmaWarpSpecializedCooperative, Evt>::CollectiveOp;
-
-  using Mainloop = typename cutlass::gemm::collective::CollectiveBuilder<
-      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp,                 //
-      cute::tuple<cutlass::int4b_t, T, T>, cutlass::layout::RowMajor, kAlignW,  // W: K-major, scale + zero
-      T, cutlass::layout::ColumnMajor, kAlignX,                             // X^T: K-major
-      float, TileShape, ClusterShape,
-      cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(
-          sizeof(typename Epilogue::SharedStorage))>,
-      cutlass::gemm::KernelTmaWarpSpecializedCooperative>::CollectiveOp;
-
-  using Kernel = cutlass::gemm::kernel::GemmUniversal<Shape<int, int, int, int>, Mainloop, Epilogue,
-                                                      cutlass::gemm::PersistentScheduler>;
-  using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Sm90Only<Kernel>>;
+  // bias[n]: n is the row (M') of the swapped problem, hence a per-row vector where fp8's
+  // ScaleBiasEpilogue has a per-column one.
+  using Evt = cutlass_evt::sm90::PlusBias<T, cutlass::epilogue::fusion::Sm90AccFetch,
+                                          cutlass_evt::sm90::PerRow<TileShape>>;
+  // D' column-major [N, M] (= out [M, N] row-major).
+  using Cooperative =
+      cutlass_evt::sm90::CooperativeGemm<cute::tuple<cutlass::int4b_t, T, T>, cutlass::layout::RowMajor,
+                                         kAlignW,                                         // W: K-major, scale + zero
+                                         T, cutlass::layout::ColumnMajor, kAlignX,        // X^T: K-major
+                                         T, cutlass::layout::ColumnMajor, kAlignD, TileShape, Evt, Sm90Only>;
+  using Mainloop = typename Cooperative::Mainloop;
+  using Kernel = typename Cooperative::Kernel;
+  using Gemm = typename Cooperative::Gemm;
   // Dynamic shared memory plus up to 1 KiB of static, within sm_90's 227 KiB per block.
   static_assert(Kernel::SharedStorageSize + 1024 <= 227 * 1024, "int4 sm90 GEMM tile too big");
 
-  using StrideA = typename Kernel::StrideA;
-  using StrideB = typename Kernel::StrideB;
-  using StrideD = typename Kernel::StrideD;
+  using StrideA = typename Cooperative::StrideA;
+  using StrideB = typename Cooperative::StrideB;
+  using StrideD = typename Cooperative::StrideD;
   using StrideScale = typename Mainloop::StrideScale;
 
   // w: [N, K/2] bytes; scale, zero: [G, N]; x: [M, K]; bias: float [N] or null; out: [M, N].
@@ -116,7 +78,7 @@ struct MixedGemm {
     const int groups = (K + group_size - 1) / group_size;
     typename Evt::Arguments evt{
         {},                  // Accum
-        {bias, -0.0f, {}},   // Bias (nullptr -> -0.0, the additive identity)
+        {bias, -0.0f, {}},   // bias[n] (nullptr -> -0.0, the additive identity)
         {}                   // PlusBias
     };
     typename Gemm::Arguments args{

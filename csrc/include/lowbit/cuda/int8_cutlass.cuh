@@ -9,6 +9,7 @@
 //       D = round_D(((float(acc) * scale_a[m]) * scale_b[n]) + bias[n])
 //   in that order, each step rounded to fp32, which is exactly the reference's sequence of
 //   torch ops (lowbit/backends/reference/int8.py), so the results are bit-identical to it.
+//   The tree and the kernel template are cutlass_evt_sm80.cuh's, shared with fp8 sm_89 and binary.
 //
 // Both need K % 16 == 0 (16-byte cp.async of A and B rows), N % 4 == 0 (4-element output
 // stores and 16-byte loads of the per-column vectors) and 16-byte-aligned base pointers.
@@ -17,14 +18,10 @@
 
 #include <cuda_runtime.h>
 
-// Order matters: visitor_2x.hpp names `gemm::GemmCoord` under `using namespace cute`, which
-// only resolves to cutlass::gemm if that namespace is declared before it (else cute::gemm).
-#include "cutlass/cutlass.h"
+// cutlass_evt_sm80.cuh first: it includes the visitor headers in the order they need.
+#include "lowbit/cuda/cutlass_evt_sm80.cuh"
 #include "cutlass/epilogue/thread/linear_combination.h"
 #include "cutlass/gemm/device/gemm.h"
-#include "cutlass/gemm/device/gemm_universal_adapter.h"
-#include "cutlass/epilogue/threadblock/fusion/visitors.hpp"
-#include "cutlass/gemm/kernel/default_gemm_universal_with_visitor.h"
 
 namespace lowbit {
 namespace cuda {
@@ -57,91 +54,16 @@ using Int8Gemm = cutlass::gemm::device::Gemm<
     /*SplitKSerial=*/false, MathOp>;
 static_assert(sizeof(typename Int8Gemm::GemmKernel::SharedStorage) <= kMaxSharedBytes, "int8 GEMM tile too big");
 
-// Element-wise fp32 ops for VisitorCompute, with explicit rounding so that no FMA contraction
-// merges the multiply into the bias add (see the file comment).
-template <class T>
-struct MulRn;
-template <int N>
-struct MulRn<cutlass::Array<float, N>> {
-  CUTLASS_DEVICE cutlass::Array<float, N> operator()(cutlass::Array<float, N> const& a,
-                                                     cutlass::Array<float, N> const& b) const {
-    cutlass::Array<float, N> r;
-    CUTLASS_PRAGMA_UNROLL
-    for (int i = 0; i < N; ++i) r[i] = __fmul_rn(a[i], b[i]);
-    return r;
-  }
-};
-template <class T>
-struct AddRn;
-template <int N>
-struct AddRn<cutlass::Array<float, N>> {
-  CUTLASS_DEVICE cutlass::Array<float, N> operator()(cutlass::Array<float, N> const& a,
-                                                     cutlass::Array<float, N> const& b) const {
-    cutlass::Array<float, N> r;
-    CUTLASS_PRAGMA_UNROLL
-    for (int i = 0; i < N; ++i) r[i] = __fadd_rn(a[i], b[i]);
-    return r;
-  }
-};
-
+// D = round_D(((float(acc) * scale_a[m]) * scale_b[n]) + bias[n]) (cutlass_evt_sm80.cuh).
 template <typename ElementD>
 struct Int8ScaledGemm {
-  using RowMajor = cutlass::layout::RowMajor;
-  using ThreadMap = cutlass::epilogue::threadblock::OutputTileThreadLayout<TileShape, WarpShape, float, kAlignOut,
-                                                                          /*EpilogueStages=*/1>;
-  static constexpr auto kRn = cutlass::FloatRoundStyle::round_to_nearest;
-
-  using Accum = cutlass::epilogue::threadblock::VisitorAccFetch;
-  // scale_a[m]: one value per output row. Always a full [M] vector (the host expands scalars).
-  using ScaleA = cutlass::epilogue::threadblock::VisitorColBroadcast<ThreadMap, float,
-                                                                    cute::Stride<cute::_1, cute::_0, cute::_0>>;
-  // scale_b[n] and bias[n]: per output column, read with 16-byte vector loads.
-  using ScaleB = cutlass::epilogue::threadblock::VisitorRowBroadcast<ThreadMap, float,
-                                                                    cute::Stride<cute::_0, cute::_1, cute::_0>>;
-  using Bias = ScaleB;
-
-  using TimesA = cutlass::epilogue::threadblock::VisitorCompute<MulRn, float, float, kRn>;
-  using EvtTimesA = cutlass::epilogue::threadblock::Sm80EVT<TimesA, Accum, ScaleA>;
-  using TimesB = cutlass::epilogue::threadblock::VisitorCompute<MulRn, float, float, kRn>;
-  using EvtTimesB = cutlass::epilogue::threadblock::Sm80EVT<TimesB, EvtTimesA, ScaleB>;
-  // The output conversion (round to nearest even) happens in this node.
-  using PlusBias = cutlass::epilogue::threadblock::VisitorCompute<AddRn, ElementD, float, kRn>;
-  using EvtPlusBias = cutlass::epilogue::threadblock::Sm80EVT<PlusBias, EvtTimesB, Bias>;
-  using Store = cutlass::epilogue::threadblock::VisitorAuxStore<ThreadMap, ElementD, kRn,
-                                                               cute::Stride<int64_t, cute::_1, int64_t>>;
-  using Evt = cutlass::epilogue::threadblock::Sm80EVT<Store, EvtPlusBias>;
-
-  using Kernel = typename cutlass::gemm::kernel::DefaultGemmWithVisitor<
-      int8_t, RowMajor, cutlass::ComplexTransform::kNone, kAlignAB,                       //
-      int8_t, cutlass::layout::ColumnMajor, cutlass::ComplexTransform::kNone, kAlignAB,  //
-      float, RowMajor, kAlignOut,                                                         //
-      int32_t, float, cutlass::arch::OpClassTensorOp, cutlass::arch::Sm80, TileShape, WarpShape,
-      InstructionShape, Evt, cutlass::gemm::threadblock::GemmIdentityThreadblockSwizzle<>, kStages, MathOp,
-      /*EpilogueStages=*/1>::GemmKernel;
+  using Map = cutlass_evt::sm80::ThreadMap<TileShape, WarpShape, kAlignOut>;
+  using Epilogue = cutlass_evt::sm80::ScaleBiasEpilogue<Map, ElementD>;
+  using Kernel = cutlass_evt::sm80::GemmWithEvt<int8_t, int8_t, int32_t, cutlass::arch::Sm80, TileShape, WarpShape,
+                                                InstructionShape, kStages, kAlignAB, kAlignOut, MathOp,
+                                                typename Epilogue::Evt>;
   using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
   static_assert(sizeof(typename Kernel::SharedStorage) <= kMaxSharedBytes, "scaled int8 GEMM tile too big");
-
-  // Without a bias the tree still adds: -0.0 is the additive identity for every float
-  // (x + -0.0 == x, including x == -0.0), so "no bias" stays bit-identical to the reference.
-  static typename Evt::Arguments epilogue_args(const float* scale_a, const float* scale_b, const float* bias,
-                                               ElementD* out, int64_t M, int64_t N) {
-    return typename Evt::Arguments{
-        {
-            {
-                {
-                    {},                       // Accum
-                    {scale_a, 0.0f, {}},      // ScaleA
-                    {}                        // TimesA
-                },
-                {scale_b, 0.0f, {}},          // ScaleB
-                {}                            // TimesB
-            },
-            {bias, -0.0f, {}},                // Bias (nullptr -> -0.0 everywhere)
-            {}                                // PlusBias
-        },
-        {out, {N, cute::_1{}, M * N}}         // Store
-    };
-  }
 };
 
 }  // namespace int8_cutlass
