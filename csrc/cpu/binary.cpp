@@ -386,10 +386,14 @@ void run_gemm(const Operands& p, const Epilogue& e, uint8_t* scratch) {
   const Loop loop = pick_loop();
   const bool split = loop == Loop::kAvx2 && scratch != nullptr && p.full_words >= 8;
   // Tiles in n-major order: a thread's consecutive tiles share b rows. A second thread only
-  // joins for at least 16M word pairs (~1-2 ms): on a loaded machine waking it costs
-  // milliseconds (measured: binary_quantize of 256 x 4096 took 33 ms on 2 threads, 0.14 ms on 1).
+  // joins for at least 256K word pairs (1 MiB of b at M = 1): waking it costs microseconds on
+  // an idle machine and milliseconds on a loaded one (binary_quantize of 256 x 4096 took 33 ms
+  // on 2 threads, 0.14 ms on 1, under load), but from about 1 MiB the weight stream is worth two
+  // cores. Measured quiet, N = K = 4096, caches evicted before each call, min/median of 41: one
+  // thread (the old 16M-pair threshold) M = 1 0.29-0.31 / 0.33-0.35 ms, two 0.17-0.18 / 0.22;
+  // M = 16 0.93 / 1.02-1.03 ms vs 0.60 / 0.67-0.73.
   const int64_t tile_words = std::min(p.M, kTileM) * std::min(p.N, kTileN) * p.W;
-  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 24) / std::max<int64_t>(1, tile_words));
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 18) / std::max<int64_t>(1, tile_words));
   const int64_t steps = p.full_words / 8;
   uint8_t* a_planes = scratch;
 #if LOWBIT_HAVE_AVX2_KERNELS
