@@ -226,7 +226,8 @@ def awq_scale(model: nn.Module, config, data: Iterable, *, n_grid: int = 20, cli
     # Groups: a norm and every Linear it feeds, then each remaining target on its own.
     groups: list[tuple[str, list[str], str | None]] = []
     grouped = set()
-    for norm_name, members in find_norm_linears(model, data[0]).items():
+    # Which Linear reads which norm is a property of the graph, not of the data: two rows find it.
+    for norm_name, members in find_norm_linears(model, _first_rows(data[0], 2)).items():
         if any(m in quantizers for m in members):
             groups.append((norm_name, members, norm_name))
             grouped.update(members)

@@ -139,7 +139,7 @@ def smooth_quant(model: nn.Module, data: Iterable, alpha: float = 0.5, *, wrap: 
     data = list(data) if not isinstance(data, (list, tuple)) else data
     if not data:
         raise ValueError("lowbit.smooth_quant: data yielded no batches")
-    pairs = find_norm_linears(model, data[0])
+    pairs = find_norm_linears(model, _first_rows(data[0], 2))  # the graph, not the data: two rows find it
     names = [n for group in pairs.values() for n in group]
     stats = activation_absmax(model, data, names, num_batches=num_batches, progress=progress)
     modules = dict(model.named_modules())
