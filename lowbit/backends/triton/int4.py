@@ -60,6 +60,18 @@ def _per_byte(v, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
+def _store_with_bias(acc, c_ptr, bias_ptr, m0, offs_m, offs_n, mask_m, mask_n, stride_cm, stride_cn, stride_bias,
+                     HAS_BIAS: tl.constexpr):
+    """The fp32 tile (+ bias, in fp32) rounded once to the output dtype: both int4 kernels' epilogue."""
+    y = acc
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + offs_n * stride_bias, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    offs_cm = m0 + offs_m
+    c_ptrs = c_ptr + offs_cm.to(tl.int64)[:, None] * stride_cm + offs_n[None, :] * stride_cn
+    tl.store(c_ptrs, y.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+@triton.jit
 def _int4_weight_only_mm_kernel(
     # pointers
     x_ptr, w_ptr, c_ptr, scale_ptr, zero_ptr, bias_ptr,
@@ -124,12 +136,8 @@ def _int4_weight_only_mm_kernel(
             # The tensor-core operand is x's dtype: each weight is rounded once (RNE) to it.
             acc = tl.dot(x_lo, w_lo.to(x_ptr.dtype.element_ty), acc)
             acc = tl.dot(x_hi, w_hi.to(x_ptr.dtype.element_ty), acc)
-    y = acc
-    if HAS_BIAS:
-        y += tl.load(bias_ptr + offs_n * stride_bias, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    offs_cm = m0 + offs_m
-    c_ptrs = c_ptr + offs_cm.to(tl.int64)[:, None] * stride_cm + offs_n[None, :] * stride_cn
-    tl.store(c_ptrs, y.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+    _store_with_bias(acc, c_ptr, bias_ptr, m0, offs_m, offs_n, mask_m, mask_n, stride_cm, stride_cn, stride_bias,
+                     HAS_BIAS)
 
 
 # One kernel, two tuning spaces: the fp32 (CUDA-core) dot needs far smaller tiles.
@@ -272,12 +280,8 @@ def _int4_cutlass_sm90_mm_kernel(
         else:
             # w is exact in T, so this cast is exact: the tensor cores multiply the spec's weight.
             acc = tl.dot(x, w.to(x_ptr.dtype.element_ty), acc)
-    y = acc
-    if HAS_BIAS:
-        y += tl.load(bias_ptr + offs_n * stride_bias, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    offs_cm = m0 + offs_m
-    c_ptrs = c_ptr + offs_cm.to(tl.int64)[:, None] * stride_cm + offs_n[None, :] * stride_cn
-    tl.store(c_ptrs, y.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+    _store_with_bias(acc, c_ptr, bias_ptr, m0, offs_m, offs_n, mask_m, mask_n, stride_cm, stride_cn, stride_bias,
+                     HAS_BIAS)
 
 
 # No floating-point contraction: Triton fuses a multiply and an add into an FMA by default, and
