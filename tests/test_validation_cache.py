@@ -172,9 +172,12 @@ def test_a_freed_tensor_address_is_not_reused_while_cached():
         return reused
 
     set_validation_cache_enabled(False)
-    if reused_addresses() == 0:
+    try:
+        reused_without_cache = reused_addresses()
+    finally:
+        set_validation_cache_enabled(True)  # never leak a disabled cache into the tests that follow
+    if reused_without_cache == 0:
         pytest.skip("this allocator does not reuse a freed TensorImpl's address at once: nothing to show")
-    set_validation_cache_enabled(True)
     assert reused_addresses() == 0
 
 
