@@ -31,6 +31,7 @@ takes its choices from it.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import datetime
 import math
 import os
@@ -159,6 +160,17 @@ FLUSH_FACTOR = 2
 FLUSH_MIN_BYTES = 64 * 2**20
 
 
+@functools.lru_cache(maxsize=None)
+def _flush_buffer(device: torch.device) -> torch.Tensor:
+    """One eviction buffer per device for the whole process: every shape's timer reads the same
+    one, instead of allocating and first-touching 64+ MiB again."""
+    if device.type == "cuda":
+        return torch.empty(flush_buffer_bytes(device), dtype=torch.uint8, device=device)
+    buf = torch.empty(flush_buffer_bytes(device) // 4, dtype=torch.float32)
+    buf.fill_(1.0)  # first-touch page faults now, not inside a timed round
+    return buf
+
+
 def flush_buffer_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         llc = torch.cuda.get_device_properties(device).L2_cache_size
@@ -175,10 +187,7 @@ class CpuTimer:
 
     def __init__(self, cold: bool = True):
         self.cold = cold
-        self._flush = None
-        if cold:
-            self._flush = torch.empty(flush_buffer_bytes(self.device) // 4, dtype=torch.float32)
-            self._flush.fill_(1.0)  # first-touch page faults now, not inside a timed round
+        self._flush = _flush_buffer(self.device) if cold else None
 
     def sync(self):
         pass
@@ -210,7 +219,7 @@ class CudaTimer:
     def __init__(self, device: torch.device, cold: bool = True):
         self.device = device
         self.cold = cold
-        self._flush = torch.empty(flush_buffer_bytes(device), dtype=torch.uint8, device=device) if cold else None
+        self._flush = _flush_buffer(device) if cold else None
 
     def sync(self):
         torch.cuda.synchronize(self.device)
