@@ -340,7 +340,8 @@ void fused_nibble(const Problem& p, const float* x, int64_t m0, int64_t n0) {
     const int64_t blk_end = nibble_block_end(p, g);
     int64_t j = g * p.vecs_per_group;
     for (; j < blk_end; j += kNibbleBlock) {
-      for (int r = 0; r < NR; ++r) prefetch_next_tile(rows[r] + j / 2, NR * p.row_bytes);  // 16 bytes a step: every 4th hits a new line
+      if ((j & 127) == 0)  // every 64 bytes of codes (a step is 32 codes, 16 bytes)
+        for (int r = 0; r < NR; ++r) prefetch_next_tile(rows[r] + j / 2, NR * p.row_bytes);
       for (int r = 0; r < NR; ++r) {
         const Nibble32 w = decode_nibble<kHalf>(rows[r] + j / 2, planes[r]);
         for (int m = 0; m < MR; ++m) {
