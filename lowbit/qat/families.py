@@ -217,7 +217,22 @@ def _sparse24(config: Sparse24Config, weight: torch.Tensor, learnable: bool) -> 
 _QAT_CODEBOOK_METHODS = ("kmeans", "pq")
 
 
-class CodebookWeightFakeQuant(nn.Module):
+class _CodebookFakeQuantBase(nn.Module):
+    """What both codebook fake quantizers share: every `reassign_every` training steps the codes
+    are reassigned to the current float weight (`_reassign`), and the forward returns the
+    codebook weight (`values`) with a straight-through gradient to w."""
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        if self.training and torch.is_grad_enabled():
+            if int(self.steps) % self.reassign_every == 0 and int(self.steps) > 0:
+                self._reassign(w)
+            self.steps += 1
+        w32 = w.to(torch.float32)
+        # value + (w - w) is the value bit for bit; the second term carries the STE gradient to w.
+        return (self.values() + (w32 - w32.detach())).to(w.dtype)
+
+
+class CodebookWeightFakeQuant(_CodebookFakeQuantBase):
     """Trainable centroids + codes reassigned to the nearest centroid; see the module docstring."""
 
     def __init__(self, weight: torch.Tensor, config: CodebookConfig, reassign_every: int = 1):
@@ -289,15 +304,6 @@ class CodebookWeightFakeQuant(nn.Module):
         cb = self.stored_centroids()
         return cb[self.group_of.unsqueeze(0), self.codes].reshape(self.codes.shape[0], self.in_features)
 
-    def forward(self, w: torch.Tensor) -> torch.Tensor:
-        if self.training and torch.is_grad_enabled():
-            if int(self.steps) % self.reassign_every == 0 and int(self.steps) > 0:
-                self._reassign(w)
-            self.steps += 1
-        w32 = w.to(torch.float32)
-        # value + (w - w) is the value bit for bit; the second term carries the STE gradient to w.
-        return (self.values() + (w32 - w32.detach())).to(w.dtype)
-
     @torch.no_grad()
     def quantize_linear(self, linear: nn.Linear, config: CodebookConfig) -> nn.Module:
         G, E, d = self.centroids.shape
@@ -320,7 +326,7 @@ _QAT_GENERAL_CODEBOOK_METHODS = ("opq", "rq", "aq", "lattice")
 _BEAM = {"rq": 5, "aq": 8}  # the learners' own defaults
 
 
-class GeneralCodebookWeightFakeQuant(nn.Module):
+class GeneralCodebookWeightFakeQuant(_CodebookFakeQuantBase):
     """OPQ / RQ / AQ / lattice: the whole codebook format, ``[R, G, C, E, d]`` codebooks (trained),
     per-row scale and OPQ rotation (fixed), learned once by the method's learner."""
 
@@ -403,14 +409,6 @@ class GeneralCodebookWeightFakeQuant(nn.Module):
             B, b, _ = self.rotation.shape
             w = torch.einsum("nbi,bij->nbj", w.reshape(-1, B, b), self.rotation).reshape(w.shape)
         return w
-
-    def forward(self, w: torch.Tensor) -> torch.Tensor:
-        if self.training and torch.is_grad_enabled():
-            if int(self.steps) % self.reassign_every == 0 and int(self.steps) > 0:
-                self._reassign(w)
-            self.steps += 1
-        w32 = w.to(torch.float32)
-        return (self.values() + (w32 - w32.detach())).to(w.dtype)
 
     @torch.no_grad()
     def quantize_linear(self, linear: nn.Linear, config: CodebookConfig) -> nn.Module:
