@@ -25,6 +25,8 @@ import math
 
 import torch
 
+from ._linalg import solve_spd
+
 
 def _fail(msg: str):
     raise ValueError(f"lowbit.quant.nm_prune: {msg}")
@@ -128,12 +130,9 @@ def least_squares_recovery(weight: torch.Tensor, mask: torch.Tensor, x: torch.Te
             Hss = H[cols.unsqueeze(2), cols.unsqueeze(1)]                      # [R, S, S]
             Hss = Hss + lam * torch.eye(count, dtype=H.dtype, device=H.device)
             rhs = (H[cols] * W[r].unsqueeze(1)).sum(-1) + lam * W[r.unsqueeze(1), cols]  # [R, S]
-            # Hss is positive definite (X^T X + lam I, lam > 0): Cholesky. Not torch.linalg.solve: its
-            # batched CPU LU (torch 2.14 + MKL 2024.2, more than one thread) can return invalid pivots
-            # for a batch of a few hundred unknowns ("Pivots given to lu_solve must all be >= 1").
-            L, info = torch.linalg.cholesky_ex(Hss)
-            sol = torch.cholesky_solve(rhs.unsqueeze(-1), L).squeeze(-1)
-            for i in (info != 0).nonzero().flatten().tolist():  # numerically not PD: one pivoted LU each
+            sol, ok = solve_spd(Hss, rhs.unsqueeze(-1))  # X^T X + lam I, lam > 0: positive definite
+            sol = sol.squeeze(-1)
+            for i in (~ok).nonzero().flatten().tolist():  # numerically not PD: one pivoted LU each
                 sol[i] = torch.linalg.solve(Hss[i], rhs[i])
             out[r.unsqueeze(1), cols] = sol
     return out.to(torch.float32)

@@ -36,6 +36,8 @@ from typing import NamedTuple
 
 import torch
 
+from .._linalg import solve_spd
+
 # Floats in one block of the distance matrix: 2**17 * 4 B = 512 KiB, so memory stays bounded
 # whatever n and k are, and the block is still in L2 when the argmin reads it back (measured
 # 1.6x faster than 16 MiB blocks). MIN_ROWS keeps per-block Python overhead small for huge k.
@@ -221,14 +223,10 @@ def _update(x, w, kind, codes, c_old):
     rhs = torch.zeros(B, k, d, dtype=torch.float64).scatter_add_(
         1, idx.expand(-1, -1, d), torch.einsum("bnde,bne->bnd", m, x.to(torch.float64))
     )
-    L, info = torch.linalg.cholesky_ex(A)
-    ok = info == 0
     # A singular cluster metric (empty cluster, or points that only constrain some directions)
     # keeps its old centroid: still monotone, since only solvable clusters move to their minimizer.
-    eye = torch.eye(d, dtype=torch.float64)
-    L = torch.where(ok[..., None, None], L, eye)
-    sol = torch.cholesky_solve(rhs.unsqueeze(-1), L).squeeze(-1)
-    c = torch.where(ok.unsqueeze(-1), sol, c_old.to(torch.float64))
+    sol, ok = solve_spd(A, rhs.unsqueeze(-1))
+    c = torch.where(ok.unsqueeze(-1), sol.squeeze(-1), c_old.to(torch.float64))
     empty = A.diagonal(dim1=-2, dim2=-1).sum(-1) <= 0
     return c.to(torch.float32), empty
 

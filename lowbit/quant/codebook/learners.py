@@ -28,6 +28,7 @@ from typing import NamedTuple
 
 import torch
 
+from .._linalg import solve_spd
 from .clustering import (
     CHUNK_ELEMS,
     MIN_ROWS,
@@ -370,12 +371,11 @@ def ls_codebooks(
     uses, and the damping keeps the update a descent step whatever lam is.
 
     ``A`` (a sum of non-negatively weighted outer products of code indicators) is positive
-    semidefinite, so ``A + lam I`` is positive definite and is solved by Cholesky. Not by
-    ``torch.linalg.solve``: its batched CPU LU (torch 2.14 + MKL 2024.2, more than one thread) can
-    return invalid pivots for a batch of several systems of a few hundred unknowns ("Pivots given to
-    lu_solve must all be greater or equal to 1"), which is what every diagonal importance (one system
-    per coordinate) and every multi-problem fit (groups or row groups > 1) builds. A system whose
-    factorization still fails numerically keeps its old codebooks, which is a descent step too.
+    semidefinite, so ``A + lam I`` is positive definite and is solved by Cholesky
+    (:func:`lowbit.quant._linalg.solve_spd`, which says why not ``torch.linalg.solve``): every
+    diagonal importance (one system per coordinate) and every multi-problem fit (groups or row
+    groups > 1) builds a batch of systems. A system whose factorization still fails numerically
+    keeps its old codebooks, which is a descent step too.
     """
     B, n, d = x.shape
     C, E = cb.shape[1], cb.shape[2]
@@ -420,10 +420,8 @@ def ls_codebooks(
     diag = A.diagonal(dim1=-2, dim2=-1)
     lam = 1e-7 * diag.mean(-1, keepdim=True).clamp_min(1e-30) + 1e-30
     eye = torch.eye(CE, dtype=torch.float64)
-    L, info = torch.linalg.cholesky_ex(A + lam.unsqueeze(-1) * eye)
-    ok = (info == 0)[..., None, None]
-    sol = torch.cholesky_solve(rhs + lam.unsqueeze(-1) * old, torch.where(ok, L, eye))
-    sol = torch.where(ok, sol, old)
+    sol, ok = solve_spd(A + lam.unsqueeze(-1) * eye, rhs + lam.unsqueeze(-1) * old)
+    sol = torch.where(ok[..., None, None], sol, old)
     return sol.squeeze(-1).transpose(1, 2).reshape(B, C, E, d).to(torch.float32)
 
 
