@@ -248,7 +248,7 @@ AOT_KERNELS += _int4_entries()
 # @triton.jit functions that are only ever called from kernels (inlined into them), so they
 # are compiled as part of the kernels that use them.
 DEVICE_FUNCTIONS = [int8._tile_offsets, int8._dot_k_loop]
-DEVICE_FUNCTIONS += [int4._per_byte]
+DEVICE_FUNCTIONS += [int4._per_byte, int4._store_with_bias]
 
 # ---- int4 cutlass_sm90 layout (Triton)
 # As the JIT specialises launches from lowbit.backends.triton.int4.int4_cutlass_sm90_mm: x as for
