@@ -2,11 +2,14 @@
 
 The kernel is checked against the exact (float64) product of x and the reference's dequantized
 weight, within a rigorous fp32 accumulation bound: it may sum in any order, but never quantizes
-activations and never rounds a weight differently than by fp32 arithmetic.
+activations and never rounds a weight differently than by fp32 arithmetic. The small-M kernel
+(M <= SMALL_M on AVX2) computes s * (sum(x * q) - z * sum(x)) per group, so its bound is taken
+over |x| (|q| + |z|) |s| instead of |x| |q - z| |s| (csrc/cpu/int4.cpp, small_m_tile).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -32,17 +35,21 @@ def make_weight(N, K, group_size, symmetric, scale_dtype=torch.float32, seed=0):
     return fmt.quantize_weight(w, group_size, symmetric, scale_dtype)
 
 
-def int4_bound(x, wdeq, bias, K, out_dtype):
+SMALL_M = 5  # kSmallM in csrc/cpu/int4.cpp
+
+
+def int4_bound(x, wdeq, bias, K, out_dtype, wmag=None):
     """(exact result, worst-case |error|) for fp32 accumulation in any order, rounded to out_dtype.
 
     K + 4 roundings per output: K - 1 additions, the product, the per-group scale (the small-M
     kernel scales a group's sum instead of each weight, which the reference rounded once), the
     bias. Each costs at most eps32 times the sum of magnitudes. The output rounding adds half an
-    ulp of out_dtype, bounded by out_eps * |result|.
+    ulp of out_dtype, bounded by out_eps * |result|. `wmag` replaces |wdeq| in those magnitudes
+    for a kernel whose terms are not x * wdeq (the small-M kernel's (|q| + |z|) |s|).
     """
     x64, w64 = x.double(), wdeq.double()
     exact = x64 @ w64.T
-    mag = x64.abs() @ w64.abs().T
+    mag = x64.abs() @ (w64.abs() if wmag is None else wmag.double()).T
     if bias is not None:
         exact = exact + bias.double()
         mag = mag + bias.double().abs()
@@ -51,13 +58,23 @@ def int4_bound(x, wdeq, bias, K, out_dtype):
     return exact, acc + out.eps * (exact.abs() + acc) + out.tiny
 
 
+def folded_weight_magnitude(q, zero):
+    """(|q| + |z|) |s| per weight [N, K]: the term magnitudes of the small-M kernel."""
+    K, gs = q.in_features, q.group_size
+    codes = fmt.unpack(q.packed, K).double()
+    z = zero.double() if zero is not None else torch.full_like(q.scale, 8, dtype=torch.float64)
+    per_col = lambda t: t.repeat_interleave(gs, dim=1)[:, :K]  # noqa: E731
+    return (codes + per_col(z).abs()) * per_col(q.scale.double()).abs()
+
+
 def check_against_exact(x, q, bias=None, zero=None):
     zero = q.zero if zero is None else zero
     out = ops.int4_weight_only_mm(x, q.packed, q.scale, zero, q.group_size, bias)
     N, K = q.out_features, q.in_features
     assert out.dtype == x.dtype and out.shape == (x.shape[0], N)
     wdeq = ref.int4_dequantize(q.packed, q.scale, zero, q.group_size, K)
-    exact, bound = int4_bound(x.float(), wdeq, bias, K, x.dtype)
+    wmag = folded_weight_magnitude(q, zero) if x.shape[0] <= SMALL_M else None
+    exact, bound = int4_bound(x.float(), wdeq, bias, K, x.dtype, wmag)
     err = (out.double() - exact).abs()
     assert (err <= bound).all(), f"max err {err.max()} at bound {bound.flatten()[err.argmax()]}"
     return out
@@ -194,6 +211,21 @@ def test_one_hot_rows_give_the_reference_weight_exactly(M, group_size, scale_dty
         x[torch.arange(len(pick)), pick] = 1.0
         out = ops.int4_weight_only_mm(x, q.packed, q.scale, zero, gs)
         torch.testing.assert_close(out, wdeq[:, pick].T, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("M", [1, 5, 6, 40])
+def test_zero_point_cancellation_stays_within_the_bound(M):
+    # The worst case of the small-M kernel's folding: codes within 1 of the zero point (tiny
+    # weights) under activations with a large common offset, so sum(x * q) and z * sum(x) nearly
+    # cancel. Each path must stay within its own documented bound.
+    N, K, gs = 7, 4096, 128
+    g = torch.Generator().manual_seed(11)
+    q = make_weight(N, K, gs, symmetric=False)
+    zero = torch.full_like(q.zero, 7.5)
+    codes = torch.randint(7, 9, (N, K), generator=g, dtype=torch.uint8)
+    q = dataclasses.replace(q, packed=fmt.pack(codes), zero=zero)
+    x = 50.0 + torch.randn(M, K, generator=g)
+    check_against_exact(x, q)
 
 
 @pytest.mark.parametrize("M", [1, 2, 5, 6])
