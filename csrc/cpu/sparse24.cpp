@@ -385,6 +385,15 @@ S24_AVX2 void int8_tile(const Int8Problem& p, const int8_t* xperm, int64_t m0, i
       xa[m] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + m * p.Kx + 64 * b));
       xb[m] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + m * p.Kx + 64 * b + 32));
     }
+    // The same columns of the next tile's rows (they follow these rows in memory), once per
+    // 64-byte line: the hardware prefetcher restarts on every short row and, with caches cold
+    // as in a model's forward, left this loop waiting on DRAM.
+    if (b % 2 == 0)
+      for (int r = 0; r < NR; ++r)
+        _mm_prefetch(reinterpret_cast<const char*>(vals + (NR + r) * (p.Kp / 2) + 32 * b), _MM_HINT_T0);
+    if (b % 8 == 0)
+      for (int r = 0; r < NR; ++r)
+        _mm_prefetch(reinterpret_cast<const char*>(meta + (NR + r) * (p.Kp / 8) + 8 * b), _MM_HINT_T0);
     for (int r = 0; r < NR; ++r) {
       const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(vals + r * (p.Kp / 2) + 32 * b));
       const __m256i idx = shuffle_index(meta + r * (p.Kp / 8) + 8 * b, ic);
