@@ -421,17 +421,19 @@ at::Tensor x_to_fp32(const at::Tensor& x, int64_t Kp, bool permute) {
 at::Tensor prepare_small_m_x(const Problem& p, float* xp) {
   at::Tensor sums = at::zeros({p.M, p.groups, 8}, at::kFloat);
   float* s = sums.mutable_data_ptr<float>();
+  float inv_pow[kBlock];  // 2^-a per position in a block (a multiply, not an ldexp call, per column)
+  for (int j = 0; j < 4; ++j)
+    for (int l = 0; l < 8; ++l) inv_pow[8 * j + l] = std::ldexp(1.0f, -nibble_shift(j, l));
   for (int64_t m = 0; m < p.M; ++m) {
     float* row = xp + m * p.Kp;
     for (int64_t g = 0; g < p.groups; ++g) {
       float* lane = s + (m * p.groups + g) * 8;
       for (int64_t b = g * p.blocks_per_group; b < group_end(p, g); ++b)
-        for (int j = 0; j < 4; ++j)
-          for (int l = 0; l < 8; ++l) {
-            float& v = row[b * kBlock + 8 * j + l];
-            lane[l] += v;
-            v = std::ldexp(v, -nibble_shift(j, l));
-          }
+        for (int c = 0; c < kBlock; ++c) {
+          float& v = row[b * kBlock + c];
+          lane[c % 8] += v;
+          v *= inv_pow[c];
+        }
     }
   }
   return sums;
