@@ -326,30 +326,39 @@ inline void prefetch_next_tile(const uint8_t* row, int64_t next_tile_offset) {
   _mm_prefetch(reinterpret_cast<const char*>(row + next_tile_offset), _MM_HINT_T0);
 }
 
-template <int MR, int NR, bool kHalf>
-void fused_nibble(const Problem& p, const float* x, int64_t m0, int64_t n0) {
-  __m256 acc[NR][MR][2];
+// kShared: the NR rows share one codebook (one row group), so one set of planes serves them all.
+// With a set per row, and two accumulators per row, NR = 4 needed 18 ymm registers and GCC kept
+// all eight accumulators on the stack (a store-to-load forward in every FMA chain). One
+// accumulator per row once there are four or more chains: the chains still hide the FMA latency.
+template <int MR, int NR, bool kHalf, bool kShared>
+__attribute__((noinline)) void fused_nibble(const Problem& p, const float* x, int64_t m0, int64_t n0) {
+  constexpr int kAccs = NR * MR >= 4 ? 1 : 2;
+  constexpr int kPlaneSets = kShared ? 1 : NR;
+  __m256 acc[NR][MR][kAccs];
   float tail[NR][MR] = {};
   for (int r = 0; r < NR; ++r)
-    for (int m = 0; m < MR; ++m) acc[r][m][0] = acc[r][m][1] = _mm256_setzero_ps();
+    for (int m = 0; m < MR; ++m)
+      for (int a = 0; a < kAccs; ++a) acc[r][m][a] = _mm256_setzero_ps();
   const uint8_t* rows[NR];
   for (int r = 0; r < NR; ++r) rows[r] = p.codes + (n0 + r) * p.row_bytes;
   for (int64_t g = 0; g < p.G; ++g) {
-    const uint8_t* planes[NR];
-    for (int r = 0; r < NR; ++r) planes[r] = planes_of(p, n0 + r, g);
+    const uint8_t* planes[kPlaneSets];
+    for (int r = 0; r < kPlaneSets; ++r) planes[r] = planes_of(p, n0 + r, g);
     const int64_t blk_end = nibble_block_end(p, g);
     int64_t j = g * p.vecs_per_group;
     for (; j < blk_end; j += kNibbleBlock) {
       if ((j & 127) == 0)  // every 64 bytes of codes (a step is 32 codes, 16 bytes)
         for (int r = 0; r < NR; ++r) prefetch_next_tile(rows[r] + j / 2, NR * p.row_bytes);
+#pragma GCC unroll 4
       for (int r = 0; r < NR; ++r) {
-        const Nibble32 w = decode_nibble<kHalf>(rows[r] + j / 2, planes[r]);
+        const Nibble32 w = decode_nibble<kHalf>(rows[r] + j / 2, planes[kShared ? 0 : r]);
+#pragma GCC unroll 4
         for (int m = 0; m < MR; ++m) {
           const float* xm = x + m * p.Kp + j;
           acc[r][m][0] = _mm256_fmadd_ps(_mm256_loadu_ps(xm), w.f[0], acc[r][m][0]);
-          acc[r][m][1] = _mm256_fmadd_ps(_mm256_loadu_ps(xm + 8), w.f[1], acc[r][m][1]);
+          acc[r][m][kAccs - 1] = _mm256_fmadd_ps(_mm256_loadu_ps(xm + 8), w.f[1], acc[r][m][kAccs - 1]);
           acc[r][m][0] = _mm256_fmadd_ps(_mm256_loadu_ps(xm + 16), w.f[2], acc[r][m][0]);
-          acc[r][m][1] = _mm256_fmadd_ps(_mm256_loadu_ps(xm + 24), w.f[3], acc[r][m][1]);
+          acc[r][m][kAccs - 1] = _mm256_fmadd_ps(_mm256_loadu_ps(xm + 24), w.f[3], acc[r][m][kAccs - 1]);
         }
       }
     }
@@ -361,7 +370,8 @@ void fused_nibble(const Problem& p, const float* x, int64_t m0, int64_t n0) {
   }
   for (int r = 0; r < NR; ++r)
     for (int m = 0; m < MR; ++m) {
-      float v = hsum(_mm256_add_ps(acc[r][m][0], acc[r][m][1])) + tail[r][m];
+      const __m256 sum = kAccs == 2 ? _mm256_add_ps(acc[r][m][0], acc[r][m][kAccs - 1]) : acc[r][m][0];
+      float v = hsum(sum) + tail[r][m];
       if (p.scale) v *= p.scale[n0 + r];
       store_out(p, (m0 + m) * p.N + n0 + r, p.bias ? v + p.bias[n0 + r] : v);
     }
@@ -693,8 +703,13 @@ void fused_tile(const Problem& p, Fused kind, const float* x, int64_t m0, int64_
     case Fused::kPq4: fused_pq_byte<MR, NR, 4, MR == 1>(p, x, m0, n0); break;
     case Fused::kPq8: fused_pq_byte<MR, NR, 8, false>(p, x, m0, n0); break;
     case Fused::kNibble:
-      if (p.planes_half) fused_nibble<MR, NR, true>(p, x, m0, n0);
-      else fused_nibble<MR, NR, false>(p, x, m0, n0);
+      if (n0 / p.rows_per_rgroup == (n0 + NR - 1) / p.rows_per_rgroup) {
+        if (p.planes_half) fused_nibble<MR, NR, true, true>(p, x, m0, n0);
+        else fused_nibble<MR, NR, false, true>(p, x, m0, n0);
+      } else {
+        if (p.planes_half) fused_nibble<MR, NR, true, false>(p, x, m0, n0);
+        else fused_nibble<MR, NR, false, false>(p, x, m0, n0);
+      }
       break;
     case Fused::kScalar8: fused_scalar_small<MR, NR, false>(p, x, m0, n0); break;
     case Fused::kScalar16: fused_scalar_small<MR, NR, true>(p, x, m0, n0); break;
