@@ -573,38 +573,27 @@ void fused_vector(const Problem& p, const float* x, int64_t m0, int64_t n0) {
 
 // One vector codebook with byte codes (pq2 = d 4, and d 2 / 8): d-float entries loaded straight
 // from the L1-resident fp32 codebook into 8-wide registers (d = 4: two entries per register,
-// d = 2: four), one FMA per register and row of x, x loaded once for NR rows, two accumulators
-// per row. Codes: eight from one 64-bit load split by shifts (BMI2 shrx), or (kBytes) one byte
-// load each. Measured (one thread, N = K = 4096, min of 7, under load, two runs): d = 4, M = 1
-// byte loads 1.57/1.57 ms (G = 8) and 1.53/1.44 ms (G = 1) vs 1.62/1.63 and 1.88/1.67 with
-// shifts; M = 4 shifts 3.2/3.1 ms vs 3.5/3.4; d = 8 shifts 1.03/0.99 vs 1.10/1.08 ms; d = 2 equal
-// (2.6-3.0 ms; it was 24 ms through the portable decoder). Hence byte loads for d = 4 at M = 1
-// only. A variant with one 128-bit FMA per entry (memory operand, no lane insert) measured the same.
-template <int D>
-inline __m256 pq_entries_bytes(const float* cb, const uint8_t* c, int i) {
-  if constexpr (D == 8) {
-    return _mm256_loadu_ps(cb + static_cast<uint32_t>(c[i]) * 8);
-  } else if constexpr (D == 4) {
-    return _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_loadu_ps(cb + static_cast<uint32_t>(c[2 * i]) * 4)),
-                                _mm_loadu_ps(cb + static_cast<uint32_t>(c[2 * i + 1]) * 4), 1);
-  } else {
-    const __m128d lo = _mm_loadh_pd(_mm_load_sd(reinterpret_cast<const double*>(cb + static_cast<uint32_t>(c[4 * i]) * 2)),
-                                    reinterpret_cast<const double*>(cb + static_cast<uint32_t>(c[4 * i + 1]) * 2));
-    const __m128d hi = _mm_loadh_pd(_mm_load_sd(reinterpret_cast<const double*>(cb + static_cast<uint32_t>(c[4 * i + 2]) * 2)),
-                                    reinterpret_cast<const double*>(cb + static_cast<uint32_t>(c[4 * i + 3]) * 2));
-    return _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_castpd_ps(lo)), _mm_castpd_ps(hi), 1);
-  }
-}
-
+// d = 2: four), one FMA per register and row of x, x loaded once for NR rows. Codes: eight from
+// one 64-bit load, each entry's byte offset cut out by one shift and one AND. Session 3 measured
+// one byte load per code faster for d = 4 at M = 1 (1.57 vs 1.62 ms, one thread); once the
+// accumulators stopped spilling and the offsets lost their extract-and-scale, the shifts won
+// (session 5, one thread, warm, 4096 x 4096: byte loads 1.41-1.47 ms, shifts 1.31-1.39, shifts
+// with direct offsets 1.26-1.31), so the byte-load decoder is gone. A variant with one 128-bit FMA
+// per entry (memory operand, no lane insert) measured the same as the insert.
 template <int D>
 inline __m256 pq_entries(const float* cb, uint64_t w, int i) {
   // Register i of the 8 sub-vectors whose codes are the bytes of w.
+  // d = 4, 8: byte offsets (code * 4d) straight from one shift and one AND each, instead of a
+  // shift, a byte extract and a scale (d = 4, M = 1, one thread: 1.37 -> 1.26 ms; d = 8 equal).
+  const char* base = reinterpret_cast<const char*>(cb);
+  auto entry_at = [base](uint64_t offset) { return reinterpret_cast<const float*>(base + offset); };
   if constexpr (D == 8) {
-    return _mm256_loadu_ps(cb + ((w >> (8 * i)) & 0xff) * 8);
+    return _mm256_loadu_ps(entry_at((i == 0 ? w << 5 : w >> (8 * i - 5)) & 0x1fe0));
   } else if constexpr (D == 4) {
-    const uint64_t e0 = (w >> (16 * i)) & 0xff, e1 = (w >> (16 * i + 8)) & 0xff;
-    return _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_loadu_ps(cb + e0 * 4)), _mm_loadu_ps(cb + e1 * 4), 1);
+    const uint64_t o0 = (i == 0 ? w << 4 : w >> (16 * i - 4)) & 0xff0, o1 = (w >> (16 * i + 4)) & 0xff0;
+    return _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_loadu_ps(entry_at(o0))), _mm_loadu_ps(entry_at(o1)), 1);
   } else {
+    // d = 2 keeps extract-and-scale indexing: direct offsets measured 3-8% slower here.
     const uint64_t c = w >> (32 * i);
     const __m128d lo = _mm_loadh_pd(_mm_load_sd(reinterpret_cast<const double*>(cb + (c & 0xff) * 2)),
                                     reinterpret_cast<const double*>(cb + ((c >> 8) & 0xff) * 2));
@@ -614,7 +603,7 @@ inline __m256 pq_entries(const float* cb, uint64_t w, int i) {
   }
 }
 
-template <int MR, int NR, int D, bool kBytes>
+template <int MR, int NR, int D>
 __attribute__((noinline)) void fused_pq_byte(const Problem& p, const float* x, int64_t m0, int64_t n0) {
   constexpr int kRegs = D;  // 8 sub-vectors = 8 * D floats = D registers
   // Two accumulators per row only while they fit in registers with the rest: at NR = 4 GCC
@@ -638,9 +627,8 @@ __attribute__((noinline)) void fused_pq_byte(const Problem& p, const float* x, i
     for (; j + 8 <= j_end; j += 8) {
       if ((j & 63) == 0)  // every 64 bytes of codes
         for (int r = 0; r < NR; ++r) prefetch_next_tile(rows[r] + j, NR * p.row_bytes);
-      uint64_t w[NR] = {};
-      if (!kBytes)
-        for (int r = 0; r < NR; ++r) std::memcpy(&w[r], rows[r] + j, 8);
+      uint64_t w[NR];
+      for (int r = 0; r < NR; ++r) std::memcpy(&w[r], rows[r] + j, 8);
       // Every loop fully unrolled, so that acc is indexed by constants only and lives in registers.
 #pragma GCC unroll 8
       for (int i = 0; i < kRegs; ++i) {
@@ -649,7 +637,7 @@ __attribute__((noinline)) void fused_pq_byte(const Problem& p, const float* x, i
         for (int m = 0; m < MR; ++m) xv[m] = _mm256_loadu_ps(x + m * p.Kp + j * D + 8 * i);
 #pragma GCC unroll 4
         for (int r = 0; r < NR; ++r) {
-          const __m256 e = kBytes ? pq_entries_bytes<D>(cbs[r], rows[r] + j, i) : pq_entries<D>(cbs[r], w[r], i);
+          const __m256 e = pq_entries<D>(cbs[r], w[r], i);
 #pragma GCC unroll 4
           for (int m = 0; m < MR; ++m) acc[r][m][i % kAccs] = _mm256_fmadd_ps(xv[m], e, acc[r][m][i % kAccs]);
         }
@@ -699,9 +687,9 @@ void fused_vector_c(const Problem& p, const float* x, int64_t m0, int64_t n0) {
 template <int MR, int NR>
 void fused_tile(const Problem& p, Fused kind, const float* x, int64_t m0, int64_t n0) {
   switch (kind) {
-    case Fused::kPq2: fused_pq_byte<MR, NR, 2, false>(p, x, m0, n0); break;
-    case Fused::kPq4: fused_pq_byte<MR, NR, 4, MR == 1>(p, x, m0, n0); break;
-    case Fused::kPq8: fused_pq_byte<MR, NR, 8, false>(p, x, m0, n0); break;
+    case Fused::kPq2: fused_pq_byte<MR, NR, 2>(p, x, m0, n0); break;
+    case Fused::kPq4: fused_pq_byte<MR, NR, 4>(p, x, m0, n0); break;
+    case Fused::kPq8: fused_pq_byte<MR, NR, 8>(p, x, m0, n0); break;
     case Fused::kNibble:
       if (n0 / p.rows_per_rgroup == (n0 + NR - 1) / p.rows_per_rgroup) {
         if (p.planes_half) fused_nibble<MR, NR, true, true>(p, x, m0, n0);
