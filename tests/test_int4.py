@@ -228,6 +228,20 @@ def test_zero_point_cancellation_stays_within_the_bound(M):
     check_against_exact(x, q)
 
 
+@pytest.mark.parametrize("M", [1, 5, 6])
+def test_infinite_activations_give_the_references_infinities(M):
+    # The small-M kernel's zero folding would compute inf - inf; such calls must still give the
+    # reference's +-inf (NaN only where the reference has one: a zero weight times inf).
+    q = make_weight(6, 256, 64, symmetric=False)
+    x = torch.randn(M, 256)
+    x[0, 7], x[-1, 200] = float("inf"), float("-inf")
+    wdeq = ref.int4_dequantize(q.packed, q.scale, q.zero, 64, 256)
+    want = x.double() @ wdeq.double().T
+    got = ops.int4_weight_only_mm(x, q.packed, q.scale, q.zero, 64)
+    assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.isinf(), want.isinf())
+    assert torch.equal(got[want.isinf()], want[want.isinf()].float())
+
+
 @pytest.mark.parametrize("M", [1, 2, 5, 6])
 @pytest.mark.parametrize("symmetric", [False, True], ids=["asym", "sym"])
 def test_small_m_row_pairs_and_tails(M, symmetric):

@@ -416,6 +416,15 @@ at::Tensor x_to_fp32(const at::Tensor& x, int64_t Kp, bool permute) {
   return out;
 }
 
+// The small-M kernel's folding turns an infinite activation into inf - inf = NaN where the
+// reference's (u - zero) * scale * x gives +-inf; such calls take the large-M path, which
+// dequantizes each weight as the reference does.
+bool all_finite(const float* x, int64_t n) {
+  bool ok = true;
+  for (int64_t i = 0; i < n; ++i) ok &= std::isfinite(x[i]);
+  return ok;
+}
+
 // Small M (see small_m_tile): the lane sums of the permuted x per group, [M, groups, 8], then
 // every column divided by 2^a of its lane's nibble, in place (exact unless |x| < 2^-99).
 at::Tensor prepare_small_m_x(const Problem& p, float* xp) {
@@ -471,7 +480,7 @@ at::Tensor int4_weight_only_mm_cpu(const at::Tensor& x, const at::Tensor& packed
   const at::Tensor x32 = x_to_fp32(x, p.Kp, avx2);
   if (!avx2) {
     mm_scalar(p, x32.const_data_ptr<float>());
-  } else if (M <= kSmallM) {
+  } else if (M <= kSmallM && all_finite(x32.const_data_ptr<float>(), M * p.Kp)) {
     const at::Tensor lane_sums = prepare_small_m_x(p, x32.mutable_data_ptr<float>());
     small_m_avx2(p, x32.const_data_ptr<float>(), lane_sums.const_data_ptr<float>());
   } else {
