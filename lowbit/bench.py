@@ -2,7 +2,8 @@
 
 What a result means
 -------------------
-Every candidate (a lowbit op or a baseline from torch) computes the same GEMM problem
+Every candidate (a lowbit op, a baseline from torch, or a peer library's layer:
+lowbit.bench_peers) computes the same GEMM problem
 ``y[M, N] = x[M, K] @ w[N, K].T`` in its own formats. For each we report
 
 * the median time of one call, with the caches evicted before every call (cold, the default:
@@ -791,10 +792,16 @@ def _binary_candidates() -> list[Candidate]:
 FAMILIES["binary"] = _binary_candidates
 
 
-def candidates(families: Sequence[str], device: torch.device) -> list[Candidate]:
+def candidates(families: Sequence[str], device: torch.device, peers: bool = False) -> list[Candidate]:
+    """The families' candidates for `device`; with `peers`, also the installed peer libraries'
+    layers as baselines (lowbit.bench_peers)."""
     out = []
     for fam in families:
-        out += [c for c in FAMILIES[fam]() if device.type in c.devices]
+        fam_cands = FAMILIES[fam]()
+        if peers:
+            from . import bench_peers
+            fam_cands += bench_peers.peer_candidates(fam)
+        out += [c for c in fam_cands if device.type in c.devices]
     return out
 
 
@@ -1074,6 +1081,8 @@ def format_markdown(rows: Sequence[Row], meta: dict, roof: Roofline | None, cont
            f"{meta['date']}; 1-min load average {meta.get('load_start')} at start, {meta.get('load_end')} at end "
            f"({meta['cores']} cores: a higher load means other processes took CPU time from this run)",
            f"- caches: {meta.get('cache', 'warm: calls back to back')}"]
+    if "peers" in meta:
+        out.append(f"- peer libraries (baselines beside torch's): {meta['peers']}")
     if roof:
         out.append(f"- roofline: bandwidth {roof.bandwidth_gbs:.1f} GB/s ({roof.how.get('bandwidth')}); peaks "
                    + ", ".join(f"{k} {v:.0f} GOP/s ({roof.how.get(k)})" for k, v in roof.peak_gops.items()))

@@ -271,10 +271,15 @@ def cmd_bench(args) -> int:
                      if plan.cold else "warm: calls back to back")
     meta["lowbit"] = lowbit.__version__
     control = bench.control_name(device)
-    cands = bench.candidates(args.ops, device)
+    if args.peers:
+        from . import bench_peers
+        meta["peers"] = bench_peers.describe(bench_peers.installed())
+    cands = bench.candidates(args.ops, device, peers=args.peers)
 
     print(f"lowbit bench on {meta.get('gpu') or meta['cpu']} ({dev_type}, {meta['threads']} threads), "
           f"torch {meta['torch']}, {meta['date']}, load average {meta['load_start']}", flush=True)
+    if "peers" in meta:
+        print(f"peer libraries: {meta['peers']}", flush=True)
     roof = bench.measure_roofline(device, quick=args.quick)
     print(f"roofline: bandwidth {roof.bandwidth_gbs:.1f} GB/s [{roof.how['bandwidth']}]; peaks "
           + ", ".join(f"{k} {v:.0f} GOP/s [{roof.how[k]}]" for k, v in roof.peak_gops.items()), flush=True)
@@ -606,6 +611,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="time calls back to back with warm caches (default: evict the caches before every call, "
                          "as a model's weights are when each layer runs once per token)")
     pb.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    pb.add_argument("--no-peers", dest="peers", action="store_false",
+                    help="leave out the peer libraries' layers (torchao, bitsandbytes, optimum-quanto, hqq), which "
+                         "otherwise join the baselines wherever they are installed")
     pb.add_argument("--json", metavar="FILE", help="write all rows as JSON")
     pb.add_argument("--markdown", metavar="FILE", help="write a markdown table (a directory: <device>_<date>.md in it)")
     pb.set_defaults(func=cmd_bench)

