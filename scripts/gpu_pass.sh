@@ -6,7 +6,13 @@
 # Once, on the CPU machine, in the repo root:
 #   echo /.cutlass/ >> .git/info/exclude
 #   mkdir -p .cutlass && cp -r "$(python3 -c 'import cutlass_library, os; print(os.path.dirname(cutlass_library.__file__))')/source/include/." .cutlass/
-# Then: device run, carry [".cutlass"], command "bash scripts/gpu_pass.sh" (about 20 minutes).
+# The peer libraries the bench compares against (lowbit/bench_peers.py) travel the same way, as
+# wheels (bitsandbytes' 43 MB wheel does not fit beside CUTLASS in the 64 MiB a run carries):
+#   echo /.peer-wheels/ >> .git/info/exclude
+#   pip download --no-deps -d .peer-wheels torchao==0.18.0 optimum-quanto==0.2.7 einops termcolor
+#   pip wheel --no-deps -w .peer-wheels hqq==0.2.8.post1
+# Then: device run, carry [".cutlass", ".peer-wheels"], command "bash scripts/gpu_pass.sh"
+# (about 20 minutes).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/lowbit-gpu-pass}"
@@ -39,7 +45,12 @@ for tool in memcheck racecheck; do
 done
 unset PYTORCH_NO_CUDA_MEMORY_CACHING
 
-# 4. benchmarks, every backend (forced), into benchmarks/results/ form
+# 4. benchmarks, every backend (forced), into benchmarks/results/ form; the peers join the
+# baselines where their wheels came along and install (without them the bench just has fewer rows)
+if [ -d .peer-wheels ]; then
+  python3 -m pip install --quiet --no-index --no-deps .peer-wheels/*.whl > "$OUT/peers.log" 2>&1 \
+    && echo "peer libraries installed" || echo "peer libraries did not install (see peers.log)"
+fi
 for backend in triton cuda; do
   mkdir -p "$OUT/md-$backend"
   LOWBIT_CUDA_BACKEND=$backend python3 -m lowbit bench --ops int8 int4 fp8 binary sparse24 codebook --m 1 16 256 1024 4096 \
