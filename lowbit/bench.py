@@ -17,7 +17,7 @@ lowbit.bench_peers) computes the same GEMM problem
   measured in the same run, at its start and at its end, keeping the best of each
   (``measure_roofline``, ``Roofline.best``). With ``--warm``, weights that fit in the
   last-level cache can legitimately exceed 100% of the DRAM roofline;
-* the speed ratio against the strongest baseline (and the control, fp32 on CPU / bf16 on
+* the speed ratio against the strongest baseline of the same family (and the control, fp32 on CPU / bf16 on
   GPU) of the same run. All candidates of a shape are timed in rounds: each round calls
   every candidate once (rotating the order), and a ratio is the median over rounds of the
   per-round ratio. On a shared, noisy machine that cancels most of the drift that two
@@ -911,11 +911,14 @@ def summarize(shape: Shape, cands: Sequence[Candidate], samples: dict[str, list]
               control: str) -> list[Row]:
     """Turn per-round samples into rows (pure: unit-tested with fake timings)."""
     ids = [candidate_id(c) for c in cands]
-    baselines = [candidate_id(c) for c in cands if c.role == "baseline"]
-    best = strongest(samples, baselines)
+    # The strongest baseline per family: a row's "vs best" must not depend on which other
+    # families shared the run (an int4 row once read against quantize_dynamic's int8 layer).
+    best_of = {fam: strongest(samples, [candidate_id(c) for c in cands if c.role == "baseline" and c.family == fam])
+               for fam in dict.fromkeys(c.family for c in cands)}
     ctrl = next((candidate_id(c) for c in cands if c.role == "baseline" and c.name == control), None)
     rows = []
     for c, cid in zip(cands, ids):
+        best = best_of[c.family]
         row = Row(c.family, c.name, c.role, c.act, shape.m, shape.n, shape.k,
                   error=errors.get(cid), best_baseline=best)
         t = median_time(samples.get(cid, []))
@@ -1086,7 +1089,7 @@ def format_markdown(rows: Sequence[Row], meta: dict, roof: Roofline | None, cont
     if roof:
         out.append(f"- roofline: bandwidth {roof.bandwidth_gbs:.1f} GB/s ({roof.how.get('bandwidth')}); peaks "
                    + ", ".join(f"{k} {v:.0f} GOP/s ({roof.how.get(k)})" for k, v in roof.peak_gops.items()))
-    out += [f"- vs ctrl = speed over {control}; vs best = speed over the fastest baseline of the same shape "
+    out += [f"- vs ctrl = speed over {control}; vs best = speed over the fastest baseline of the same family and shape "
             "(marked *); both are medians of per-round ratios, all candidates timed in interleaved rounds",
             "- rel.err: against fp32 F.linear with the float weight (float outputs) or the exact integer "
             "product (raw int8 ops)", ""]

@@ -283,7 +283,7 @@ def cmd_bench(args) -> int:
     roof = bench.measure_roofline(device, quick=args.quick)
     print(f"roofline: bandwidth {roof.bandwidth_gbs:.1f} GB/s [{roof.how['bandwidth']}]; peaks "
           + ", ".join(f"{k} {v:.0f} GOP/s [{roof.how[k]}]" for k, v in roof.peak_gops.items()), flush=True)
-    print(f"vs ctrl: speed over {control}; vs best: over the fastest baseline of the shape (*); "
+    print(f"vs ctrl: speed over {control}; vs best: over the fastest baseline of the family and shape (*); "
           f"medians of per-round ratios of interleaved runs; caches {meta['cache']}", flush=True)
 
     rows = []

@@ -106,8 +106,8 @@ def test_time_interleaved_gives_every_round_to_fast_candidates():
     assert slow == {"a": False, "b": False}
 
 
-def _cand(name, role, act="float32", compute="float"):
-    return Candidate(name, "int8", role, act, compute, "float", build=None,
+def _cand(name, role, act="float32", compute="float", family="int8"):
+    return Candidate(name, family, role, act, compute, "float", build=None,
                      traffic=lambda s: bench.gemm_traffic(s, weight_bits=8, act_bytes=4, out_bytes=4))
 
 
@@ -144,6 +144,24 @@ def test_summarize_ratios_against_strongest_baseline_and_control():
     table = bench.format_table(rows)
     assert "vs best" in table.splitlines()[0] and "2.00x" in table and "no kernel" in table
     assert "qd *" in table  # the strongest baseline is marked
+
+
+def test_vs_best_is_per_family_whatever_shares_the_run():
+    shape = Shape(1, 64, 64)
+    int8 = [_cand("fp32 F.linear", "baseline"), _cand("qd", "baseline"), _cand("w8", "lowbit")]
+    int4 = [_cand("fp32 F.linear", "baseline", family="int4"), _cand("int4pack", "baseline", family="int4"),
+            _cand("w4", "lowbit", family="int4")]
+    t = {"fp32 F.linear": 4e-3, "qd": 1e-3, "w8": 1e-3, "int4pack": 2e-3, "w4": 1e-3}
+    samples = {bench.candidate_id(c): [t[c.name]] * 3 for c in int8 + int4}
+    alone = {r.impl: r for r in bench.summarize(shape, int4, samples, {}, {}, {}, None, "fp32 F.linear")}
+    both = bench.summarize(shape, int8 + int4, samples, {}, {}, {}, None, "fp32 F.linear")
+    w4 = next(r for r in both if r.impl == "w4")
+    # The int8 family's faster baseline (qd, 1 ms) must not become the int4 rows' "best".
+    assert w4.vs_best == pytest.approx(2.0) == alone["w4"].vs_best
+    assert w4.best_baseline == bench.candidate_id(int4[1])
+    assert next(r for r in both if r.impl == "w8").vs_best == pytest.approx(1.0)
+    table = bench.format_table(both)
+    assert "int4pack *" in table and "qd *" in table  # each family's strongest baseline is marked
 
 
 def test_rel_err():
