@@ -15,9 +15,9 @@
 //    once per call into the decoder's output order.
 //  * other scalar codebooks of <= 16 entries: 8 weights from one 32-bit load, a variable shift
 //    and two in-register table lookups (vpermps).
-//  * one vector codebook with byte codes (pq2: d = 4; d = 2, 8): 8 codes per 64-bit load (byte
-//    loads for d = 4 at M = 1), entries from the L1-resident fp32 codebook straight into 8-wide
-//    registers.
+//  * one vector codebook with byte codes (pq2: d = 4; d = 2, 8): 8 codes per 64-bit load, each
+//    entry's byte offset cut out by a rotation and an AND, entries from the L1-resident fp32
+//    codebook straight into 8-wide registers.
 //  * the rest (C >= 2 summed codebooks, 16-bit codes) sums C entry loads per sub-vector.
 // The FAISS-style lookup table (per row of x and sub-vector j, T[j][e] = x_j . entry e, then one
 // table load and add per code) was built and measured for byte codes and lost at every d on this
@@ -574,12 +574,14 @@ void fused_vector(const Problem& p, const float* x, int64_t m0, int64_t n0) {
 // One vector codebook with byte codes (pq2 = d 4, and d 2 / 8): d-float entries loaded straight
 // from the L1-resident fp32 codebook into 8-wide registers (d = 4: two entries per register,
 // d = 2: four), one FMA per register and row of x, x loaded once for NR rows. Codes: eight from
-// one 64-bit load, each entry's byte offset cut out by one shift and one AND. Session 3 measured
+// one 64-bit load, each entry's byte offset cut out by a rotation and an AND. Session 3 measured
 // one byte load per code faster for d = 4 at M = 1 (1.57 vs 1.62 ms, one thread); once the
 // accumulators stopped spilling and the offsets lost their extract-and-scale, the shifts won
 // (session 5, one thread, warm, 4096 x 4096: byte loads 1.41-1.47 ms, shifts 1.31-1.39, shifts
 // with direct offsets 1.26-1.31), so the byte-load decoder is gone. A variant with one 128-bit FMA
-// per entry (memory operand, no lane insert) measured the same as the insert.
+// per entry (memory operand, no lane insert) measured the same as the insert (and 5-8% slower
+// once the offsets came from rotations).
+
 // w rotated right by s bits (s mod 64; negative s rotates left), compiled to one rorx.
 inline uint64_t rotate_right(uint64_t w, int s) {
   s &= 63;
@@ -589,11 +591,11 @@ inline uint64_t rotate_right(uint64_t w, int s) {
 template <int D>
 inline __m256 pq_entries(const float* cb, uint64_t w, int i) {
   // Register i of the 8 sub-vectors whose codes are the bytes of w.
-  // d = 4, 8: byte offsets (code * 4d) straight from one shift and one AND each, instead of a
+  // d = 4, 8: byte offsets (code * 4d) straight from a rotation and an AND each, instead of a
   // shift, a byte extract and a scale (d = 4, M = 1, one thread: 1.37 -> 1.26 ms; d = 8 equal).
-  // The shift is a rotation: BMI2's rorx writes a new register, so each offset costs two
-  // instructions instead of a copy, a shift and an AND (the decoder is bound by instructions
-  // issued; d = 4, M = 1, one thread: 1.33 -> 1.20 ms in a standalone copy of this loop).
+  // A rotation rather than a shift because BMI2's rorx writes a new register: two instructions
+  // per offset instead of a copy, a shift and an AND. The loop issues ~4.3 instructions per
+  // cycle, so that one counts (d = 4, M = 1, one thread, standalone copy: 1.33 -> 1.20 ms).
   const char* base = reinterpret_cast<const char*>(cb);
   auto entry_at = [base](uint64_t offset) { return reinterpret_cast<const float*>(base + offset); };
   if constexpr (D == 8) {
