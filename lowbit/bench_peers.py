@@ -110,7 +110,10 @@ def _runner(layer: Callable, x: torch.Tensor) -> Callable[[], torch.Tensor]:
 
 
 def _activations(inp, dtype: torch.dtype) -> torch.Tensor:
-    return inp.x if dtype == torch.float32 else inp.get(f"x_{dtype}", lambda: inp.x.to(dtype).contiguous())
+    from . import bench
+
+    # The same bf16 x tensor torch's baselines and lowbit's rows use (bench._bf16's cache key).
+    return inp.x if dtype == torch.float32 else bench._bf16(inp, "x16", lambda: inp.x)
 
 
 @dataclass(frozen=True)
@@ -121,9 +124,21 @@ class Peer:
     dist: str                   # distribution in PACKAGES
     family: str                 # lowbit bench family whose table it joins
     act: torch.dtype
-    weight_bits: float          # bits per weight incl. its scales (traffic accounting)
     make: Callable[[torch.nn.Linear, torch.device], Callable]
+    # Traffic accounting, in the peer's own format: bits per weight, plus scale_bytes (scale and
+    # zero together) per output channel (group None) or per `group` weights along K.
+    bits: int
+    scale_bytes: int
+    group: int | None = None
     devices: tuple[str, ...] = ("cpu", "cuda")
+
+    def traffic(self, shape):
+        from . import bench
+
+        act_bytes = 4 if self.act == torch.float32 else 2
+        scales = shape.n if self.group is None else shape.n * -(-shape.k // self.group)
+        return bench.gemm_traffic(shape, weight_bits=self.bits, scale_bytes=self.scale_bytes, scales=scales,
+                                  act_bytes=act_bytes, out_bytes=act_bytes)
 
 
 # ---- torchao
@@ -203,19 +218,18 @@ def _hqq(nbits: int, group_size: int):
 
 BF16, F32 = torch.bfloat16, torch.float32
 PEERS: list[Peer] = [
-    Peer("torchao Int8WeightOnly", "torchao", "int8", BF16, 8 + 16 / 4096, _torchao(_ao_int8_weight_only)),
-    Peer("torchao Int8DynAct-Int8W", "torchao", "int8", BF16, 8 + 16 / 4096, _torchao(_ao_int8_dynamic)),
-    Peer("bnb Linear8bitLt", "bitsandbytes", "int8", F32, 8 + 32 / 4096, _bnb_int8),
-    Peer("quanto qint8 weights", "optimum-quanto", "int8", BF16, 8 + 16 / 4096, _quanto("qint8")),
-    Peer("torchao Int4 g128 (opaque, CPU)", "torchao", "int4", BF16, 4 + 32 / 128, _torchao(_ao_int4_cpu),
-         ("cpu",)),
-    Peer("torchao Int4 g128 (tile_packed_to_4d)", "torchao", "int4", BF16, 4 + 32 / 128, _torchao(_ao_int4_cuda),
+    Peer("torchao Int8WeightOnly", "torchao", "int8", BF16, _torchao(_ao_int8_weight_only), 8, 2),
+    Peer("torchao Int8DynAct-Int8W", "torchao", "int8", BF16, _torchao(_ao_int8_dynamic), 8, 2),
+    Peer("bnb Linear8bitLt", "bitsandbytes", "int8", F32, _bnb_int8, 8, 4),
+    Peer("quanto qint8 weights", "optimum-quanto", "int8", BF16, _quanto("qint8"), 8, 2),
+    Peer("torchao Int4 g128 (opaque, CPU)", "torchao", "int4", BF16, _torchao(_ao_int4_cpu), 4, 4, 128, ("cpu",)),
+    Peer("torchao Int4 g128 (tile_packed_to_4d)", "torchao", "int4", BF16, _torchao(_ao_int4_cuda), 4, 4, 128,
          ("cuda",)),
-    Peer("bnb Linear4bit nf4", "bitsandbytes", "int4", BF16, 4 + 32 / 64, _bnb_nf4),
-    Peer("quanto qint4 weights g128", "optimum-quanto", "int4", BF16, 4 + 32 / 128, _quanto("qint4")),
-    Peer("hqq 4-bit g64", "hqq", "int4", BF16, 4 + 32 / 64, _hqq(4, 64)),
-    Peer("torchao Float8WeightOnly", "torchao", "fp8", BF16, 8 + 32 / 4096, _torchao(_ao_fp8_weight_only)),
-    Peer("quanto qfloat8 weights", "optimum-quanto", "fp8", BF16, 8 + 16 / 4096, _quanto("qfloat8")),
+    Peer("bnb Linear4bit nf4", "bitsandbytes", "int4", BF16, _bnb_nf4, 4, 4, 64),  # fp32 absmax per 64
+    Peer("quanto qint4 weights g128", "optimum-quanto", "int4", BF16, _quanto("qint4"), 4, 4, 128),
+    Peer("hqq 4-bit g64", "hqq", "int4", BF16, _hqq(4, 64), 4, 4, 64),
+    Peer("torchao Float8WeightOnly", "torchao", "fp8", BF16, _torchao(_ao_fp8_weight_only), 8, 4),
+    Peer("quanto qfloat8 weights", "optimum-quanto", "fp8", BF16, _quanto("qfloat8"), 8, 2),
 ]
 
 
@@ -233,14 +247,6 @@ def peer_candidates(family: str, versions: dict[str, str | None] | None = None) 
     from . import bench
 
     versions = installed() if versions is None else versions
-    act_bytes = {F32: 4, BF16: 2}
-    out = []
-    for p in PEERS:
-        if p.family != family or not versions.get(p.dist):
-            continue
-        nbytes = act_bytes[p.act]
-        traffic = (lambda bits, ab: lambda s: bench.gemm_traffic(s, weight_bits=bits, act_bytes=ab, out_bytes=ab))(
-            p.weight_bits, nbytes)
-        out.append(bench.Candidate(p.name, family, "baseline", str(p.act).replace("torch.", ""), "float", "float",
-                                   peer_build(p), traffic, p.devices))
-    return out
+    return [bench.Candidate(p.name, family, "baseline", str(p.act).replace("torch.", ""), "float", "float",
+                            peer_build(p), p.traffic, p.devices)
+            for p in PEERS if p.family == family and versions.get(p.dist)]
