@@ -84,3 +84,47 @@ def test_bad_metadata_is_refused_like_the_reference():
     meta[2, 1] = 0x5E  # low nibble 0xE is fine, high nibble 0x5 = (1, 1)
     with pytest.raises(ValueError, match=r"lowbit\.sparse24_mm: meta\[2, 1\]=0x5e"):
         tk.sparse24_mm(torch.randn(2, 32).to(DEVICE), values, meta)
+
+
+# ============================================================================ configs
+def _each_config(kernel, monkeypatch):
+    """Yield each autotune config with the autotuner pinned to it (a one-config autotuner
+    launches that config directly, on the GPU as in the interpreter)."""
+    for cfg in list(kernel.configs):
+        monkeypatch.setattr(kernel, "configs", [cfg])
+        yield cfg
+
+
+@pytest.mark.parametrize("x_dtype,values_dtype,kernel_name", [
+    (torch.float16, torch.float16, "_sparse24_mm_tc"),
+    (torch.bfloat16, torch.int8, "_sparse24_mm_tc"),
+    (torch.float32, torch.float32, "_sparse24_mm_fp32"),
+])
+def test_sparse24_mm_every_config(x_dtype, values_dtype, kernel_name, monkeypatch):
+    # Ragged for every tile: M and N end in partial tiles, K = 200 pads to 208 (not a multiple
+    # of any BLOCK_K), so the last step holds real, padded and out-of-range groups.
+    M, N, K = 19, 130, 200
+    values, meta, scale = make(N, K, values_dtype, seed=5)
+    x = torch.randn(M, K, generator=torch.Generator().manual_seed(6)).to(x_dtype).to(DEVICE)
+    bias = torch.randn(N, generator=torch.Generator().manual_seed(7)).to(DEVICE)
+    w = fmt.decompress(values, meta, K, torch.float64)
+    if scale is not None:
+        w = w * scale.double().unsqueeze(1)
+    exact = x.double() @ w.T + bias.double()
+    mag = x.double().abs() @ w.abs().T + bias.double().abs()
+    eps_x = 0.0 if x_dtype == torch.float32 else torch.finfo(x_dtype).eps / 2
+    bound = ((fmt.padded_k(K) // 2 + 3) * EPS32 + eps_x) * mag + torch.finfo(x_dtype).eps * exact.abs() \
+        + torch.finfo(x_dtype).tiny
+    for cfg in _each_config(getattr(tk, kernel_name), monkeypatch):
+        err = (tk.sparse24_mm(x, values, meta, scale, bias).double() - exact).abs()
+        assert (err <= bound).all(), (cfg, float(err.max()))
+
+
+def test_sparse24_int8_scaled_mm_every_config(monkeypatch):
+    M, N, K = 19, 130, 200
+    values, meta, scale_b = make(N, K, torch.int8, seed=8)
+    a = torch.randint(-128, 128, (M, K), dtype=torch.int8, generator=torch.Generator().manual_seed(9)).to(DEVICE)
+    scale_a = (torch.rand(M, generator=torch.Generator().manual_seed(10)) + 0.1).to(DEVICE)
+    want = ref.sparse24_int8_scaled_mm(a, values, meta, scale_a, scale_b, None, None)
+    for cfg in _each_config(tk._sparse24_mm_int8, monkeypatch):
+        assert torch.equal(tk.sparse24_int8_scaled_mm(a, values, meta, scale_a, scale_b, None, None), want), cfg

@@ -11,31 +11,17 @@ Every kernel here is listed in :data:`lowbit.backends.triton.aot.AOT_KERNELS`.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 from ... import _checks
-
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+from .int8 import INTERPRET, _TUNING, _config
 
 if not INTERPRET:
     from triton.language.extra import libdevice
 else:  # pragma: no cover - the interpreter never calls it (USE_POPC is False there)
     libdevice = None
-
-
-def _first_config_when_interpreted(configs, named_args, **kwargs):
-    return configs[:1] if INTERPRET else configs
-
-
-_PRUNE = {"early_config_prune": _first_config_when_interpreted}
-
-
-def _config(num_warps, num_stages, **meta):
-    return triton.Config(meta, num_warps=num_warps, num_stages=num_stages)
 
 
 @triton.jit
@@ -69,7 +55,7 @@ def gemm_configs():
     ]
 
 
-@triton.autotune(configs=gemm_configs(), key=["M", "N", "W"], prune_configs_by=_PRUNE)
+@triton.autotune(configs=gemm_configs(), key=["M", "N", "W"], **_TUNING)
 @triton.jit
 def _binary_mm_kernel(
     # pointers
@@ -159,7 +145,7 @@ def quantize_configs():
     ]
 
 
-@triton.autotune(configs=quantize_configs(), key=["K"], prune_configs_by=_PRUNE)
+@triton.autotune(configs=quantize_configs(), key=["K"], **_TUNING)
 @triton.jit
 def _binary_quantize_kernel(
     # pointers

@@ -38,7 +38,28 @@ def _first_config_when_interpreted(configs, named_args, **kwargs):
     return configs[:1] if INTERPRET else configs
 
 
-_PRUNE = {"early_config_prune": _first_config_when_interpreted}
+def _timing_by_driver(kernel_call, quantiles):
+    # What triton.autotune does by default, but looked up at the first launch: Triton 3.2 asks
+    # for the GPU driver when the decorator runs, so merely importing a kernel failed on a
+    # machine without a GPU.
+    from triton.runtime import driver
+
+    return driver.active.get_benchmarker()(kernel_call, quantiles=quantiles)
+
+
+def _no_timing(kernel_call, quantiles):
+    # Interpreter: the configs are pruned to one, which Triton <= 3.6 still times through the
+    # GPU driver (absent on CPU machines). Equal times keep the first config.
+    return [0.0] * len(quantiles)
+
+
+def _tuning(prune=_first_config_when_interpreted) -> dict:
+    """triton.autotune's keyword arguments shared by every lowbit kernel."""
+    return {"prune_configs_by": {"early_config_prune": prune},
+            "do_bench": _no_timing if INTERPRET else _timing_by_driver}
+
+
+_TUNING = _tuning()
 
 
 def _config(num_warps, num_stages, **meta):
@@ -56,7 +77,7 @@ def quantize_configs():
     ]
 
 
-@triton.autotune(configs=quantize_configs(), key=["K"], prune_configs_by=_PRUNE)
+@triton.autotune(configs=quantize_configs(), key=["K"], **_TUNING)
 @triton.jit
 def _int8_quantize_kernel(
     # pointers
@@ -194,10 +215,12 @@ def _dot_k_loop(a_ptr, b_ptr, m0, n0, M, N, K,
         if B_AS_A:
             # int8 -> fp16/bf16/fp32 is exact, so the weight joins x's tensor-core dot.
             b = b.to(a.dtype)
+        # out_dtype names the accumulator's type: Triton <= 3.6 asserts it equals acc's (its
+        # default, fp32, fails for the int32 accumulator of int8 operands).
         if IEEE:
-            acc = tl.dot(a, b, acc, input_precision="ieee")
+            acc = tl.dot(a, b, acc, input_precision="ieee", out_dtype=ACC_DTYPE)
         else:
-            acc = tl.dot(a, b, acc)
+            acc = tl.dot(a, b, acc, out_dtype=ACC_DTYPE)
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
     return acc
@@ -217,7 +240,7 @@ def gemm_configs():
     ]
 
 
-@triton.autotune(configs=gemm_configs(), key=["M", "N", "K"], prune_configs_by=_PRUNE)
+@triton.autotune(configs=gemm_configs(), key=["M", "N", "K"], **_TUNING)
 @triton.jit
 def _int8_mm_kernel(
     # pointers
@@ -239,7 +262,7 @@ def _int8_mm_kernel(
     tl.store(c_ptrs, acc, mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
 
-@triton.autotune(configs=gemm_configs(), key=["M", "N", "K"], prune_configs_by=_PRUNE)
+@triton.autotune(configs=gemm_configs(), key=["M", "N", "K"], **_TUNING)
 @triton.jit
 def _int8_scaled_mm_kernel(
     # pointers
@@ -321,9 +344,9 @@ def _int8_weight_only_mm_kernel(
 
 # One kernel, two tuning spaces: the fp32 (CUDA-core) dot needs far smaller tiles.
 _int8_weight_only_mm_tc = triton.autotune(
-    configs=weight_only_configs(), key=["M", "N", "K"], prune_configs_by=_PRUNE)(_int8_weight_only_mm_kernel)
+    configs=weight_only_configs(), key=["M", "N", "K"], **_TUNING)(_int8_weight_only_mm_kernel)
 _int8_weight_only_mm_fp32 = triton.autotune(
-    configs=weight_only_fp32_configs(), key=["M", "N", "K"], prune_configs_by=_PRUNE)(_int8_weight_only_mm_kernel)
+    configs=weight_only_fp32_configs(), key=["M", "N", "K"], **_TUNING)(_int8_weight_only_mm_kernel)
 
 
 def _gemm_grid(M, N):

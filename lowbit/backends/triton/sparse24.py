@@ -26,12 +26,13 @@ import triton
 import triton.language as tl
 
 from ... import _checks
-from .int8 import _INTERPRETER_BF16_VIA_FP32, _PRUNE, _config, _gemm_grid, _k_major, _padded_k, _tile_offsets, _vector
+from .int8 import _INTERPRETER_BF16_VIA_FP32, _TUNING, _config, _gemm_grid, _k_major, _padded_k, _tile_offsets, _vector
 
 
 def float_configs():
-    """fp16/bf16 x: tensor-core dots (k=16 steps); the decompress (two loads, a shift, two
-    compares and selects per dense weight) runs on CUDA cores once per BLOCK_M rows."""
+    """fp16/bf16 x: tensor-core dots (k=16 steps); the decompress (two value loads and a metadata
+    byte per group of 4 columns, two compares and selects per dense weight) runs on CUDA cores
+    once per BLOCK_M rows."""
     return [
         _config(4, 4, BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, GROUP_M=8),
         _config(4, 4, BLOCK_M=16, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
@@ -41,20 +42,21 @@ def float_configs():
 
 
 def fp32_configs():
-    """fp32 x: IEEE fp32 dots as FMAs on CUDA cores, both tiles in registers: small tiles."""
+    """fp32 x: IEEE fp32 dots as FMAs on CUDA cores, both tiles in registers: small tiles (32x64
+    with 4 warps takes 255 registers and spills 24 B under Triton 3.8, hence 8 warps)."""
     return [
         _config(4, 2, BLOCK_M=16, BLOCK_N=64, BLOCK_K=32, GROUP_M=8),
-        _config(4, 2, BLOCK_M=32, BLOCK_N=64, BLOCK_K=32, GROUP_M=8),
+        _config(8, 2, BLOCK_M=32, BLOCK_N=64, BLOCK_K=32, GROUP_M=8),
     ]
 
 
 def int8_configs():
-    """int8 x int8 -> int32 tensor-core dots (k=32 steps). Measured by the AOT compile: 64x128x64
-    with 4 warps spills 40 B on sm_80 (255 registers, the decompress keeps two value tiles and
-    the metadata live), so that tile takes 8 warps."""
+    """int8 x int8 -> int32 tensor-core dots (k=32 steps). Measured by the AOT compile on sm_80:
+    a 64x128 tile with BLOCK_K = 64 spills under one Triton or the other (8 warps: 8 B under
+    3.8; 4 warps: 16-40 B under 3.6), so it steps 32 deep."""
     return [
         _config(4, 4, BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, GROUP_M=8),
-        _config(8, 4, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
+        _config(8, 3, BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, GROUP_M=8),
         _config(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
     ]
 
@@ -79,8 +81,8 @@ def _sparse24_mm_kernel(
     mask_m = (m0 + offs_m) < M
     mask_n = offs_n < N
     offs_k = tl.arange(0, BLOCK_K)
-    group = offs_k // 4
-    pos = offs_k % 4
+    offs_g = tl.arange(0, BLOCK_K // 4)     # groups of the step
+    pos = tl.arange(0, 4)[None, :, None]    # column within a group
     x_rows = x_ptr + m0.to(tl.int64) * stride_xm + offs_m[:, None] * stride_xm
     v_cols = v_ptr + offs_n.to(tl.int64)[None, :] * stride_vn
     m_cols = meta_ptr + offs_n.to(tl.int64)[None, :] * stride_mn
@@ -91,19 +93,24 @@ def _sparse24_mm_kernel(
     for k0 in range(0, KP, BLOCK_K):
         # k0 is a multiple of 16: groups and metadata bytes start at the step's first column.
         kk = k0 + offs_k
-        w_mask = (kk < KP)[:, None] & mask_n[None, :]
-        first = k0 // 2 + 2 * group                    # value index of the group's first kept entry
-        v0 = tl.load(v_cols + first[:, None] * stride_vk, mask=w_mask, other=0)
-        v1 = tl.load(v_cols + (first + 1)[:, None] * stride_vk, mask=w_mask, other=0)
-        byte = tl.load(m_cols + (kk // 8)[:, None] * stride_mk, mask=w_mask, other=0x44)
-        nibble = (byte.to(tl.int32) >> ((group % 2) * 4)[:, None]) & 0xF
-        i0 = nibble & 3
-        i1 = nibble >> 2
-        zero = tl.zeros_like(v0)
-        w = tl.where(pos[:, None] == i0, v0, tl.where(pos[:, None] == i1, v1, zero))   # [BLOCK_K, BLOCK_N]
+        g = k0 // 4 + offs_g
+        g_mask = (4 * g < KP)[:, None] & mask_n[None, :]
+        # One element per group (not per dense column) of the values and metadata, then the
+        # dense tile as [groups, 4, BLOCK_N] reshaped: loading them per dense column, as this
+        # kernel first did, kept four copies of each live and spilled (Triton 3.6: 255
+        # registers and 888 B of stack at 16x128x64 on sm_90).
+        v0 = tl.load(v_cols + (2 * g)[:, None] * stride_vk, mask=g_mask, other=0)
+        v1 = tl.load(v_cols + (2 * g + 1)[:, None] * stride_vk, mask=g_mask, other=0)
+        byte = tl.load(m_cols + (g // 2)[:, None] * stride_mk, mask=g_mask, other=0x44)
+        nibble = (byte.to(tl.int32) >> ((g % 2) * 4)[:, None]) & 0xF
+        i0 = (nibble & 3)[:, None, :]
+        i1 = (nibble >> 2)[:, None, :]
+        zero = tl.zeros_like(v0)[:, None, :]
+        w = tl.where(pos == i0, v0[:, None, :], tl.where(pos == i1, v1[:, None, :], zero))  # [groups, 4, BLOCK_N]
+        w = tl.reshape(w, (BLOCK_K, BLOCK_N))
         x = tl.load(x_rows + kk[None, :] * stride_xk, mask=mask_m[:, None] & (kk < K)[None, :], other=0)
         if INT8_DOT:
-            acc = tl.dot(x, w, acc)
+            acc = tl.dot(x, w, acc, out_dtype=tl.int32)  # Triton <= 3.6 needs the int32 named
         elif IEEE:
             acc = tl.dot(x, w.to(tl.float32), acc, input_precision="ieee")
         else:
@@ -127,11 +134,11 @@ def _sparse24_mm_kernel(
 
 
 # One kernel, three tuning spaces.
-_sparse24_mm_tc = triton.autotune(configs=float_configs(), key=["M", "N", "K"], prune_configs_by=_PRUNE)(
+_sparse24_mm_tc = triton.autotune(configs=float_configs(), key=["M", "N", "K"], **_TUNING)(
     _sparse24_mm_kernel)
-_sparse24_mm_fp32 = triton.autotune(configs=fp32_configs(), key=["M", "N", "K"], prune_configs_by=_PRUNE)(
+_sparse24_mm_fp32 = triton.autotune(configs=fp32_configs(), key=["M", "N", "K"], **_TUNING)(
     _sparse24_mm_kernel)
-_sparse24_mm_int8 = triton.autotune(configs=int8_configs(), key=["M", "N", "K"], prune_configs_by=_PRUNE)(
+_sparse24_mm_int8 = triton.autotune(configs=int8_configs(), key=["M", "N", "K"], **_TUNING)(
     _sparse24_mm_kernel)
 
 
