@@ -27,11 +27,13 @@ from .int8 import _INTERPRETER_BF16_VIA_FP32, _TUNING, _config, _gemm_grid, _k_m
 def mm_configs():
     """fp16/bf16 x: tensor-core dot (k = 16). The decode (3 byte gathers, shifts, C codebook
     gathers per weight) is CUDA-core work on every weight of the tile, once per BLOCK_M rows, so
-    small-M tiles are decode-bound; wider BLOCK_N shares each x load."""
+    small-M tiles are decode-bound; wider BLOCK_N shares each x load. Stages and warps of the
+    middle two are where Triton 3.6's ptxas spills nothing (with 3 stages and 4 warps, 8 B at
+    96 registers: 16x128 on sm_90 with byte-coded pq, 64x64 on sm_80 with 16-bit codes)."""
     return [
         _config(4, 3, BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, GROUP_M=8),
-        _config(4, 3, BLOCK_M=16, BLOCK_N=128, BLOCK_K=32, GROUP_M=8),
-        _config(4, 3, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8),
+        _config(4, 4, BLOCK_M=16, BLOCK_N=128, BLOCK_K=32, GROUP_M=8),
+        _config(8, 3, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8),
         _config(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8),
     ]
 
@@ -39,10 +41,11 @@ def mm_configs():
 def mm_fp32_configs():
     """fp32 x: the IEEE dot is FMAs on CUDA cores with both tiles in registers: small tiles.
     Measured by the AOT compile: 16x64 and 32x64 with two summed codebooks (aq2) spill 8-24 B on
-    sm_80/sm_89 at 255 registers, so BLOCK_N is 32."""
+    sm_80/sm_89 at 255 registers, so BLOCK_N is 32; 32x32 with 4 warps still spills 8 B under
+    Triton 3.6 (scalar 4-bit codes with scales), so it takes 8."""
     return [
         _config(4, 2, BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=8),
-        _config(4, 2, BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=8),
+        _config(8, 2, BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=8),
     ]
 
 
