@@ -30,3 +30,11 @@ fi
 # --no-build-isolation: an isolated build would install a second torch to build against.
 "$PY" -m pip install --quiet --no-build-isolation -e .
 "$PY" -c "import lowbit, lowbit._extension as e; print('lowbit', lowbit.__version__, '-', e.build_description())"
+# The GPU machines' Triton, beside (not instead of) this one: tests/test_triton_aot.py compiles
+# every kernel with it too (lowbit/backends/triton/aot.py, GPU_MACHINE_TRITON). A side venv that
+# sees this one's packages, with only triton replaced.
+gpu_triton=$("$PY" -c "from lowbit.backends.triton import aot; print(aot.GPU_MACHINE_TRITON, aot.GPU_TRITON_ENV)")
+read -r gpu_triton_version gpu_triton_env <<< "$gpu_triton"
+if [ ! -x "$gpu_triton_env/bin/python" ]; then "$PY" -m venv --system-site-packages "$gpu_triton_env"; fi
+"$gpu_triton_env/bin/python" -m pip install --quiet --no-deps "triton==$gpu_triton_version" \
+    || echo "install.sh: triton $gpu_triton_version did not install in $gpu_triton_env" >&2

@@ -1,5 +1,7 @@
 """Every Triton kernel compiles for sm_80 / sm_89 / sm_90 with every autotune config, without
-spills, within shared memory, and with tensor-core instructions in its GEMMs.
+spills, within shared memory, and with tensor-core instructions in its GEMMs: with the Triton
+installed here, and with the GPU machines' Triton (aot.GPU_MACHINE_TRITON, in the side
+environment aot.GPU_TRITON_ENV that scripts/install.sh makes), which compiles differently.
 
 The compile runs in a subprocess without TRITON_INTERPRET (tests/conftest.py sets it on
 machines without a GPU, and interpreter objects cannot be compiled). See
@@ -28,12 +30,35 @@ def _env_without_interpreter():
     return {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
 
 
-@pytest.fixture(scope="module")
-def results():
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _gpu_machine_python() -> str:
+    """The side environment's python, which must hold exactly the GPU machines' Triton."""
+    python = os.path.join(REPO, aot.GPU_TRITON_ENV, "bin", "python")
+    version = None
+    if os.path.exists(python):
+        probe = subprocess.run([python, "-c", "import triton; print(triton.__version__)"],
+                               env=_env_without_interpreter(), capture_output=True, text=True, timeout=120)
+        version = probe.stdout.strip() if probe.returncode == 0 else None
+    if version != aot.GPU_MACHINE_TRITON:
+        why = f"{python} has triton {version}, not {aot.GPU_MACHINE_TRITON}"
+        # scripts/install.sh makes it, so in CI its absence is a failed install step.
+        if os.environ.get("CI"):
+            pytest.fail(why)
+        pytest.skip(why)
+    return python
+
+
+@pytest.fixture(scope="module", params=["installed-triton", "gpu-machine-triton"])
+def results(request):
     # compile_all itself moves to a subprocess when the interpreter is on; doing it here
     # explicitly keeps the test independent of which mode this process runs in.
-    out = subprocess.run([sys.executable, "-m", "lowbit.backends.triton.aot", "--json", "--no-fail"],
-                         env=_env_without_interpreter(), capture_output=True, text=True, timeout=900)
+    python = sys.executable if request.param == "installed-triton" else _gpu_machine_python()
+    env = _env_without_interpreter()
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO, env.get("PYTHONPATH")) if p)
+    out = subprocess.run([python, "-m", "lowbit.backends.triton.aot", "--json", "--no-fail"],
+                         env=env, capture_output=True, text=True, timeout=1200)
     assert out.returncode == 0, out.stderr[-4000:]
     return [aot.AotResult(**r) for r in json.loads(out.stdout)]
 

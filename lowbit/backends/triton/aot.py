@@ -47,6 +47,13 @@ from . import sparse24
 
 TARGETS = (80, 89, 90)
 
+# The Triton of the GPU machines (torch 2.11's pin). Its ptxas allocates registers differently
+# from later releases' (configs clean under 3.8 spilled under it, and int8 dots that compiled
+# under 3.8 did not compile), so scripts/install.sh puts it in a side environment,
+# GPU_TRITON_ENV, and tests/test_triton_aot.py runs this whole check under it as well.
+GPU_MACHINE_TRITON = "3.6.0"
+GPU_TRITON_ENV = ".venv-triton-gpu"
+
 # Largest dynamic shared memory one block may opt into (CUDA programming guide, "Compute
 # capabilities"): sm_86/sm_89 have a smaller carve-out than sm_80 despite the higher number.
 SHARED_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}

@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from ... import _checks
-from .int8 import INTERPRET, _TUNING, _config
+from .int8 import INTERPRET, autotune, _config
 
 if not INTERPRET:
     from triton.language.extra import libdevice
@@ -55,7 +55,7 @@ def gemm_configs():
     ]
 
 
-@triton.autotune(configs=gemm_configs(), key=["M", "N", "W"], **_TUNING)
+@autotune(gemm_configs(), ["M", "N", "W"])
 @triton.jit
 def _binary_mm_kernel(
     # pointers
@@ -145,7 +145,7 @@ def quantize_configs():
     ]
 
 
-@triton.autotune(configs=quantize_configs(), key=["K"], **_TUNING)
+@autotune(quantize_configs(), ["K"])
 @triton.jit
 def _binary_quantize_kernel(
     # pointers

@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from ... import _checks
-from .int8 import _INTERPRETER_BF16_VIA_FP32, _TUNING, _config, _gemm_grid, _k_major, _padded_k, _vector
+from .int8 import _INTERPRETER_BF16_VIA_FP32, autotune, _config, _gemm_grid, _k_major, _padded_k, _vector
 
 
 def mm_configs():
@@ -128,9 +128,9 @@ def _codebook_mm_kernel(
     tl.store(out, y.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
-_codebook_mm_tc = triton.autotune(configs=mm_configs(), key=["M", "N", "K"], **_TUNING)(
+_codebook_mm_tc = autotune(mm_configs(), ["M", "N", "K"])(
     _codebook_mm_kernel)
-_codebook_mm_fp32 = triton.autotune(configs=mm_fp32_configs(), key=["M", "N", "K"], **_TUNING)(
+_codebook_mm_fp32 = autotune(mm_fp32_configs(), ["M", "N", "K"])(
     _codebook_mm_kernel)
 
 
@@ -154,7 +154,7 @@ def _codebook_dequant_kernel(
     tl.store(out, w.to(out_ptr.dtype.element_ty), mask=mask_k[:, None] & mask_n[None, :])
 
 
-_codebook_dequant = triton.autotune(configs=dequant_configs(), key=["N", "K"], **_TUNING)(
+_codebook_dequant = autotune(dequant_configs(), ["N", "K"])(
     _codebook_dequant_kernel)
 
 

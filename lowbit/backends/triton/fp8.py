@@ -26,8 +26,8 @@ import triton.language as tl
 
 from ... import _checks
 from ..reference.fp8 import fp8_scale_from_amax  # IEEE division on every device, as div_rn
-from .int8 import (INTERPRET, _INTERPRETER_BF16_VIA_FP32, _TUNING, _config, _gemm_grid, _k_major, _padded_k,
-                   _rows, _tile_offsets, _tuning, _vector)
+from .int8 import (INTERPRET, _INTERPRETER_BF16_VIA_FP32, autotune, _config, _gemm_grid, _k_major, _padded_k,
+                   _rows, _tile_offsets, _vector)
 
 FP8_BLOCK = _checks.FP8_BLOCK
 
@@ -142,7 +142,7 @@ def _prune_quantize(configs, named_args, **kwargs):
     return fit[:1] if INTERPRET else fit
 
 
-@triton.autotune(configs=quantize_configs(), key=["GROUP_K"], **_tuning(_prune_quantize))
+@autotune(quantize_configs(), ["GROUP_K"], _prune_quantize)
 @triton.jit
 def _fp8_quantize_kernel(
     # pointers (q_ptr: the fp8 output seen as bytes)
@@ -310,7 +310,7 @@ def scaled_mm_configs():
     ]
 
 
-@triton.autotune(configs=scaled_mm_configs(), key=["M", "N", "K"], **_TUNING)
+@autotune(scaled_mm_configs(), ["M", "N", "K"])
 @triton.jit
 def _fp8_scaled_mm_kernel(
     # pointers
@@ -420,10 +420,10 @@ def _fp8_weight_only_mm_kernel(
 
 
 # One kernel, two tuning spaces: the fp32 (CUDA-core) dot needs far smaller tiles.
-_fp8_weight_only_mm_tc = triton.autotune(
-    configs=weight_only_configs(), key=["M", "N", "K"], **_TUNING)(_fp8_weight_only_mm_kernel)
-_fp8_weight_only_mm_fp32 = triton.autotune(
-    configs=weight_only_fp32_configs(), key=["M", "N", "K"], **_TUNING)(_fp8_weight_only_mm_kernel)
+_fp8_weight_only_mm_tc = autotune(
+    weight_only_configs(), ["M", "N", "K"])(_fp8_weight_only_mm_kernel)
+_fp8_weight_only_mm_fp32 = autotune(
+    weight_only_fp32_configs(), ["M", "N", "K"])(_fp8_weight_only_mm_kernel)
 
 
 def _gemm_scales(scale: torch.Tensor, block: bool):

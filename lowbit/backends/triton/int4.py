@@ -18,7 +18,7 @@ import triton.language as tl
 
 from ... import _checks
 from ...formats import int4 as fmt
-from .int8 import _INTERPRETER_BF16_VIA_FP32, _TUNING, _config, _gemm_grid, _k_major, _padded_k, _tile_offsets, _vector
+from .int8 import _INTERPRETER_BF16_VIA_FP32, autotune, _config, _gemm_grid, _k_major, _padded_k, _tile_offsets, _vector
 
 
 # ============================================================================ weight-only GEMM
@@ -143,10 +143,10 @@ def _int4_weight_only_mm_kernel(
 
 
 # One kernel, two tuning spaces: the fp32 (CUDA-core) dot needs far smaller tiles.
-_int4_weight_only_mm_tc = triton.autotune(
-    configs=weight_only_configs(), key=["M", "N", "K"], **_TUNING)(_int4_weight_only_mm_kernel)
-_int4_weight_only_mm_fp32 = triton.autotune(
-    configs=weight_only_fp32_configs(), key=["M", "N", "K"], **_TUNING)(_int4_weight_only_mm_kernel)
+_int4_weight_only_mm_tc = autotune(
+    weight_only_configs(), ["M", "N", "K"])(_int4_weight_only_mm_kernel)
+_int4_weight_only_mm_fp32 = autotune(
+    weight_only_fp32_configs(), ["M", "N", "K"])(_int4_weight_only_mm_kernel)
 
 
 def _aligned_rows(t: torch.Tensor) -> torch.Tensor:
@@ -293,8 +293,8 @@ def _int4_cutlass_sm90_mm_kernel(
 # checks its PTX for FMAs.
 CUTLASS_SM90_LAUNCH_OPTIONS = {"enable_fp_fusion": False}
 
-_int4_cutlass_sm90_mm = triton.autotune(
-    configs=cutlass_sm90_configs(), key=["M", "N", "K"], **_TUNING)(_int4_cutlass_sm90_mm_kernel)
+_int4_cutlass_sm90_mm = autotune(
+    cutlass_sm90_configs(), ["M", "N", "K"])(_int4_cutlass_sm90_mm_kernel)
 
 
 def int4_cutlass_sm90_mm(x, packed, scale, zero, group_size, bias=None):

@@ -12,6 +12,7 @@ it for sm_80/sm_89/sm_90 with every config returned by these config functions.
 
 from __future__ import annotations
 
+import inspect
 import os
 
 import torch
@@ -40,7 +41,7 @@ def _first_config_when_interpreted(configs, named_args, **kwargs):
 
 def _timing_by_driver(kernel_call, quantiles):
     # What triton.autotune does by default, but looked up at the first launch: Triton 3.2 asks
-    # for the GPU driver when the decorator runs, so merely importing a kernel failed on a
+    # for the GPU driver when the autotuner is built, so merely importing a kernel failed on a
     # machine without a GPU.
     from triton.runtime import driver
 
@@ -53,13 +54,19 @@ def _no_timing(kernel_call, quantiles):
     return [0.0] * len(quantiles)
 
 
-def _tuning(prune=_first_config_when_interpreted) -> dict:
-    """triton.autotune's keyword arguments shared by every lowbit kernel."""
-    return {"prune_configs_by": {"early_config_prune": prune},
-            "do_bench": _no_timing if INTERPRET else _timing_by_driver}
+# Triton 3.2's decorator accepts do_bench but does not pass it on to its Autotuner.
+_DECORATOR_PASSES_DO_BENCH = "do_bench=do_bench" in inspect.getsource(triton.runtime.autotuner.autotune)
 
 
-_TUNING = _tuning()
+def autotune(configs, key, prune=_first_config_when_interpreted):
+    """triton.autotune with lowbit's config pruning and timing, for every lowbit kernel."""
+    kwargs = {"prune_configs_by": {"early_config_prune": prune},
+              "do_bench": _no_timing if INTERPRET else _timing_by_driver}
+    if _DECORATOR_PASSES_DO_BENCH:
+        return triton.autotune(configs=configs, key=key, **kwargs)
+    from triton.runtime.autotuner import Autotuner
+
+    return lambda fn: Autotuner(fn, fn.arg_names, configs, key, None, None, **kwargs)
 
 
 def _config(num_warps, num_stages, **meta):
@@ -77,7 +84,7 @@ def quantize_configs():
     ]
 
 
-@triton.autotune(configs=quantize_configs(), key=["K"], **_TUNING)
+@autotune(quantize_configs(), ["K"])
 @triton.jit
 def _int8_quantize_kernel(
     # pointers
@@ -240,7 +247,7 @@ def gemm_configs():
     ]
 
 
-@triton.autotune(configs=gemm_configs(), key=["M", "N", "K"], **_TUNING)
+@autotune(gemm_configs(), ["M", "N", "K"])
 @triton.jit
 def _int8_mm_kernel(
     # pointers
@@ -262,7 +269,7 @@ def _int8_mm_kernel(
     tl.store(c_ptrs, acc, mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
 
-@triton.autotune(configs=gemm_configs(), key=["M", "N", "K"], **_TUNING)
+@autotune(gemm_configs(), ["M", "N", "K"])
 @triton.jit
 def _int8_scaled_mm_kernel(
     # pointers
@@ -343,10 +350,10 @@ def _int8_weight_only_mm_kernel(
 
 
 # One kernel, two tuning spaces: the fp32 (CUDA-core) dot needs far smaller tiles.
-_int8_weight_only_mm_tc = triton.autotune(
-    configs=weight_only_configs(), key=["M", "N", "K"], **_TUNING)(_int8_weight_only_mm_kernel)
-_int8_weight_only_mm_fp32 = triton.autotune(
-    configs=weight_only_fp32_configs(), key=["M", "N", "K"], **_TUNING)(_int8_weight_only_mm_kernel)
+_int8_weight_only_mm_tc = autotune(
+    weight_only_configs(), ["M", "N", "K"])(_int8_weight_only_mm_kernel)
+_int8_weight_only_mm_fp32 = autotune(
+    weight_only_fp32_configs(), ["M", "N", "K"])(_int8_weight_only_mm_kernel)
 
 
 def _gemm_grid(M, N):

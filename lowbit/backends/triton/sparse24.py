@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from ... import _checks
-from .int8 import _INTERPRETER_BF16_VIA_FP32, _TUNING, _config, _gemm_grid, _k_major, _padded_k, _tile_offsets, _vector
+from .int8 import _INTERPRETER_BF16_VIA_FP32, autotune, _config, _gemm_grid, _k_major, _padded_k, _tile_offsets, _vector
 
 
 def float_configs():
@@ -134,11 +134,11 @@ def _sparse24_mm_kernel(
 
 
 # One kernel, three tuning spaces.
-_sparse24_mm_tc = triton.autotune(configs=float_configs(), key=["M", "N", "K"], **_TUNING)(
+_sparse24_mm_tc = autotune(float_configs(), ["M", "N", "K"])(
     _sparse24_mm_kernel)
-_sparse24_mm_fp32 = triton.autotune(configs=fp32_configs(), key=["M", "N", "K"], **_TUNING)(
+_sparse24_mm_fp32 = autotune(fp32_configs(), ["M", "N", "K"])(
     _sparse24_mm_kernel)
-_sparse24_mm_int8 = triton.autotune(configs=int8_configs(), key=["M", "N", "K"], **_TUNING)(
+_sparse24_mm_int8 = autotune(int8_configs(), ["M", "N", "K"])(
     _sparse24_mm_kernel)
 
 
