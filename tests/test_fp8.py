@@ -149,7 +149,8 @@ def test_encoding_is_bit_exact_on_ties_and_random_bit_patterns(target, fmt, satu
     assert torch.equal(bits(q), bits(expected))
     # The reference itself agrees with torch's conversion wherever torch has no overflow to decide.
     in_range = x.abs() <= FMAX[fmt]
-    assert torch.equal(bits(expected[in_range]), bits(x[in_range].to(FORMATS[fmt])))
+    # (Indexed as bytes: torch 2.6 has no boolean indexing of float8 tensors on the CPU.)
+    assert torch.equal(bits(expected)[in_range], bits(x.to(FORMATS[fmt]))[in_range])
 
 
 # ----------------------------------------------------------------------------- quantize
