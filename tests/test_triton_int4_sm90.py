@@ -267,25 +267,44 @@ def ptx(entry, target, options):
 fma = lambda text: len(re.findall(r"\bfma\.rn\.(?:f16|bf16|f32)", text))
 entries = {e.name: e for e in aot.AOT_KERNELS if e.name.startswith("int4_cutlass_sm90_mm")}
 fp16, bf16 = entries["int4_cutlass_sm90_mm[fp16,bias=fp16]"], entries["int4_cutlass_sm90_mm[bf16,bias=none][odd-N]"]
+
+# The control: a plain fp16 a * b + c, which Triton contracts into fma.rn.f16 by default (the
+# dequantize itself is not contracted by every Triton: 3.6 multiplies in fp32) and must not
+# under the options the int4 kernel ships with.
+@triton.jit
+def mul_add(a_ptr, b_ptr, c_ptr, out_ptr):
+    offs = triton.language.arange(0, 128)
+    a = triton.language.load(a_ptr + offs)
+    b = triton.language.load(b_ptr + offs)
+    c = triton.language.load(c_ptr + offs)
+    triton.language.store(out_ptr + offs, a * b + c)
+
+def control(options):
+    src = ASTSource(fn=mul_add, signature={n: "*fp16" for n in mul_add.arg_names}, constexprs={})
+    return fma(triton.compile(src, target=GPUTarget("cuda", 80, 32), options=options).asm["ptx"])
+
 out = {"shipped": [fma(ptx(e, t, dict(e.options))) for e, t in ((fp16, 80), (fp16, 90), (bf16, 90))],
-       "fusion_on": fma(ptx(fp16, 80, {}))}
+       "fusion_on": control({}), "fusion_off": control(dict(fp16.options))}
 print(json.dumps(out))
 """
 
 
-def test_aot_dequantize_is_not_contracted_into_an_fma():
+def test_aot_dequantize_is_not_contracted_into_an_fma(tmp_path):
     """What the interpreter cannot show: compiled for a GPU, q*s and + z' stay two roundings.
-    With Triton's default FP fusion the fp16 dequantize becomes fma.rn.f16 (the control below)."""
+    With Triton's default FP fusion an fp16 multiply-add becomes fma.rn.f16 (the control)."""
     import json
     import subprocess
     import sys
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run([sys.executable, "-c", _PTX_SCRIPT], env=env, capture_output=True, text=True, timeout=600,
+    script = tmp_path / "ptx_fma.py"  # a file: triton.jit reads its kernel's source
+    script.write_text(_PTX_SCRIPT)
+    r = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600,
                        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert r.returncode == 0, r.stderr[-3000:]
     counts = json.loads(r.stdout.strip().splitlines()[-1])
     assert counts["fusion_on"] > 0, "the check would not see an FMA"
+    assert counts["fusion_off"] == 0, "the shipped options do not turn FP fusion off"
     assert counts["shipped"] == [0, 0, 0], counts
 
 
