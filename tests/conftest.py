@@ -28,12 +28,13 @@ try:
     _triton_version = tuple(int(p) for p in triton.__version__.split(".")[:2])
 except ImportError:
     _triton_version = None
-if _triton_version is not None and _triton_version < MIN_TRITON_FOR_TESTS and not HAS_CUDA:
+_TRITON_TESTS_LEFT_OUT = _triton_version is not None and _triton_version < MIN_TRITON_FOR_TESTS and not HAS_CUDA
+if _TRITON_TESTS_LEFT_OUT:
     collect_ignore_glob = ["test_triton_*.py"]
 
 
 def pytest_report_header(config):
-    if _triton_version is not None and _triton_version < MIN_TRITON_FOR_TESTS and not HAS_CUDA:
+    if _TRITON_TESTS_LEFT_OUT:
         return (f"triton {triton.__version__} < {'.'.join(map(str, MIN_TRITON_FOR_TESTS))}: "
                 "tests/test_triton_*.py left out (interpreter unsupported there)")
     return None

@@ -54,8 +54,16 @@ def _no_timing(kernel_call, quantiles):
     return [0.0] * len(quantiles)
 
 
-# Triton 3.2's decorator accepts do_bench but does not pass it on to its Autotuner.
-_DECORATOR_PASSES_DO_BENCH = "do_bench=do_bench" in inspect.getsource(triton.runtime.autotuner.autotune)
+def _decorator_passes_do_bench() -> bool:
+    # Triton 3.2's decorator accepts do_bench but does not pass it on to its Autotuner. Without
+    # Triton's sources (a bytecode-only install) assume a current Triton, which passes it.
+    try:
+        return "do_bench=do_bench" in inspect.getsource(triton.runtime.autotuner.autotune)
+    except (OSError, TypeError):
+        return True
+
+
+_DECORATOR_PASSES_DO_BENCH = _decorator_passes_do_bench()
 
 
 def autotune(configs, key, prune=_first_config_when_interpreted):
