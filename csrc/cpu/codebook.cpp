@@ -584,6 +584,13 @@ void fused_vector(const Problem& p, const float* x, int64_t m0, int64_t n0) {
 // with direct offsets 1.26-1.31), so the byte-load decoder is gone. A variant with one 128-bit FMA
 // per entry (memory operand, no lane insert) measured the same as the insert (and 5-8% slower
 // once the offsets came from rotations).
+// Session 8 tried three more ways to cut the instructions per code, in a standalone copy (one
+// thread, pinned, warm, 4096 x 4096, d = 4, min of 60, three interleaved runs): this decoder
+// 1.35-1.41 ms; byte offsets widened to uint16 by AVX2 into a stack buffer, then one 16-bit
+// load per entry offset, 1.38-1.41 ms; the lookup table T[j][e] = x_j . e again, blocked to 32
+// sub-vectors (32 KiB, L1) so that it stays cached, with one scalar load-add per code 1.94-2.06
+// ms, and with vpgatherdps of 8 codes 1.96-2.03 ms. The decoder stays; at about 1.2 codes per
+// cycle it sits near what the core's load and issue ports allow for one entry load per code.
 
 // w rotated right by s bits (s mod 64; negative s rotates left), compiled to one rorx.
 inline uint64_t rotate_right(uint64_t w, int s) {
