@@ -589,8 +589,12 @@ void fused_vector(const Problem& p, const float* x, int64_t m0, int64_t n0) {
 // 1.35-1.41 ms; byte offsets widened to uint16 by AVX2 into a stack buffer, then one 16-bit
 // load per entry offset, 1.38-1.41 ms; the lookup table T[j][e] = x_j . e again, blocked to 32
 // sub-vectors (32 KiB, L1) so that it stays cached, with one scalar load-add per code 1.94-2.06
-// ms, and with vpgatherdps of 8 codes 1.96-2.03 ms. The decoder stays; at about 1.2 codes per
-// cycle it sits near what the core's load and issue ports allow for one entry load per code.
+// ms, and with vpgatherdps of 8 codes 1.96-2.03 ms. The uint16-offset form, ported into this
+// kernel (32 codes per pass, a volatile 16-bit load per offset so that GCC does not extract
+// them from ymm registers with vpextrw, one 128-bit FMA with a memory operand per entry), was
+// slower in the op: one thread, warm, 1.43-1.53 ms against this decoder's 1.16-1.19 (four
+// interleaved runs). The decoder stays; at about 1.2 codes per cycle it sits near what the
+// core's load and issue ports allow for one entry load per code.
 
 // w rotated right by s bits (s mod 64; negative s rotates left), compiled to one rorx.
 inline uint64_t rotate_right(uint64_t w, int s) {
