@@ -75,6 +75,37 @@ def test_every_code_decodes_bit_exactly_in_weight_only_mm(target, fmt, M):
     assert_decoded(out, expected)
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_runs_of_codes_along_k_decode_bit_exactly_in_weight_only_gemv(target, fmt):
+    """Codes along K, as the small-M kernel decodes them (32 at a time on the CPU): rows of normal
+    codes and zeros only (e4m3's integer fast path, zeros included), rows with many zeros, and rows
+    that also hold subnormals (the fp16 route); every finite code appears. One-hot rows of x read
+    the decoded weights back exactly."""
+    codes = torch.arange(256, dtype=torch.uint8)
+    vals = codes.view(FORMATS[fmt]).float()
+    smallest_normal = 2.0**-6 if fmt == "e4m3" else 2.0**-14
+    finite = torch.isfinite(vals)
+    normal_or_zero = codes[finite & ((vals.abs() >= smallest_normal) | (vals == 0))]
+    any_finite = codes[finite]
+    g = torch.Generator().manual_seed(0)
+    K = 256
+    pick = lambda pool: pool[torch.randint(len(pool), (K,), generator=g)]  # noqa: E731
+    rows = [pick(normal_or_zero) for _ in range(6)] + [pick(any_finite) for _ in range(4)]
+    rows[0][: len(normal_or_zero)] = normal_or_zero
+    rows[6][: len(any_finite)] = any_finite
+    rows[1][::3] = 0      # +0 every third code
+    rows[2][1::2] = 0x80  # -0 every other code
+    w = torch.stack(rows).view(FORMATS[fmt]).to(target)
+    one = torch.ones((), device=target)
+    for k0 in range(0, K, 4):
+        x = torch.zeros(4, K)
+        x[torch.arange(4), k0 + torch.arange(4)] = 1.0
+        out = ops.fp8_weight_only_mm(x.to(target), w, one).cpu()
+        expected = w.cpu().float()[:, k0:k0 + 4].T
+        # + 0.0: a -0 weight times 1, summed with +0 products, is +0 on every backend.
+        assert torch.equal(bits(out + 0.0), bits(expected + 0.0)), f"columns {k0}..{k0 + 3}"
+
+
 @pytest.mark.parametrize("fmt_a", FORMATS)
 @pytest.mark.parametrize("fmt_b", FORMATS)
 def test_every_code_decodes_bit_exactly_in_scaled_mm(target, fmt_a, fmt_b):
