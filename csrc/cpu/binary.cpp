@@ -207,15 +207,10 @@ LOWBIT_AVX2_INLINE_B __m256i popcount_bytes(__m256i v, __m256i table, __m256i lo
   return _mm256_add_epi8(_mm256_shuffle_epi8(table, lo), _mm256_shuffle_epi8(table, hi));
 }
 
-// At small M the rows of b stream from DRAM once, NR rows (NR short streams) per block. The
-// hardware prefetcher stops at every 4 KiB page (8 rows at K = 4096) and starts late on each, so
-// each block prefetches, once per cache line, the same positions kPrefetchBlocks blocks ahead
-// (prefetches never fault; past b's end they are harmless). Measured (2 threads, N = K = 4096,
-// 64 MiB read before each call, min / median of 150, three interleaved runs): M = 1 0.19-0.25 /
-// 0.26-0.31 ms without, 0.14-0.17 / 0.20-0.23 ms two blocks ahead (one: about the same; four
-// and eight: no better; sixteen: no gain); M = 4 0.34-0.49 / 0.44-0.62 -> 0.27-0.29 / 0.39-0.40.
-constexpr int kPrefetchBlocks = 2;
-
+// At small M each block prefetches the rows of b cpu::kPrefetchTilesAhead blocks ahead. Against
+// none (2 threads, N = K = 4096, 64 MiB read before each call, min / median of 150, three
+// interleaved runs): M = 1 0.19-0.25 / 0.26-0.31 -> 0.14-0.17 / 0.20-0.23 ms (one block ahead:
+// about the same; four and eight: no better); M = 4 0.34-0.49 / 0.44-0.62 -> 0.27-0.29 / 0.39-0.40.
 template <int MR, int NR>
 LOWBIT_AVX2 void avx2_block(const Operands& p, const Epilogue& e, int64_t m0, int64_t n0) {
   const __m256i table = _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4, 0, 1, 1, 2, 1, 2, 2, 3, 1, 2,
@@ -237,7 +232,7 @@ LOWBIT_AVX2 void avx2_block(const Operands& p, const Epilogue& e, int64_t m0, in
         av[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.a + (m0 + i) * p.W + 8 * s));
       if ((s & 1) == 0)  // once per 64-byte line of each row
         for (int j = 0; j < NR; ++j)
-          _mm_prefetch(reinterpret_cast<const char*>(p.b + (n0 + j + kPrefetchBlocks * NR) * p.W + 8 * s), _MM_HINT_T0);
+          _mm_prefetch(reinterpret_cast<const char*>(p.b + (n0 + j + cpu::kPrefetchTilesAhead * NR) * p.W + 8 * s), _MM_HINT_T0);
       for (int j = 0; j < NR; ++j) {
         const __m256i bv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.b + (n0 + j) * p.W + 8 * s));
         for (int i = 0; i < MR; ++i)

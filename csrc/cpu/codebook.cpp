@@ -42,6 +42,7 @@
 
 #include "lowbit/checks.h"
 #include "lowbit/codebook_layout.h"
+#include "lowbit/cpu/isa.h"
 
 namespace lowbit {
 namespace {
@@ -315,18 +316,16 @@ void decode_nibble_avx2(const Problem& p, int64_t n, int64_t j0, int64_t j1, flo
 }
 
 // The fused small-M kernels walk NR rows of codes at once, each row only row_bytes long (2 KiB
-// for 4-bit codes at K = 4096), so the hardware prefetcher, which follows one stream at a time
-// and restarts at every row, leaves them waiting on DRAM. Each therefore prefetches, once per
-// cache line, the same position 2 * NR rows further on: the rows the thread's tile after next
-// will read (a thread's rows are contiguous; past its last row the hint is harmless). Measured
+// for 4-bit codes at K = 4096): each prefetches, once per cache line, the same position
+// cpu::kPrefetchTilesAhead tiles (of NR rows) further on. Measured
 // (one thread, M = 1, 4096 x 4096, caches evicted before each call, min of 31, under load,
 // three interleaved A/B runs), no prefetch -> one tile ahead: kmeans4 2.01-2.12 -> 1.57-1.65
 // ms, kmeans3 3.57 -> 3.23-3.33, pq2 2.31-2.56 -> 1.83-2.56, aq2 3.42-4.82 -> 3.10-3.87. Then
 // one -> two tiles ahead (two threads, 64 MiB read before each call, median of 100, mean over
 // five interleaved runs): kmeans4 1.01 -> 0.94 ms, pq2 1.04 -> 0.96, aq2 1.17 -> 1.06; three
 // tiles ahead was no better.
-inline void prefetch_two_tiles_ahead(const uint8_t* row, int64_t tile_offset) {
-  _mm_prefetch(reinterpret_cast<const char*>(row + 2 * tile_offset), _MM_HINT_T0);
+inline void prefetch_tiles_ahead(const uint8_t* row, int64_t tile_offset) {
+  _mm_prefetch(reinterpret_cast<const char*>(row + cpu::kPrefetchTilesAhead * tile_offset), _MM_HINT_T0);
 }
 
 // kShared: the NR rows share one codebook (one row group), so one set of planes serves them all.
@@ -351,7 +350,7 @@ __attribute__((noinline)) void fused_nibble(const Problem& p, const float* x, in
     int64_t j = g * p.vecs_per_group;
     for (; j < blk_end; j += kNibbleBlock) {
       if ((j & 127) == 0)  // every 64 bytes of codes (a step is 32 codes, 16 bytes)
-        for (int r = 0; r < NR; ++r) prefetch_two_tiles_ahead(rows[r] + j / 2, NR * p.row_bytes);
+        for (int r = 0; r < NR; ++r) prefetch_tiles_ahead(rows[r] + j / 2, NR * p.row_bytes);
 #pragma GCC unroll 4
       for (int r = 0; r < NR; ++r) {
         const Nibble32 w = decode_nibble<kHalf>(rows[r] + j / 2, planes[kShared ? 0 : r]);
@@ -489,7 +488,7 @@ void fused_scalar_small(const Problem& p, const float* x, int64_t m0, int64_t n0
       for (int m = 0; m < MR; ++m) xv[m] = _mm256_loadu_ps(x + m * p.Kp + j);
       const int64_t byte = (j * b) >> 3;
       if ((j & 127) == 0)  // every 16 * bits bytes
-        for (int r = 0; r < NR; ++r) prefetch_two_tiles_ahead(rows[r] + byte, NR * p.row_bytes);
+        for (int r = 0; r < NR; ++r) prefetch_tiles_ahead(rows[r] + byte, NR * p.row_bytes);
       for (int r = 0; r < NR; ++r) {
         uint32_t word;
         if (j < safe_j) std::memcpy(&word, rows[r] + byte, 4);
@@ -537,7 +536,7 @@ void fused_vector(const Problem& p, const float* x, int64_t m0, int64_t n0) {
     const int64_t j_end = (g + 1) * p.vecs_per_group;
     for (int64_t j = g * p.vecs_per_group; j < j_end; j += kStep) {
       if ((j & 31) == 0)  // every 32 * C * kCodeBytes bytes
-        for (int r = 0; r < NR; ++r) prefetch_two_tiles_ahead(rows[r] + j * C * kCodeBytes, NR * p.row_bytes);
+        for (int r = 0; r < NR; ++r) prefetch_tiles_ahead(rows[r] + j * C * kCodeBytes, NR * p.row_bytes);
       __m256 xv[MR];
       for (int m = 0; m < MR; ++m) xv[m] = _mm256_loadu_ps(x + m * p.Kp + j * D);
       for (int r = 0; r < NR; ++r) {
@@ -651,7 +650,7 @@ __attribute__((noinline)) void fused_pq_byte(const Problem& p, const float* x, i
     int64_t j = g * p.vecs_per_group;
     for (; j + 8 <= j_end; j += 8) {
       if ((j & 63) == 0)  // every 64 bytes of codes
-        for (int r = 0; r < NR; ++r) prefetch_two_tiles_ahead(rows[r] + j, NR * p.row_bytes);
+        for (int r = 0; r < NR; ++r) prefetch_tiles_ahead(rows[r] + j, NR * p.row_bytes);
       uint64_t w[NR];
       for (int r = 0; r < NR; ++r) std::memcpy(&w[r], rows[r] + j, 8);
       // Every loop fully unrolled, so that acc is indexed by constants only and lives in registers.

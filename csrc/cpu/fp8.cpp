@@ -468,13 +468,13 @@ LOWBIT_AVX2 __attribute__((noinline)) void gemv_tile(const float* x, int64_t ldx
     const int64_t k1 = std::min(K, k0 + kFp8Block);
     int64_t k = k0;
     for (; k + 32 <= k1; k += 32) {
-      // The rows two tiles ahead (see codebook.cpp, prefetch_two_tiles_ahead). Measured one
-      // thread, M = 1, 4096 x 4096, cold caches, min of 31, under load, three A/B pairs, none ->
-      // one tile ahead: 2.43-2.55 -> 2.13-2.45 ms. One -> two tiles (two threads, 64 MiB read
-      // before each call, median of 100, four interleaved runs): 1.57-1.87 -> 1.36-1.65 ms.
+      // The rows cpu::kPrefetchTilesAhead tiles ahead. Measured one thread, M = 1, 4096 x 4096,
+      // cold caches, min of 31, under load, three A/B pairs, none -> one tile ahead: 2.43-2.55 ->
+      // 2.13-2.45 ms. One -> two tiles (two threads, 64 MiB read before each call, median of 100,
+      // four interleaved runs): 1.57-1.87 -> 1.36-1.65 ms.
       if ((k & 63) == 0)
         for (int j = 0; j < NB; ++j)
-          _mm_prefetch(reinterpret_cast<const char*>(w + (2 * NB + j) * K + k), _MM_HINT_T0);
+          _mm_prefetch(reinterpret_cast<const char*>(w + (cpu::kPrefetchTilesAhead * NB + j) * K + k), _MM_HINT_T0);
 #pragma GCC unroll 4
       for (int j = 0; j < NB; ++j) {
         __m256 v[4];

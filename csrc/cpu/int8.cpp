@@ -357,14 +357,11 @@ struct PaddedLastRow {
   }
 };
 
-// At small M the rows of B stream from DRAM once, NB rows (NB streams, each a whole 4 KiB page at
-// K = 4096) per tile, and the hardware prefetcher restarts late at every page. So each tile
-// prefetches, once per cache line, the same positions of the rows kPrefetchTiles tiles ahead
-// (prefetches never fault; past the end of B they are harmless). Measured (2 threads, N = K =
-// 4096, 64 MiB read before each call, min / median of 100, five interleaved runs), median ms:
-// M = 1 weight-only fp32 1.06-1.27 -> 0.78-1.01, bf16 1.06-1.23 -> 0.76-0.96, W8A8 0.80-1.05 ->
-// 0.64-0.75; M = 16 4-6% faster. Three tiles ahead measured the same as two, one tile mixed.
-constexpr int kPrefetchTiles = 2;
+// The dot tiles prefetch the rows cpu::kPrefetchTilesAhead tiles ahead (at K = 4096 each row is
+// a whole 4 KiB page). Against none (2 threads, N = K = 4096, 64 MiB read before each call,
+// median of 100, five interleaved runs), ms: M = 1 weight-only fp32 1.06-1.27 -> 0.78-1.01, bf16
+// 1.06-1.23 -> 0.76-0.96, W8A8 0.80-1.05 -> 0.64-0.75; M = 16 4-6% faster. Three tiles ahead
+// measured the same as two, one tile mixed.
 
 // c[i, j] = sum_k a[i, k] * b[j, k] for an MB x NB tile (lda = K16, ldb = row stride of b).
 // Per 16-deep step: NB loads-and-widen of B, MB loads of A, MB*NB vpmaddwd + vpaddd; MB*NB
@@ -378,7 +375,7 @@ LOWBIT_AVX2 __attribute__((noinline)) void int8_dot_tile_avx2(const int16_t* a, 
   for (int64_t k = 0; k < K16; k += 16) {
     if ((k & 63) == 0)  // once per 64-byte line of each row
       for (int j = 0; j < NB; ++j)
-        _mm_prefetch(reinterpret_cast<const char*>(b + (j + kPrefetchTiles * NB) * ldb + k), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(b + (j + cpu::kPrefetchTilesAhead * NB) * ldb + k), _MM_HINT_T0);
     __m256i bw[NB];
 #pragma GCC unroll 16
     for (int j = 0; j < NB; ++j)
@@ -681,9 +678,9 @@ LOWBIT_AVX2 __attribute__((noinline)) void wo_dot_tile_avx2(const float* x, int6
 #pragma GCC unroll 16
   for (int i = 0; i < MB * NB; ++i) acc[i] = _mm256_setzero_ps();
   for (int64_t k = 0; k < K8; k += 8) {
-    if ((k & 63) == 0)  // once per 64-byte line of each row (see kPrefetchTiles)
+    if ((k & 63) == 0)  // once per 64-byte line of each row
       for (int j = 0; j < NB; ++j)
-        _mm_prefetch(reinterpret_cast<const char*>(w + (j + kPrefetchTiles * NB) * ldw + k), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(w + (j + cpu::kPrefetchTilesAhead * NB) * ldw + k), _MM_HINT_T0);
     __m256 wv[NB];
 #pragma GCC unroll 16
     for (int j = 0; j < NB; ++j)

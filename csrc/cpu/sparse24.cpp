@@ -50,13 +50,10 @@
 
 namespace lowbit {
 namespace {
-// Small-M tiles prefetch the same columns of the rows kPrefetchTiles tiles ahead (they follow in
-// memory), once per 64-byte line: the hardware prefetcher restarts on every short row and, with
-// caches cold as in a model's forward, left the loops waiting on DRAM. Two tiles rather than one
-// (two threads, M = 1, 4096 x 4096, 64 MiB read before each call, median of 100, mean over
-// eight interleaved runs): fp32 values 1.95 -> 1.87 ms, int8 values 0.84 -> 0.77 ms.
-constexpr int kPrefetchTiles = 2;
 
+// The small-M tiles prefetch values and metadata cpu::kPrefetchTilesAhead tiles ahead. Two tiles
+// rather than one (two threads, M = 1, 4096 x 4096, 64 MiB read before each call, median of 100,
+// mean over eight interleaved runs): fp32 values 1.95 -> 1.87 ms, int8 values 0.84 -> 0.77 ms.
 
 namespace L = ::lowbit::sparse24_layout;
 
@@ -256,12 +253,12 @@ S24_AVX2 void float_tile(const FloatProblem& p, int64_t m0, int64_t n0, int64_t 
   const float* x = p.x + m0 * p.Kp;
   int64_t b = b0;
   for (; b + 2 <= b1; b += 2) {
-    // See kPrefetchTiles.
+    // See cpu::kPrefetchTilesAhead.
     for (int r = 0; r < NR; ++r)
-      _mm_prefetch(reinterpret_cast<const char*>(vals + (kPrefetchTiles * NR + r) * (p.Kp / 2) + 8 * b), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(vals + (cpu::kPrefetchTilesAhead * NR + r) * (p.Kp / 2) + 8 * b), _MM_HINT_T0);
     if (b % 32 == 0)
       for (int r = 0; r < NR; ++r)
-        _mm_prefetch(reinterpret_cast<const char*>(meta + (kPrefetchTiles * NR + r) * (p.Kp / 8) + 2 * b), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(meta + (cpu::kPrefetchTilesAhead * NR + r) * (p.Kp / 8) + 2 * b), _MM_HINT_T0);
     __m256i word[NR], idx[NR];
     for (int r = 0; r < NR; ++r)
       word[r] = _mm256_set1_epi32(static_cast<int32_t>(load_u32(meta + r * (p.Kp / 8) + 2 * b)));
@@ -398,13 +395,13 @@ S24_AVX2 void int8_tile(const Int8Problem& p, const int8_t* xperm, int64_t m0, i
       xa[m] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + m * p.Kx + 64 * b));
       xb[m] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + m * p.Kx + 64 * b + 32));
     }
-    // See kPrefetchTiles.
+    // See cpu::kPrefetchTilesAhead.
     if (b % 2 == 0)
       for (int r = 0; r < NR; ++r)
-        _mm_prefetch(reinterpret_cast<const char*>(vals + (kPrefetchTiles * NR + r) * (p.Kp / 2) + 32 * b), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(vals + (cpu::kPrefetchTilesAhead * NR + r) * (p.Kp / 2) + 32 * b), _MM_HINT_T0);
     if (b % 8 == 0)
       for (int r = 0; r < NR; ++r)
-        _mm_prefetch(reinterpret_cast<const char*>(meta + (kPrefetchTiles * NR + r) * (p.Kp / 8) + 8 * b), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(meta + (cpu::kPrefetchTilesAhead * NR + r) * (p.Kp / 8) + 8 * b), _MM_HINT_T0);
     for (int r = 0; r < NR; ++r) {
       const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(vals + r * (p.Kp / 2) + 32 * b));
       const __m256i idx = shuffle_index(meta + r * (p.Kp / 8) + 8 * b, ic);
