@@ -28,6 +28,9 @@ METHODS = {
     "kmeans4-rows256": (4, lambda w, p: cb.scalar_kmeans_quantize(w, 4, row_groups=256, progress=p)),
     "kmeans3": (3, lambda w, p: cb.scalar_kmeans_quantize(w, 3, progress=p)),
     "pq2": (2, lambda w, p: cb.product_quantize(w, 8, 4, groups=8, progress=p)),
+    # The 2-bit PQ a vpshufb register table could decode (16 entries of d = 2), against pq2's
+    # 256 entries of d = 4: why pq2 keeps d = 4 (csrc/cpu/codebook.cpp).
+    "pq2-d2x16": (2, lambda w, p: cb.product_quantize(w, 4, 2, groups=8, progress=p)),
     "opq2": (2, lambda w, p: cb.optimized_product_quantize(w, 8, 4, groups=8, block=128, progress=p)),
     "rq2": (2, lambda w, p: cb.residual_quantize(w, 8, 8, 2, progress=p)),
     "aq2": (2, lambda w, p: cb.additive_quantize(w, 8, 8, 2, progress=p)),

@@ -1001,6 +1001,22 @@ def cpu_flags() -> set[str]:
     return set()
 
 
+def lowbit_cpu_isa(flags: set[str] | frozenset[str] | None = None) -> str:
+    """The tier lowbit's C++ kernels run at here: the same decision as cpu::has_avx2() in
+    csrc/include/lowbit/cpu/isa.h. Said beside torch's own capability because torch's CPU kernels
+    use AVX-512 where the CPU has it and lowbit's do not, which moves every speed ratio there."""
+    flags = cpu_flags() if flags is None else flags
+    if os.environ.get("LOWBIT_CPU_ISA") == "scalar":
+        return "portable (LOWBIT_CPU_ISA=scalar)"
+    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
+        return "portable"
+    if not flags:
+        return "unknown (CPU flags unreadable)"
+    if all(f in flags for f in ("avx2", "fma", "f16c")):
+        return "AVX2+FMA+F16C" + (" (AVX-512 present, unused)" if "avx512f" in flags else "")
+    return "portable (no AVX2/FMA/F16C)"
+
+
 def device_meta(device: torch.device) -> dict:
     meta = {
         "device": device.type,
@@ -1008,6 +1024,7 @@ def device_meta(device: torch.device) -> dict:
         "cores": os.cpu_count(),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
+        "lowbit_isa": lowbit_cpu_isa(),
         "date": datetime.date.today().isoformat(),
         # Other processes share the CPU: a load above the core count means every number of the
         # run is suspect, so the result file says what the load was.
@@ -1080,7 +1097,7 @@ def format_markdown(rows: Sequence[Row], meta: dict, roof: Roofline | None, cont
     dev = meta.get("gpu") or f"{meta['cpu']}, {meta['cores']} cores ({meta['threads']} threads)"
     out = [f"# lowbit bench: {dev}", "",
            f"- device: {meta['device']}{' ' + meta['capability'] if 'capability' in meta else ''}; "
-           f"CPU {meta['cpu']}, {meta['cores']} cores; torch {meta['torch']}; lowbit {meta.get('lowbit', '?')}; "
+           f"CPU {meta['cpu']}, {meta['cores']} cores, lowbit kernels {meta.get('lowbit_isa', '?')}; torch {meta['torch']}; lowbit {meta.get('lowbit', '?')}; "
            f"{meta['date']}; 1-min load average {meta.get('load_start')} at start, {meta.get('load_end')} at end "
            f"({meta['cores']} cores: a higher load means other processes took CPU time from this run)",
            f"- caches: {meta.get('cache', 'warm: calls back to back')}"]

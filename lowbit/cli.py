@@ -43,7 +43,7 @@ class CliError(RuntimeError):
 def _cpu_features() -> dict:
     import torch
 
-    from .bench import cpu_flags, cpu_model
+    from .bench import cpu_flags, cpu_model, lowbit_cpu_isa
 
     flags = cpu_flags()
     wanted = ("avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8")
@@ -52,7 +52,9 @@ def _cpu_features() -> dict:
     except Exception:  # noqa: BLE001 - old torch
         capability = "unknown"
     return {"model": cpu_model(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "torch_capability": capability, "flags": {f: f in flags for f in wanted}}
+            "torch_capability": capability, "lowbit_isa": lowbit_cpu_isa(flags),
+            "flags": {f: f in flags for f in wanted}}
+
 
 
 def _gpu_info() -> list[dict]:
@@ -212,7 +214,7 @@ def format_info(d: dict) -> str:
     out = [f"lowbit {d['lowbit']}  torch {d['torch']} (CUDA {d['torch_cuda'] or 'none'})  triton {d['triton']}  "
            f"python {d['python']}",
            f"CPU: {cpu['model']}, {cpu['cores']} cores, torch threads {cpu['torch_threads']}, "
-           f"capability {cpu['torch_capability']}",
+           f"torch capability {cpu['torch_capability']}, lowbit kernels {cpu['lowbit_isa']}",
            f"     {feats}"]
     if d["gpus"]:
         for g in d["gpus"]:

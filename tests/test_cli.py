@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from lowbit import cli
+from lowbit import bench, cli
 
 BACKENDS = ("cpu", "cuda", "triton", "reference")
 
@@ -67,6 +67,7 @@ def test_bench_quick_prints_table_with_ratio_column(tmp_path):
     assert all((r["m"], r["n"], r["k"]) == (1, 256, 256) for r in rows)
     text = md.read_text()
     assert text.startswith("# lowbit bench: ") and torch.__version__ in text and "| vs best |" in text
+    assert "lowbit kernels " in text
 
 
 def test_runtime_failure_is_one_line_and_exit_1(tmp_path, capsys):
@@ -101,6 +102,23 @@ def test_cuda_kernel_rows_name_their_op_and_verified_status(monkeypatch):
     assert b["op"] is None and b["verified"] == "unknown op"
     assert "int8_scaled_mm_kernel" in cli.format_info({**cli.info_data(False), "cuda_kernels": d,
                                                         "triton_aot": {"status": "x", "kernels": []}})
+
+
+def test_info_names_the_tier_lowbit_kernels_run_at_beside_torch_capability(monkeypatch):
+    monkeypatch.delenv("LOWBIT_CPU_ISA", raising=False)
+    monkeypatch.setattr(bench.platform, "machine", lambda: "x86_64")
+    assert bench.lowbit_cpu_isa({"avx2", "fma", "f16c"}) == "AVX2+FMA+F16C"
+    # torch's kernels use AVX-512 here and lowbit's do not: the line must say so.
+    assert bench.lowbit_cpu_isa({"avx2", "fma", "f16c", "avx512f"}) == "AVX2+FMA+F16C (AVX-512 present, unused)"
+    assert bench.lowbit_cpu_isa({"avx2", "fma"}) == "portable (no AVX2/FMA/F16C)"
+    assert bench.lowbit_cpu_isa(set()).startswith("unknown")
+    monkeypatch.setattr(bench.platform, "machine", lambda: "aarch64")
+    assert bench.lowbit_cpu_isa({"asimd"}) == "portable"
+    monkeypatch.setenv("LOWBIT_CPU_ISA", "scalar")
+    assert bench.lowbit_cpu_isa({"avx2", "fma", "f16c"}) == "portable (LOWBIT_CPU_ISA=scalar)"
+    assert "lowbit kernels portable (LOWBIT_CPU_ISA=scalar)" in cli.format_info(cli.info_data(False))
+    # ...and every result file's device line.
+    assert bench.device_meta(torch.device("cpu"))["lowbit_isa"] == "portable (LOWBIT_CPU_ISA=scalar)"
 
 
 def test_demo_accounting_helpers():

@@ -594,6 +594,16 @@ void fused_vector(const Problem& p, const float* x, int64_t m0, int64_t n0) {
 // slower in the op: one thread, warm, 1.43-1.53 ms against this decoder's 1.16-1.19 (four
 // interleaved runs). The decoder stays; at about 1.2 codes per cycle it sits near what the
 // core's load and issue ports allow for one entry load per code.
+// What is left is the format. The one 2-bit PQ layout a register table could decode much faster is
+// d = 2 with 16 entries (4-bit codes: FAISS fast-scan's vpshufb lookup of x_j . entry for 32 rows
+// at once, exact in fp32 from four byte planes; estimated at about half this decoder's instructions
+// per weight, not built). Session 9 measured what it costs in quality, as relative reconstruction
+// error |W - W_q|^2 / |W|^2 of product_quantize on all-MiniLM-L6-v2's layer-0 weights (384 x 384
+// and 1536 x 384 / 384 x 1536) and a 1024^2 Gaussian: d = 4, 256 entries, G = 8 (pq2) 0.079-0.098,
+// Gaussian 0.092; d = 2, 16 entries, G = 8: 0.117-0.173, Gaussian 0.110; with G = 32, or a codebook
+// per 64 rows, 0.107-0.170. That is 30-90% more error on the real layers, about what scalar 2-bit
+// quantization gives (Lloyd-Max on a Gaussian: 0.118), so pq2 keeps d = 4 and the 6x target at M =
+// 1 stays unmet.
 
 // w rotated right by s bits (s mod 64; negative s rotates left), compiled to one rorx.
 inline uint64_t rotate_right(uint64_t w, int s) {

@@ -26,6 +26,11 @@ namespace lowbit::cpu {
 // ahead: the rows the same thread reads next (a thread's rows are contiguous). Prefetches never
 // fault, so reaching past the end of a weight is harmless. Two rather than one tile measured
 // faster in every family at M = 1 with cold caches (numbers at each use); three or more, no better.
+// Session 9 ran on an Intel Xeon VM (AVX-512, 2 vCPUs) instead of the Zen 3 one and measured
+// the distance again (2 threads, M = 1, N = K = 4096, 1 GiB read before each call, median of 60,
+// three interleaved runs, ms): 2 tiles (int4: 4 KiB) int4 0.60-0.70, W8A8 0.80-0.84, kmeans4
+// 0.80-0.84, pq2 0.73-0.77; 4 tiles (16 KiB) 0.72-0.74, 0.83-0.86, 0.85-0.86, 0.74-0.79; 8 tiles
+// (32 KiB) 0.78-0.81, 0.83-0.86, 0.83-0.88, 0.77-0.78. Two stays best on both machines.
 constexpr int kPrefetchTilesAhead = 2;
 
 // True when the CPU and the OS (saved ymm state) support AVX2, FMA and F16C.
