@@ -72,6 +72,31 @@ def test_int8_mm_non_contiguous_equals_contiguous(target):
     torch.testing.assert_close(ops.int8_mm(a, b), ops.int8_mm(a.contiguous(), b.contiguous()), rtol=0, atol=0)
 
 
+# On AMX-INT8 CPUs the CPU op hands W8A8 products from M = 10 on to at::_int_mm (csrc/cpu/int8.cpp,
+# use_torch_int_mm); LOWBIT_INT8_ONEDNN=0 / 1 force either path, so both are tested on every CPU.
+CPU_INT8_PATHS = [pytest.param("0", id="lowbit-avx2"), pytest.param("1", id="torch-int-mm")]
+
+
+@pytest.mark.parametrize("path", CPU_INT8_PATHS)
+@pytest.mark.parametrize("M", [9, 10, 17, 129, 300])
+@pytest.mark.parametrize("N,K", [(7, 33), (129, 31), (33, 1000)])
+def test_cpu_int8_products_are_exact_and_identical_on_both_cpu_paths(monkeypatch, path, M, N, K):
+    a, b = rand_int8(M, K), rand_int8(N, K)
+    scale_a, scale_b = torch.rand(M) * 0.01 + 1e-3, torch.rand(N) * 0.01 + 1e-3
+    bias = torch.randn(N)
+    monkeypatch.setenv("LOWBIT_INT8_ONEDNN", path)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        out = ops.int8_mm(a, b)
+    assert any(e.name == "aten::_int_mm" for e in prof.events()) == (path == "1" and M >= 10)  # kTorchIntMmMinM
+    torch.testing.assert_close(out, ref.int8_mm(a, b), rtol=0, atol=0)
+    scaled = {dt: ops.int8_scaled_mm(a, b, scale_a, scale_b, bias, dt) for dt in (torch.float32, torch.bfloat16)}
+    # The other path: the same int32 products through the same epilogue, so bit-identical.
+    monkeypatch.setenv("LOWBIT_INT8_ONEDNN", "1" if path == "0" else "0")
+    torch.testing.assert_close(ops.int8_mm(a, b), out, rtol=0, atol=0)
+    for dt, y in scaled.items():
+        torch.testing.assert_close(ops.int8_scaled_mm(a, b, scale_a, scale_b, bias, dt), y, rtol=0, atol=0)
+
+
 # ----------------------------------------------------------------------------- scaled
 def float_bound(exact: torch.Tensor, magnitude: torch.Tensor, K: int, out_dtype: torch.dtype) -> torch.Tensor:
     """Worst-case rounding error of an fp32-accumulated result rounded to out_dtype.
