@@ -1013,7 +1013,11 @@ def lowbit_cpu_isa(flags: set[str] | frozenset[str] | None = None) -> str:
     if not flags:
         return "unknown (CPU flags unreadable)"
     if all(f in flags for f in ("avx2", "fma", "f16c")):
-        return "AVX2+FMA+F16C" + (" (AVX-512 present, unused)" if "avx512f" in flags else "")
+        notes = ["AVX-512 present, unused"] if "avx512f" in flags else []
+        # cpu::has_amx_int8() and use_torch_int_mm in csrc/cpu/int8.cpp
+        if "amx_int8" in flags and os.environ.get("LOWBIT_INT8_ONEDNN", "")[:1] != "0":
+            notes.append("W8A8 from M = 10 on torch's AMX int8 GEMM")
+        return "AVX2+FMA+F16C" + (f" ({'; '.join(notes)})" if notes else "")
     return "portable (no AVX2/FMA/F16C)"
 
 
@@ -1097,7 +1101,8 @@ def format_markdown(rows: Sequence[Row], meta: dict, roof: Roofline | None, cont
     dev = meta.get("gpu") or f"{meta['cpu']}, {meta['cores']} cores ({meta['threads']} threads)"
     out = [f"# lowbit bench: {dev}", "",
            f"- device: {meta['device']}{' ' + meta['capability'] if 'capability' in meta else ''}; "
-           f"CPU {meta['cpu']}, {meta['cores']} cores, lowbit kernels {meta.get('lowbit_isa', '?')}; torch {meta['torch']}; lowbit {meta.get('lowbit', '?')}; "
+           f"CPU {meta['cpu']}, {meta['cores']} cores, lowbit kernels {meta.get('lowbit_isa', '?')}; "
+           f"torch {meta['torch']}; lowbit {meta.get('lowbit', '?')}; "
            f"{meta['date']}; 1-min load average {meta.get('load_start')} at start, {meta.get('load_end')} at end "
            f"({meta['cores']} cores: a higher load means other processes took CPU time from this run)",
            f"- caches: {meta.get('cache', 'warm: calls back to back')}"]

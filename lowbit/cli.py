@@ -56,7 +56,6 @@ def _cpu_features() -> dict:
             "flags": {f: f in flags for f in wanted}}
 
 
-
 def _gpu_info() -> list[dict]:
     import torch
 

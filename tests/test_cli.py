@@ -110,6 +110,11 @@ def test_info_names_the_tier_lowbit_kernels_run_at_beside_torch_capability(monke
     assert bench.lowbit_cpu_isa({"avx2", "fma", "f16c"}) == "AVX2+FMA+F16C"
     # torch's kernels use AVX-512 here and lowbit's do not: the line must say so.
     assert bench.lowbit_cpu_isa({"avx2", "fma", "f16c", "avx512f"}) == "AVX2+FMA+F16C (AVX-512 present, unused)"
+    monkeypatch.delenv("LOWBIT_INT8_ONEDNN", raising=False)
+    amx = {"avx2", "fma", "f16c", "avx512f", "amx_int8"}
+    assert bench.lowbit_cpu_isa(amx) == "AVX2+FMA+F16C (AVX-512 present, unused; W8A8 from M = 10 on torch's AMX int8 GEMM)"
+    monkeypatch.setenv("LOWBIT_INT8_ONEDNN", "0")
+    assert bench.lowbit_cpu_isa(amx) == "AVX2+FMA+F16C (AVX-512 present, unused)"
     assert bench.lowbit_cpu_isa({"avx2", "fma"}) == "portable (no AVX2/FMA/F16C)"
     assert bench.lowbit_cpu_isa(set()).startswith("unknown")
     monkeypatch.setattr(bench.platform, "machine", lambda: "aarch64")

@@ -24,6 +24,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <tuple>
@@ -628,18 +629,10 @@ void int8_gemm(const int8_t* a, const int8_t* b, int64_t M, int64_t N, int64_t K
 constexpr int64_t kTorchIntMmMinM = 10;
 
 bool use_torch_int_mm(int64_t M, int64_t N, int64_t K) {
+  if (M < kTorchIntMmMinM || N == 0 || K == 0) return false;
   const char* env = std::getenv("LOWBIT_INT8_ONEDNN");
-  if ((env != nullptr && env[0] == '0') || M < kTorchIntMmMinM || N == 0 || K == 0) return false;
-  if (env != nullptr && env[0] == '1') return true;
-  static const bool amx_int8 = [] {
-#if LOWBIT_HAVE_AVX2_KERNELS
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("amx-int8") != 0;
-#else
-    return false;
-#endif
-  }();
-  return amx_int8 && cpu::has_avx2();  // LOWBIT_CPU_ISA=scalar keeps the portable kernels
+  if (env != nullptr && (env[0] == '0' || env[0] == '1')) return env[0] == '1';
+  return cpu::has_amx_int8();
 }
 
 // epilogue(a @ b.T) from at::_int_mm's int32 product, one parallel pass over rows.

@@ -49,6 +49,21 @@ inline bool has_avx2() {
   return value;
 }
 
+// True when the CPU has AMX-INT8 and lowbit's fast path runs at all (LOWBIT_CPU_ISA=scalar keeps
+// the portable kernels). lowbit has no AMX kernel of its own: W8A8 hands larger products to
+// torch's at::_int_mm there (csrc/cpu/int8.cpp).
+inline bool has_amx_int8() {
+  static const bool value = [] {
+#if LOWBIT_HAVE_AVX2_KERNELS
+    __builtin_cpu_init();
+    return has_avx2() && __builtin_cpu_supports("amx-int8");
+#else
+    return false;
+#endif
+  }();
+  return value;
+}
+
 // GCC contracts a*b+c into one FMA by default (-ffp-contract=fast, even in -std=c++20 mode and
 // even through intrinsics). The reference rounds after every multiply and add, so epilogues that
 // must match it bit for bit pass intermediate values through this empty asm, which the compiler
