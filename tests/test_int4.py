@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import lowbit  # noqa: F401
-from lowbit import _extension, ops
+from lowbit import _extension, bench, ops
 from lowbit.backends.reference import int4 as ref
 from lowbit.formats import int4 as fmt
 
@@ -292,6 +292,82 @@ def test_non_contiguous_inputs_equal_contiguous(M):
     got = ops.int4_weight_only_mm(x, packed, scale, zero, 64, bias)
     want = ops.int4_weight_only_mm(x.contiguous(), q.packed, q.scale, q.zero, 64, bias.contiguous())
     torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------- decoded-GEMM routes
+# From these M, on CPUs wider than lowbit's AVX2 kernels, the dequantized weight is handed to
+# at::mm in 8 MiB panels (csrc/include/lowbit/cpu/decoded_gemm.h; kDecodedGemmMinM* in int4.cpp).
+DECODED_GEMM_MIN_M = {"bf16": 20, "fp32": 96}
+
+
+def decoded_gemm_route(x_dtype, M, env):
+    """The route decoded_gemm_route() in decoded_gemm.h picks; None: lowbit's own kernels."""
+    flags = bench.cpu_flags()
+    if env == "0" or M <= SMALL_M or "avx2" not in flags or os.environ.get("LOWBIT_CPU_ISA") == "scalar":
+        return None
+    if x_dtype == torch.bfloat16 and M >= DECODED_GEMM_MIN_M["bf16"] and (env == "1" or "amx_bf16" in flags):
+        return "bf16"
+    if M >= DECODED_GEMM_MIN_M["fp32"] and (env == "1" or "avx512f" in flags):
+        return "fp32"
+    return None
+
+
+def runs_aten_mm(fn):
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        out = fn()
+    return out, any(e.name == "aten::mm" for e in prof.events())
+
+
+@pytest.mark.parametrize("env", ["0", "1", None], ids=["never", "always", "auto"])
+@pytest.mark.parametrize("M", [19, 20, 97])
+@pytest.mark.parametrize("x_dtype", FLOATS, ids=dtype_id)
+@pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
+def test_decoded_gemm_routes_stay_within_their_bounds(monkeypatch, env, M, x_dtype, with_bias):
+    """Each route is taken exactly where the rule says, and stays within its documented bound.
+
+    N = 2000 at K = 2080 spans two bf16 panels (1984 + 16 rows) and three fp32 ones, the last
+    partial; K ends in a partial group. fp32 route: the spec's fp32 weights and fp32 accumulation,
+    so the kernels' own bound. bf16 route: each weight rounded once to bf16, the product rounded
+    to bf16 before the bias is added: eps_bf16 * sum|x||w| more.
+    """
+    if env is None:
+        monkeypatch.delenv("LOWBIT_DECODED_GEMM", raising=False)
+    else:
+        monkeypatch.setenv("LOWBIT_DECODED_GEMM", env)
+    N, K, gs = 2000, 2080, 128
+    q = make_weight(N, K, gs, symmetric=False, seed=M)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(M, K, generator=g).to(x_dtype)
+    bias = torch.randn(N, generator=g) if with_bias else None
+    out, took_mm = runs_aten_mm(lambda: ops.int4_weight_only_mm(x, q.packed, q.scale, q.zero, gs, bias))
+    route = decoded_gemm_route(x_dtype, M, env)
+    assert took_mm == (route is not None), f"route {route}"
+    assert out.dtype == x_dtype and out.shape == (M, N)
+    wdeq = ref.int4_dequantize(q.packed, q.scale, q.zero, gs, K)
+    exact, bound = int4_bound(x.float(), wdeq, bias, K, x_dtype)
+    if route == "bf16":
+        bound = bound + torch.finfo(torch.bfloat16).eps * (x.double().abs() @ wdeq.double().abs().T)
+    err = (out.double() - exact).abs()
+    assert (err <= bound).all(), f"max err {err.max()} at bound {bound.flatten()[err.argmax()]}"
+
+
+def test_fp32_decoded_gemm_gives_the_reference_weight_exactly(monkeypatch):
+    # One-hot rows through the fp32 route: at::mm of exact zeros and one product returns the
+    # decoded weight itself, which must be the reference's bit for bit (every nibble lane, the
+    # fractional zeros, the permuted column order of x and the panels).
+    monkeypatch.setenv("LOWBIT_DECODED_GEMM", "1")
+    N, K, gs = 7, 4 * 128 + 40, 64
+    q = make_weight(N, K, gs, symmetric=False, seed=3)
+    zero = (torch.rand(q.zero.shape, generator=torch.Generator().manual_seed(4)) * 40 - 12)
+    wdeq = ref.int4_dequantize(q.packed, q.scale, zero, gs, K)
+    x = torch.eye(K)[: DECODED_GEMM_MIN_M["fp32"] + 4]
+    out, took_mm = runs_aten_mm(lambda: ops.int4_weight_only_mm(x, q.packed, q.scale, zero, gs))
+    assert took_mm
+    torch.testing.assert_close(out, wdeq[:, : x.shape[0]].T, rtol=0, atol=0)
+    # bf16 one-hot rows: each weight rounded once to bf16 (nearest even), nothing else.
+    xb = torch.eye(K, dtype=torch.bfloat16)[K - DECODED_GEMM_MIN_M["bf16"]:]
+    out = ops.int4_weight_only_mm(xb, q.packed, q.scale, zero, gs)
+    torch.testing.assert_close(out, wdeq[:, K - DECODED_GEMM_MIN_M["bf16"]:].T.bfloat16(), rtol=0, atol=0)
 
 
 def test_portable_path_matches_reference():

@@ -4,13 +4,16 @@
 // Numerics: no activation quantization; everything accumulates in fp32. Large M dequantizes as
 // the reference does (float(u) - zero rounded once, times the scale). Small M sums x * u per group
 // and subtracts zero * sum(x) once per group before scaling (see small_m_tile). Results agree
-// with the reference within fp32 accumulation error.
+// with the reference within fp32 accumulation error, except on the bf16 decoded-GEMM route below.
 // The float weight is never materialized whole: small M decodes nibbles in registers, once for
 // all rows of x; large M dequantizes one L2-sized tile at a time (each weight once) and runs an
 // FMA microkernel over it. Each call opens exactly one at::parallel_for (over output channels;
 // x and the output are converted inside or serially): handing the tiles to MKL sgemm instead,
 // from inside the parallel region or between parallel dequantizations, ran 3-9x slower than
-// F.linear at M = 256 on this 2-core machine, every extra thread team costing milliseconds.
+// F.linear at M = 256 on the 2-core Zen 3 machine, every extra thread team costing milliseconds.
+// On CPUs wider than AVX2 (AMX-BF16, AVX-512F) torch's GEMM wins at large M even so: there the
+// weight is dequantized in 8 MiB panels and handed to at::mm (lowbit/cpu/decoded_gemm.h; bf16 x
+// then gets weights rounded to bf16, as on the Triton path).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/Half.h>
@@ -28,6 +31,7 @@
 #include <vector>
 
 #include "lowbit/checks.h"
+#include "lowbit/cpu/decoded_gemm.h"
 
 namespace lowbit {
 namespace {
@@ -42,6 +46,14 @@ constexpr int64_t kSmallM = 5;
 // streams over it; kTileN is a multiple of the microkernel's 3 weight rows.
 constexpr int64_t kTileN = 48;
 constexpr int64_t kTileK = 1024;
+// From these M, on CPUs with AMX-BF16 (bf16 x) or AVX-512F (fp32/fp16 x), the dequantized weight
+// goes to torch's GEMM (lowbit/cpu/decoded_gemm.h). Measured on the 2-vCPU AMX Xeon VM (g128
+// asymmetric, N = K = 4096, 2 threads, cold, median of 9, ms), own kernel vs decoded GEMM:
+// bf16 M = 8 2.3 / 3.7, 16 3.5 / 3.7, 24 4.8 / 4.1, 32 6.1 / 4.6, 64 11.4 / 5.6, 256 47 / 8.9;
+// fp32 M = 64 11.4 / 12.3, 128 22.7 / 18.4, 256 46 / 31 (fp32 F.linear: 8.9, 14.6, 25.4).
+// Decoding costs ~2 ms of the bf16 route's time (AVX2, 16.7 M weights), hence its start at 20.
+constexpr int64_t kDecodedGemmMinMBf16 = 20;
+constexpr int64_t kDecodedGemmMinMFp32 = 96;
 // Software prefetch distance of the small-M kernel (4-16 KiB measured equally good).
 constexpr int64_t kPrefetchBytes = 4096;
 
@@ -283,10 +295,25 @@ void small_m_avx2(const Problem& p, const float* xp, const float* lane_sums) {
   });
 }
 
-// Large M: dequantize rows [n0, n0 + rows) x blocks [b0, b1) into `tile` (row stride kTileK),
-// in the same permuted column order as x (see small_m_tile), with the reference's roundings.
+// bf16 bits of 8 floats, rounded to nearest even like c10::BFloat16(float) (NaN: 0x7fc0).
+inline void store8_bf16(uint16_t* dst, __m256 v) {
+  const __m256i bits = _mm256_castps_si256(v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+  __m256i r = _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff))), 16);
+  r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7fc0), _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
+  const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), _mm256_castsi256_si128(packed));
+}
+
+inline void store8(float* dst, __m256 v) { _mm256_storeu_ps(dst, v); }
+inline void store8(uint16_t* dst, __m256 v) { store8_bf16(dst, v); }
+
+// Large M: dequantize rows [n0, n0 + rows) x blocks [b0, b1) into `tile` (row stride ld), in the
+// same permuted column order as x (see small_m_tile), with the reference's roundings; D = uint16_t
+// rounds each dequantized weight once more, to bf16 (the decoded-GEMM route, decoded_gemm.h).
+template <typename D>
 void dequant_tile_avx2(const Problem& p, const NibbleLanes& t, int64_t n0, int64_t rows, int64_t b0, int64_t b1,
-                       float* tile) {
+                       D* tile, int64_t ld) {
   const int64_t row_bytes = p.Kp / 2;
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t n = n0 + r;
@@ -300,11 +327,11 @@ void dequant_tile_avx2(const Problem& p, const NibbleLanes& t, int64_t n0, int64
       for (const int64_t end = std::min(b1, group_end(p, g)); b < end; ++b) {
         _mm_prefetch(reinterpret_cast<const char*>(row + b * kBlockBytes + kPrefetchBytes), _MM_HINT_T0);
         const __m256i v = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + b * kBlockBytes)));
-        float* dst = tile + r * kTileK + (b - b0) * kBlock;
-        _mm256_storeu_ps(dst, _mm256_mul_ps(decode<0>(t, v, zv), sv));
-        _mm256_storeu_ps(dst + 8, _mm256_mul_ps(decode<1>(t, v, zv), sv));
-        _mm256_storeu_ps(dst + 16, _mm256_mul_ps(decode<2>(t, v, zv), sv));
-        _mm256_storeu_ps(dst + 24, _mm256_mul_ps(decode<3>(t, v, zv), sv));
+        D* dst = tile + r * ld + (b - b0) * kBlock;
+        store8(dst, _mm256_mul_ps(decode<0>(t, v, zv), sv));
+        store8(dst + 8, _mm256_mul_ps(decode<1>(t, v, zv), sv));
+        store8(dst + 16, _mm256_mul_ps(decode<2>(t, v, zv), sv));
+        store8(dst + 24, _mm256_mul_ps(decode<3>(t, v, zv), sv));
       }
     }
   }
@@ -360,7 +387,7 @@ void large_m_avx2(const Problem& p, const float* xp, float* scratch) {
       const int64_t n0 = t * kTileN, rows = std::min(kTileN, p.N - n0);
       for (int64_t b0 = 0; b0 < p.nblocks; b0 += kblocks_per_tile) {
         const int64_t b1 = std::min(p.nblocks, b0 + kblocks_per_tile);
-        dequant_tile_avx2(p, lanes, n0, rows, b0, b1, tile);
+        dequant_tile_avx2(p, lanes, n0, rows, b0, b1, tile, kTileK);
         const int64_t len = (b1 - b0) * kBlock;
         const bool first = b0 == 0, last = b1 == p.nblocks;
         const float* x = xp + b0 * kBlock;
@@ -374,6 +401,16 @@ void large_m_avx2(const Problem& p, const float* xp, float* scratch) {
         }
       }
     }
+  });
+}
+
+// Rows n0..n1 of the dequantized weight as [n1 - n0, Kp] rows of D (fp32, or bf16 bits), in x's
+// permuted column order (the decoded-GEMM route).
+template <typename D>
+void dequant_panel_avx2(const Problem& p, int64_t n0, int64_t n1, D* panel) {
+  const NibbleLanes lanes = nibble_lanes();
+  at::parallel_for(n0, n1, 8, [&](int64_t r0, int64_t r1) {
+    dequant_tile_avx2(p, lanes, r0, r1 - r0, 0, p.nblocks, panel + (r0 - n0) * p.Kp, p.Kp);
   });
 }
 
@@ -391,17 +428,18 @@ bool use_avx2() {
 // x [M, K] (any float dtype and strides) -> fp32 [M, Kp], zero-padded past K so padding codes
 // meet zeros; `permute` puts each 32-block in the lane order of small_m_tile. Serial on
 // purpose: it is M*K cheap work and a parallel region costs more than that on a busy machine.
-template <typename T>
-void fill_x(const at::Tensor& x, int64_t Kp, bool permute, float* dst) {
+template <typename T, typename D = float>
+void fill_x(const at::Tensor& x, int64_t Kp, bool permute, D* dst) {
   const int64_t M = x.size(0), K = x.size(1), sm = x.stride(0), sk = x.stride(1);
   const T* src = x.const_data_ptr<T>();
   int64_t pos[kBlock];
   for (int j = 0; j < 4; ++j)
     for (int lane = 0; lane < 8; ++lane) pos[x_perm_column(j, lane)] = permute ? 8 * j + lane : x_perm_column(j, lane);
   for (int64_t m = 0; m < M; ++m) {
-    float* row = dst + m * Kp;
-    for (int64_t k = K; k < Kp; ++k) row[k / kBlock * kBlock + pos[k % kBlock]] = 0.0f;
-    for (int64_t k = 0; k < K; ++k) row[k / kBlock * kBlock + pos[k % kBlock]] = static_cast<float>(src[m * sm + k * sk]);
+    D* row = dst + m * Kp;
+    for (int64_t k = K; k < Kp; ++k) row[k / kBlock * kBlock + pos[k % kBlock]] = D(0.0f);
+    for (int64_t k = 0; k < K; ++k)
+      row[k / kBlock * kBlock + pos[k % kBlock]] = static_cast<D>(static_cast<float>(src[m * sm + k * sk]));
   }
 }
 
@@ -414,6 +452,42 @@ at::Tensor x_to_fp32(const at::Tensor& x, int64_t Kp, bool permute) {
     default: fill_x<float>(x, Kp, permute, dst); break;
   }
   return out;
+}
+
+// bf16 x [M, K] -> bf16 [M, Kp] in the permuted column order, zero-padded (exact copies).
+at::Tensor x_to_bf16_permuted(const at::Tensor& x, int64_t Kp) {
+  at::Tensor out = at::empty({x.size(0), Kp}, x.options().dtype(at::kBFloat16));
+  fill_x<c10::BFloat16>(x, Kp, true, out.mutable_data_ptr<c10::BFloat16>());
+  return out;
+}
+
+// Large M on CPUs wider than lowbit's AVX2 kernels (lowbit/cpu/decoded_gemm.h): the weight is
+// dequantized panel by panel, in x's permuted column order, and multiplied by at::mm. The
+// panel's product y [M, n1 - n0] (bf16 or fp32) gets the bias in fp32 and x's dtype here.
+void decoded_gemm(const Problem& p, const at::Tensor& x, cpu::DecodedGemm route, const at::Tensor& out) {
+  const bool bf16 = route == cpu::DecodedGemm::kBFloat16;
+  const at::Tensor xd = bf16 ? x_to_bf16_permuted(x, p.Kp) : x_to_fp32(x, p.Kp, true);
+  auto decode = [&](int64_t n0, int64_t n1, void* panel) {
+    if (bf16)
+      dequant_panel_avx2(p, n0, n1, static_cast<uint16_t*>(panel));
+    else
+      dequant_panel_avx2(p, n0, n1, static_cast<float*>(panel));
+  };
+  auto finish = [&](const at::Tensor& y, int64_t n0, int64_t n1) {
+    const int64_t cols = n1 - n0;
+    const c10::BFloat16* yb = bf16 ? y.const_data_ptr<c10::BFloat16>() : nullptr;
+    const float* yf = bf16 ? nullptr : y.const_data_ptr<float>();
+    at::parallel_for(0, p.M, std::max<int64_t>(1, 32768 / cols), [&](int64_t m0, int64_t m1) {
+      for (int64_t m = m0; m < m1; ++m)
+        for (int64_t c = 0; c < cols; ++c) {
+          const float v = bf16 ? static_cast<float>(yb[m * cols + c]) : yf[m * cols + c];
+          store_out(p, m * p.N + n0 + c, p.bias ? v + p.bias[n0 + c] : v);
+        }
+    });
+  };
+  // Without a bias, a product already in x's dtype needs no epilogue.
+  const bool direct = p.bias == nullptr && p.out_type == xd.scalar_type();
+  cpu::gemm_over_decoded_panels(xd, p.N, decode, finish, direct ? out : at::Tensor());
 }
 
 // The small-M kernel's folding turns an infinite activation into inf - inf = NaN where the
@@ -477,6 +551,14 @@ at::Tensor int4_weight_only_mm_cpu(const at::Tensor& x, const at::Tensor& packed
   p.partial = nullptr;
 
   const bool avx2 = use_avx2();
+  const cpu::DecodedGemm route = avx2 && M > kSmallM ? cpu::decoded_gemm_route(x.scalar_type(), M, N, K,
+                                                                              kDecodedGemmMinMBf16,
+                                                                              kDecodedGemmMinMFp32)
+                                                     : cpu::DecodedGemm::kNone;
+  if (route != cpu::DecodedGemm::kNone) {
+    decoded_gemm(p, x, route, out);
+    return out;
+  }
   const at::Tensor x32 = x_to_fp32(x, p.Kp, avx2);
   if (!avx2) {
     mm_scalar(p, x32.const_data_ptr<float>());

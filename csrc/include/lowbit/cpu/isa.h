@@ -64,6 +64,35 @@ inline bool has_amx_int8() {
   return value;
 }
 
+// True when the CPU has AMX-BF16 (and lowbit's fast path runs at all). torch's bf16 GEMM
+// (oneDNN) runs on AMX tiles there, several times faster than any AVX2 FMA kernel at large M:
+// the weight-only families hand it their decoded weights (lowbit/cpu/decoded_gemm.h).
+inline bool has_amx_bf16() {
+  static const bool value = [] {
+#if LOWBIT_HAVE_AVX2_KERNELS
+    __builtin_cpu_init();
+    return has_avx2() && __builtin_cpu_supports("amx-bf16");
+#else
+    return false;
+#endif
+  }();
+  return value;
+}
+
+// True when the CPU has AVX-512F: torch's fp32 GEMM is then twice as wide as lowbit's AVX2
+// kernels, and beats them at large M even counting the decode (lowbit/cpu/decoded_gemm.h).
+inline bool has_avx512f() {
+  static const bool value = [] {
+#if LOWBIT_HAVE_AVX2_KERNELS
+    __builtin_cpu_init();
+    return has_avx2() && __builtin_cpu_supports("avx512f");
+#else
+    return false;
+#endif
+  }();
+  return value;
+}
+
 // GCC contracts a*b+c into one FMA by default (-ffp-contract=fast, even in -std=c++20 mode and
 // even through intrinsics). The reference rounds after every multiply and add, so epilogues that
 // must match it bit for bit pass intermediate values through this empty asm, which the compiler
