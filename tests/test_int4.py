@@ -297,12 +297,14 @@ def test_non_contiguous_inputs_equal_contiguous(M):
 # ----------------------------------------------------------------------------- decoded-GEMM routes
 # From these M, on CPUs wider than lowbit's AVX2 kernels, the dequantized weight is handed to
 # at::mm in 8 MiB panels (csrc/include/lowbit/cpu/decoded_gemm.h; kDecodedGemmMinM* in int4.cpp).
-DECODED_GEMM_MIN_M = {"bf16": 20, "fp32": 96}
+DECODED_GEMM_MIN_M = {"bf16": 12, "fp32": 96}
 
 
 def decoded_gemm_route(x_dtype, M, env):
     """The route decoded_gemm_route() in decoded_gemm.h picks; None: lowbit's own kernels."""
     flags = bench.cpu_flags()
+    if os.environ.get("LOWBIT_CPU_ISA") == "avx2":  # hides AVX-512 from lowbit (cpu::has_avx512f)
+        flags = {f for f in flags if not f.startswith("avx512")}
     if env == "0" or M <= SMALL_M or "avx2" not in flags or os.environ.get("LOWBIT_CPU_ISA") == "scalar":
         return None
     if x_dtype == torch.bfloat16 and M >= DECODED_GEMM_MIN_M["bf16"] and (env == "1" or "amx_bf16" in flags):
@@ -319,7 +321,7 @@ def runs_aten_mm(fn):
 
 
 @pytest.mark.parametrize("env", ["0", "1", None], ids=["never", "always", "auto"])
-@pytest.mark.parametrize("M", [19, 20, 97])
+@pytest.mark.parametrize("M", [11, 12, 95, 96])
 @pytest.mark.parametrize("x_dtype", FLOATS, ids=dtype_id)
 @pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
 def test_decoded_gemm_routes_stay_within_their_bounds(monkeypatch, env, M, x_dtype, with_bias):
@@ -364,10 +366,25 @@ def test_fp32_decoded_gemm_gives_the_reference_weight_exactly(monkeypatch):
     out, took_mm = runs_aten_mm(lambda: ops.int4_weight_only_mm(x, q.packed, q.scale, zero, gs))
     assert took_mm
     torch.testing.assert_close(out, wdeq[:, : x.shape[0]].T, rtol=0, atol=0)
-    # bf16 one-hot rows: each weight rounded once to bf16 (nearest even), nothing else.
-    xb = torch.eye(K, dtype=torch.bfloat16)[K - DECODED_GEMM_MIN_M["bf16"]:]
-    out = ops.int4_weight_only_mm(xb, q.packed, q.scale, zero, gs)
-    torch.testing.assert_close(out, wdeq[:, K - DECODED_GEMM_MIN_M["bf16"]:].T.bfloat16(), rtol=0, atol=0)
+    # bf16 one-hot rows over every column (every lane of either decoder): each weight rounded
+    # once to bf16 (nearest even), nothing else.
+    eye = torch.eye(K, dtype=torch.bfloat16)
+    for c0 in range(0, K, 64):
+        rows = eye[c0:c0 + 64] if K - c0 >= DECODED_GEMM_MIN_M["bf16"] else eye[-DECODED_GEMM_MIN_M["bf16"]:]
+        out = ops.int4_weight_only_mm(rows, q.packed, q.scale, zero, gs)
+        cols = rows.float().argmax(1)
+        torch.testing.assert_close(out, wdeq[:, cols].T.bfloat16(), rtol=0, atol=0)
+
+
+def test_avx2_panel_decoder_on_avx512_machines():
+    """The AVX2 bf16/fp32 panel decoders, where AVX-512 would otherwise take over (a subprocess:
+    LOWBIT_CPU_ISA is read once per process)."""
+    if "avx512f" not in bench.cpu_flags() or os.environ.get("LOWBIT_CPU_ISA"):
+        pytest.skip("the AVX2 decoders already run in this process")
+    env = dict(os.environ, LOWBIT_CPU_ISA="avx2")
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "decoded_gemm"],
+                       env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
 
 
 def test_portable_path_matches_reference():

@@ -48,11 +48,12 @@ constexpr int64_t kTileN = 48;
 constexpr int64_t kTileK = 1024;
 // From these M, on CPUs with AMX-BF16 (bf16 x) or AVX-512F (fp32/fp16 x), the dequantized weight
 // goes to torch's GEMM (lowbit/cpu/decoded_gemm.h). Measured on the 2-vCPU AMX Xeon VM (g128
-// asymmetric, N = K = 4096, 2 threads, cold, median of 9, ms), own kernel vs decoded GEMM:
-// bf16 M = 8 2.3 / 3.7, 16 3.5 / 3.7, 24 4.8 / 4.1, 32 6.1 / 4.6, 64 11.4 / 5.6, 256 47 / 8.9;
-// fp32 M = 64 11.4 / 12.3, 128 22.7 / 18.4, 256 46 / 31 (fp32 F.linear: 8.9, 14.6, 25.4).
-// Decoding costs ~2 ms of the bf16 route's time (AVX2, 16.7 M weights), hence its start at 20.
-constexpr int64_t kDecodedGemmMinMBf16 = 20;
+// asymmetric, N = K = 4096, 2 threads, cold, median of 9, two runs, ms), own kernel vs decoded
+// GEMM: bf16 M = 8 2.1-2.2 / 2.7-2.8, 10 2.7-2.8 / 2.7-2.8, 12 2.9 / 2.7-2.9, 16 3.5-3.6 /
+// 2.8, 24 4.8 / 2.9, 64 11.4-11.8 / 4.3, 256 47-48 / 7.3-8.0 (AVX-512 panel decode; with the
+// AVX2 one, 16 3.5 / 3.7, 32 6.1 / 4.6, 256 47 / 8.9); fp32 M = 64 11.4 / 12.3, 128 22.7 /
+// 18.4, 256 46 / 31 (fp32 F.linear: 8.9, 14.6, 25.4).
+constexpr int64_t kDecodedGemmMinMBf16 = 12;
 constexpr int64_t kDecodedGemmMinMFp32 = 96;
 // Software prefetch distance of the small-M kernel (4-16 KiB measured equally good).
 constexpr int64_t kPrefetchBytes = 4096;
@@ -416,6 +417,82 @@ void dequant_panel_avx2(const Problem& p, int64_t n0, int64_t n1, D* panel) {
 
 #pragma GCC pop_options
 
+// ----------------------------------------------------------------------------- AVX-512 bf16 panels
+// The bf16 decoded-GEMM route spends most of its time decoding at M = 16-32 (about 2 ms of 3.7
+// for 4096 x 4096 with AVX2). Its CPUs (AMX-BF16) all have AVX-512F, where one 16-lane vector
+// holds two of the AVX2 decode's vectors: [j = 0 | j = 1] and [j = 2 | j = 3], the latter from the
+// dwords shifted right by one in its upper half only. Same operations per lane, so the same bits
+// as dequant_tile_avx2<uint16_t> (rounding to bf16 with integer ops, subnormals kept: the
+// AVX512-BF16 conversion instruction would flush them).
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx2,fma,f16c")
+#pragma GCC diagnostic push
+// GCC 12's own avx512fintrin.h trips this warning in _mm512_set1_* (_mm512_undefined_*).
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
+struct NibbleLanes512 {
+  __m512i mask[2];
+  __m512 inv_pow[2];
+};
+
+inline NibbleLanes512 nibble_lanes512() {
+  NibbleLanes512 t;
+  alignas(64) int32_t m[2][16], f[2][16];
+  for (int h = 0; h < 2; ++h)
+    for (int lane = 0; lane < 16; ++lane) {
+      const int a = nibble_shift(2 * h + lane / 8, lane % 8);
+      m[h][lane] = 0xF << a;
+      f[h][lane] = (127 - a) << 23;  // 2^-a
+    }
+  for (int h = 0; h < 2; ++h) {
+    t.mask[h] = _mm512_load_si512(m[h]);
+    t.inv_pow[h] = _mm512_castsi512_ps(_mm512_load_si512(f[h]));
+  }
+  return t;
+}
+
+inline void store16_bf16(uint16_t* dst, __m512 v) {
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
+  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7fc0));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), _mm512_cvtepi32_epi16(r));
+}
+
+void dequant_rows_bf16_avx512(const Problem& p, const NibbleLanes512& t, int64_t n0, int64_t rows, uint16_t* tile,
+                              int64_t ld) {
+  const int64_t row_bytes = p.Kp / 2;
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t n = n0 + r;
+    const uint8_t* row = p.w + n * row_bytes;
+    for (int64_t g = 0, b = 0; b < p.nblocks; ++g) {
+      const int64_t i = n * p.groups + g;
+      const __m512 sv = _mm512_set1_ps(load_scalar_generic(p.scale, p.kind, i));
+      const __m512 zv = _mm512_set1_ps(p.zero ? load_scalar_generic(p.zero, p.kind, i) : 8.0f);
+      for (const int64_t end = group_end(p, g); b < end; ++b) {
+        _mm_prefetch(reinterpret_cast<const char*>(row + b * kBlockBytes + kPrefetchBytes), _MM_HINT_T0);
+        const __m512i v = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + b * kBlockBytes)));
+        const __m512i v23 = _mm512_mask_srli_epi32(v, 0xFF00, v, 1);
+        uint16_t* dst = tile + r * ld + b * kBlock;
+        const __m512 q01 = _mm512_cvtepi32_ps(_mm512_and_si512(v, t.mask[0]));
+        const __m512 q23 = _mm512_cvtepi32_ps(_mm512_and_si512(v23, t.mask[1]));
+        store16_bf16(dst, _mm512_mul_ps(_mm512_fmsub_ps(q01, t.inv_pow[0], zv), sv));
+        store16_bf16(dst + 16, _mm512_mul_ps(_mm512_fmsub_ps(q23, t.inv_pow[1], zv), sv));
+      }
+    }
+  }
+}
+
+void dequant_panel_bf16_avx512(const Problem& p, int64_t n0, int64_t n1, uint16_t* panel) {
+  const NibbleLanes512 lanes = nibble_lanes512();
+  at::parallel_for(n0, n1, 8, [&](int64_t r0, int64_t r1) {
+    dequant_rows_bf16_avx512(p, lanes, r0, r1 - r0, panel + (r0 - n0) * p.Kp, p.Kp);
+  });
+}
+
+#pragma GCC diagnostic pop
+#pragma GCC pop_options
+
 bool use_avx2() {
   static const bool ok = [] {
     const char* isa = std::getenv("LOWBIT_CPU_ISA");
@@ -468,7 +545,9 @@ void decoded_gemm(const Problem& p, const at::Tensor& x, cpu::DecodedGemm route,
   const bool bf16 = route == cpu::DecodedGemm::kBFloat16;
   const at::Tensor xd = bf16 ? x_to_bf16_permuted(x, p.Kp) : x_to_fp32(x, p.Kp, true);
   auto decode = [&](int64_t n0, int64_t n1, void* panel) {
-    if (bf16)
+    if (bf16 && cpu::has_avx512f())
+      dequant_panel_bf16_avx512(p, n0, n1, static_cast<uint16_t*>(panel));
+    else if (bf16)
       dequant_panel_avx2(p, n0, n1, static_cast<uint16_t*>(panel));
     else
       dequant_panel_avx2(p, n0, n1, static_cast<float*>(panel));
