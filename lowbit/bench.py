@@ -1004,7 +1004,8 @@ def cpu_flags() -> set[str]:
 def lowbit_cpu_isa(flags: set[str] | frozenset[str] | None = None) -> str:
     """The tier lowbit's C++ kernels run at here: the same decision as cpu::has_avx2() in
     csrc/include/lowbit/cpu/isa.h. Said beside torch's own capability because torch's CPU kernels
-    use AVX-512 where the CPU has it and lowbit's do not, which moves every speed ratio there."""
+    use AVX-512 where the CPU has it and lowbit's mostly do not, which moves every speed ratio
+    there; also which products lowbit hands to torch's GEMMs on such CPUs."""
     flags = cpu_flags() if flags is None else flags
     if os.environ.get("LOWBIT_CPU_ISA") == "scalar":
         return "portable (LOWBIT_CPU_ISA=scalar)"
@@ -1013,7 +1014,19 @@ def lowbit_cpu_isa(flags: set[str] | frozenset[str] | None = None) -> str:
     if not flags:
         return "unknown (CPU flags unreadable)"
     if all(f in flags for f in ("avx2", "fma", "f16c")):
-        notes = ["AVX-512 present, unused"] if "avx512f" in flags else []
+        # cpu::has_avx512f() / has_amx_bf16() and decoded_gemm_route() in csrc/include/lowbit/cpu/
+        avx512 = "avx512f" in flags and os.environ.get("LOWBIT_CPU_ISA") != "avx2"
+        decoded = os.environ.get("LOWBIT_DECODED_GEMM", "")[:1] != "0"
+        amx_bf16 = decoded and "amx_bf16" in flags
+        notes = []
+        if "avx512f" in flags and not avx512:
+            notes.append("AVX-512 present, hidden by LOWBIT_CPU_ISA=avx2")
+        elif avx512:
+            notes.append("AVX-512 present, " + ("used only to decode int4's bf16 panels" if amx_bf16 else "unused"))
+        if amx_bf16:
+            notes.append("int4 bf16 from M = 12 on torch's AMX bf16 GEMM")
+        if decoded and avx512:
+            notes.append("int4 fp32/fp16 from M = 96 on torch's AVX-512 GEMM")
         # cpu::has_amx_int8() and use_torch_int_mm in csrc/cpu/int8.cpp
         if "amx_int8" in flags and os.environ.get("LOWBIT_INT8_ONEDNN", "")[:1] != "0":
             notes.append("W8A8 from M = 10 on torch's AMX int8 GEMM")
