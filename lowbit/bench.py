@@ -1014,22 +1014,23 @@ def lowbit_cpu_isa(flags: set[str] | frozenset[str] | None = None) -> str:
     if not flags:
         return "unknown (CPU flags unreadable)"
     if all(f in flags for f in ("avx2", "fma", "f16c")):
-        # cpu::has_avx512f() / has_amx_bf16() and decoded_gemm_route() in csrc/include/lowbit/cpu/
+        # cpu::has_avx512f() / has_amx_bf16() and decoded_gemm_route() in csrc/include/lowbit/cpu/,
+        # kSmallMAvx512 in csrc/cpu/int4.cpp, use_int8_dense() in csrc/cpu/sparse24.cpp
         avx512 = "avx512f" in flags and os.environ.get("LOWBIT_CPU_ISA") != "avx2"
         decoded = os.environ.get("LOWBIT_DECODED_GEMM", "")[:1] != "0"
         amx_bf16 = decoded and "amx_bf16" in flags
+        onednn_int8 = "amx_int8" in flags and os.environ.get("LOWBIT_INT8_ONEDNN", "")[:1] != "0"
         notes = []
         if "avx512f" in flags and not avx512:
             notes.append("AVX-512 present, hidden by LOWBIT_CPU_ISA=avx2")
         elif avx512:
-            notes.append("AVX-512 present, " + ("used only to decode int4's bf16 panels" if amx_bf16 else "unused"))
+            notes.append("AVX-512 for int4's small-M kernel" + (" and bf16 panels" if amx_bf16 else ""))
         if amx_bf16:
-            notes.append("int4 bf16 from M = 12 on torch's AMX bf16 GEMM")
+            notes.append("int4 bf16 from M = 16, codebook bf16 from M = 24 on torch's AMX bf16 GEMM")
         if decoded and avx512:
-            notes.append("int4 fp32/fp16 from M = 96 on torch's AVX-512 GEMM")
-        # cpu::has_amx_int8() and use_torch_int_mm in csrc/cpu/int8.cpp
-        if "amx_int8" in flags and os.environ.get("LOWBIT_INT8_ONEDNN", "")[:1] != "0":
-            notes.append("W8A8 from M = 10 on torch's AMX int8 GEMM")
+            notes.append("int4/codebook fp32/fp16 from M = 96 on torch's AVX-512 GEMM")
+        if onednn_int8:
+            notes.append("W8A8 from M = 10, sparse24 W8A8 from M = 20 on torch's AMX int8 GEMM")
         return "AVX2+FMA+F16C" + (f" ({'; '.join(notes)})" if notes else "")
     return "portable (no AVX2/FMA/F16C)"
 

@@ -108,20 +108,21 @@ def test_info_names_the_tier_lowbit_kernels_run_at_beside_torch_capability(monke
     monkeypatch.delenv("LOWBIT_CPU_ISA", raising=False)
     monkeypatch.setattr(bench.platform, "machine", lambda: "x86_64")
     assert bench.lowbit_cpu_isa({"avx2", "fma", "f16c"}) == "AVX2+FMA+F16C"
-    # torch's kernels use AVX-512 here and lowbit's own loops do not: the line must say so, and
-    # name the products lowbit hands to torch's GEMMs instead.
+    # torch's kernels use AVX-512 here and lowbit's own loops mostly do not: the line must say
+    # which do, and name the products lowbit hands to torch's GEMMs instead.
     monkeypatch.delenv("LOWBIT_DECODED_GEMM", raising=False)
     monkeypatch.delenv("LOWBIT_INT8_ONEDNN", raising=False)
-    fp32_route = "int4 fp32/fp16 from M = 96 on torch's AVX-512 GEMM"
+    fp32_route = "int4/codebook fp32/fp16 from M = 96 on torch's AVX-512 GEMM"
     assert bench.lowbit_cpu_isa({"avx2", "fma", "f16c", "avx512f"}) == (
-        f"AVX2+FMA+F16C (AVX-512 present, unused; {fp32_route})")
+        f"AVX2+FMA+F16C (AVX-512 for int4's small-M kernel; {fp32_route})")
     amx = {"avx2", "fma", "f16c", "avx512f", "amx_int8", "amx_bf16"}
     assert bench.lowbit_cpu_isa(amx) == (
-        "AVX2+FMA+F16C (AVX-512 present, used only to decode int4's bf16 panels; int4 bf16 from M = 12 on "
-        f"torch's AMX bf16 GEMM; {fp32_route}; W8A8 from M = 10 on torch's AMX int8 GEMM)")
+        "AVX2+FMA+F16C (AVX-512 for int4's small-M kernel and bf16 panels; int4 bf16 from M = 16, codebook bf16 "
+        f"from M = 24 on torch's AMX bf16 GEMM; {fp32_route}; W8A8 from M = 10, sparse24 W8A8 from M = 20 on torch's AMX "
+        "int8 GEMM)")
     monkeypatch.setenv("LOWBIT_INT8_ONEDNN", "0")
     monkeypatch.setenv("LOWBIT_DECODED_GEMM", "0")
-    assert bench.lowbit_cpu_isa(amx) == "AVX2+FMA+F16C (AVX-512 present, unused)"
+    assert bench.lowbit_cpu_isa(amx) == "AVX2+FMA+F16C (AVX-512 for int4's small-M kernel)"
     monkeypatch.setenv("LOWBIT_CPU_ISA", "avx2")
     assert bench.lowbit_cpu_isa(amx) == "AVX2+FMA+F16C (AVX-512 present, hidden by LOWBIT_CPU_ISA=avx2)"
     monkeypatch.delenv("LOWBIT_CPU_ISA")

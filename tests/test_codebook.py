@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import lowbit  # noqa: F401
-from lowbit import _extension, ops
+from lowbit import _extension, bench, ops
 from lowbit.backends.reference import codebook as ref
 from lowbit.formats import codebook as fmt
 
@@ -241,6 +241,112 @@ def test_non_contiguous_inputs_equal_contiguous(M):
     got = ops.codebook_mm(x, packed, cb, scale)
     want = ops.codebook_mm(x.contiguous(), w.packed, w.codebooks, w.scale)
     assert torch.equal(got, want)
+
+
+# ----------------------------------------------------------------------------- decoded-GEMM routes
+# From these M, on CPUs wider than lowbit's AVX2 kernels, the decoded weight is handed to at::mm
+# in 8 MiB panels (csrc/include/lowbit/cpu/decoded_gemm.h; kDecodedGemmMinM* in codebook.cpp).
+DECODED_GEMM_MIN_M = {"bf16": 24, "fp32": 96}
+ROUTE_LAYOUTS = [  # (d, C, bits, R, G, K): every decoder (nibble planes, byte vectors, generic sums)
+    (1, 1, 4, 1, 1, 1101), (1, 1, 4, 3, 4, 2048), (1, 1, 3, 1, 1, 1100), (4, 1, 8, 1, 8, 1184),
+    (2, 1, 8, 1, 3, 1086), (8, 2, 8, 1, 1, 1104), (2, 3, 7, 1, 1, 96),
+]
+
+
+def decoded_gemm_route(x_dtype, M, env):
+    """The route decoded_gemm_route() in decoded_gemm.h picks; None: lowbit's own kernels."""
+    flags = bench.cpu_flags()
+    if os.environ.get("LOWBIT_CPU_ISA") == "avx2":  # hides AVX-512 from lowbit (cpu::has_avx512f)
+        flags = {f for f in flags if not f.startswith("avx512")}
+    if env == "0" or M <= 4 or "avx2" not in flags or os.environ.get("LOWBIT_CPU_ISA") == "scalar":
+        return None
+    if x_dtype == torch.bfloat16 and M >= DECODED_GEMM_MIN_M["bf16"] and (env == "1" or "amx_bf16" in flags):
+        return "bf16"
+    if M >= DECODED_GEMM_MIN_M["fp32"] and (env == "1" or "avx512f" in flags):
+        return "fp32"
+    return None
+
+
+def set_route_env(monkeypatch, env):
+    if env is None:
+        monkeypatch.delenv("LOWBIT_DECODED_GEMM", raising=False)
+    else:
+        monkeypatch.setenv("LOWBIT_DECODED_GEMM", env)
+
+
+@pytest.mark.parametrize("env", ["0", "1", None], ids=["never", "always", "auto"])
+@pytest.mark.parametrize("M", [23, 24, 96])
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
+@pytest.mark.parametrize("layout", ROUTE_LAYOUTS, ids=lambda v: layout_id(v[:5]) + f"K{v[5]}")
+def test_decoded_gemm_routes_stay_within_their_bounds(monkeypatch, env, M, x_dtype, layout):
+    """Each route is taken exactly where the rule says and stays within its bound: the fp32 one
+    (the spec's weights, fp32 accumulation), plus eps_bf16 * sum|x||w| on the bf16 route (each
+    weight rounded once to bf16 as on the Triton path, the product rounded to bf16 before the
+    scale and bias)."""
+    set_route_env(monkeypatch, env)
+    d, C, bits, R, G, K = layout
+    w, _ = make_weight(21, K, d, C, bits, R, G, cb_dtype=torch.float16, seed=M)
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(M, K, generator=g).to(x_dtype)
+    bias = torch.randn(21, generator=g)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        out = ops.codebook_mm(x, w.packed, w.codebooks, w.scale, bias)
+    route = decoded_gemm_route(x_dtype, M, env)
+    assert any(e.name == "aten::mm" for e in prof.events()) == (route is not None), f"route {route}"
+    wdeq = ref.codebook_dequant(w.packed, w.codebooks, w.scale, K)
+    exact, bound = codebook_bound(x.float(), wdeq, bias, K, C, x_dtype)
+    if route == "bf16":
+        bound = bound + torch.finfo(torch.bfloat16).eps * (x.double().abs() @ wdeq.double().abs().T)
+    err = (out.double() - exact).abs()
+    assert (err <= bound).all(), f"max err {err.max()} at bound {bound.flatten()[err.argmax()]}"
+
+
+def test_decoded_gemm_panels_span_several_at_mm_calls(monkeypatch):
+    # K = 8192: 512-row bf16 panels and 256-row fp32 ones, so N = 600 takes 2 and 3 at::mm calls.
+    monkeypatch.setenv("LOWBIT_DECODED_GEMM", "1")
+    N, K = 600, 8192
+    w, _ = make_weight(N, K, 1, 1, 4, cb_dtype=torch.float16, seed=1)
+    wdeq = ref.codebook_dequant(w.packed, w.codebooks, w.scale, K)
+    for dtype, M, extra in ((torch.bfloat16, DECODED_GEMM_MIN_M["bf16"], True), (torch.float32, 96, False)):
+        x = torch.randn(M, K).to(dtype)
+        out = ops.codebook_mm(x, w.packed, w.codebooks, w.scale)
+        exact, bound = codebook_bound(x.float(), wdeq, None, K, 1, dtype)
+        if extra:
+            bound = bound + torch.finfo(torch.bfloat16).eps * (x.double().abs() @ wdeq.double().abs().T)
+        assert ((out.double() - exact).abs() <= bound).all()
+
+
+@pytest.mark.parametrize("layout", ROUTE_LAYOUTS, ids=lambda v: layout_id(v[:5]) + f"K{v[5]}")
+def test_decoded_gemm_one_hot_rows_give_the_decoded_weights_exactly(monkeypatch, layout):
+    # One-hot rows through both routes: at::mm of exact zeros and one product returns the decoded
+    # weight itself. fp32: the reference's unscaled weight times the scale, bit for bit. bf16: the
+    # unscaled weight rounded to bf16 (nearest even), times the scale in fp32, rounded to bf16.
+    monkeypatch.setenv("LOWBIT_DECODED_GEMM", "1")
+    d, C, bits, R, G, K = layout
+    w, _ = make_weight(9, K, d, C, bits, R, G, cb_dtype=torch.float16, seed=2)
+    unscaled = ref.codebook_dequant(w.packed, w.codebooks, None, K)
+    for c0 in range(0, K, 128):
+        cols = torch.arange(c0, min(K, c0 + 128))
+        if len(cols) < DECODED_GEMM_MIN_M["fp32"]:
+            cols = torch.arange(K - DECODED_GEMM_MIN_M["fp32"], K)
+        x = torch.zeros(len(cols), K)
+        x[torch.arange(len(cols)), cols] = 1.0
+        out = ops.codebook_mm(x, w.packed, w.codebooks, w.scale)
+        torch.testing.assert_close(out, (unscaled[:, cols] * w.scale[:, None]).T, rtol=0, atol=0)
+        out = ops.codebook_mm(x.bfloat16(), w.packed, w.codebooks, w.scale)
+        want = (unscaled[:, cols].bfloat16().float() * w.scale[:, None]).bfloat16().T
+        torch.testing.assert_close(out, want, rtol=0, atol=0)
+
+
+def test_avx2_only_rule_on_avx512_machines():
+    """The routes as an AVX2-only CPU without AMX would take them (LOWBIT_CPU_ISA=avx2 hides
+    AVX-512; a subprocess: it is read once per process)."""
+    if "avx512f" not in bench.cpu_flags() or os.environ.get("LOWBIT_CPU_ISA"):
+        pytest.skip("nothing is hidden on this CPU")
+    env = dict(os.environ, LOWBIT_CPU_ISA="avx2")
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
+                        "decoded_gemm"], env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
 
 
 def test_portable_path_matches_reference():

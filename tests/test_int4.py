@@ -35,7 +35,10 @@ def make_weight(N, K, group_size, symmetric, scale_dtype=torch.float32, seed=0):
     return fmt.quantize_weight(w, group_size, symmetric, scale_dtype)
 
 
-SMALL_M = 5  # kSmallM in csrc/cpu/int4.cpp
+# The folded small-M kernel's last M (csrc/cpu/int4.cpp): kSmallMAvx512 where lowbit sees AVX-512F
+# (cpu::has_avx512f; LOWBIT_CPU_ISA=avx2 hides it), else kSmallM.
+AVX512 = "avx512f" in bench.cpu_flags() and os.environ.get("LOWBIT_CPU_ISA") not in ("avx2", "scalar")
+SMALL_M = 8 if AVX512 else 5
 
 
 def int4_bound(x, wdeq, bias, K, out_dtype, wmag=None):
@@ -153,7 +156,7 @@ SHAPES = [  # (N, K, group_size): odd N, partial blocks, partial last groups, se
 ]
 
 
-@pytest.mark.parametrize("M", [1, 3, 4, 5, 6, 7, 16, 17, 64])  # the small-M kernel ends at M = 5
+@pytest.mark.parametrize("M", [1, 3, 4, 5, 6, 7, 8, 9, 16, 17, 64])  # the small-M kernel ends at M = 5 or 8
 @pytest.mark.parametrize("N,K,group_size", SHAPES)
 @pytest.mark.parametrize("symmetric", [False, True], ids=["asym", "sym"])
 def test_matches_reference(M, N, K, group_size, symmetric):
@@ -186,7 +189,7 @@ def test_fractional_zero_point(M):
 ONE_HOT_COLUMNS = [0, 3, 4, 15, 16, 19, 28, 31]
 
 
-@pytest.mark.parametrize("M", [1, 2, 5, 6, 9])  # both sides of the small-M / tile boundary
+@pytest.mark.parametrize("M", [1, 2, 5, 6, 8, 9])  # both sides of the small-M / tile boundaries
 @pytest.mark.parametrize("group_size", [32, 64, 128, "K"])
 @pytest.mark.parametrize("scale_dtype", FLOATS, ids=dtype_id)
 def test_one_hot_rows_give_the_reference_weight_exactly(M, group_size, scale_dtype):
@@ -213,7 +216,7 @@ def test_one_hot_rows_give_the_reference_weight_exactly(M, group_size, scale_dty
         torch.testing.assert_close(out, wdeq[:, pick].T, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("M", [1, 5, 6, 40])
+@pytest.mark.parametrize("M", [1, 5, 6, 8, 9, 40])
 def test_zero_point_cancellation_stays_within_the_bound(M):
     # The worst case of the small-M kernel's folding: codes within 1 of the zero point (tiny
     # weights) under activations with a large common offset, so sum(x * q) and z * sum(x) nearly
@@ -228,7 +231,7 @@ def test_zero_point_cancellation_stays_within_the_bound(M):
     check_against_exact(x, q)
 
 
-@pytest.mark.parametrize("M", [1, 5, 6])
+@pytest.mark.parametrize("M", [1, 5, 6, 8, 9])
 def test_infinite_activations_give_the_references_infinities(M):
     # The small-M kernel's zero folding would compute inf - inf; such calls must still give the
     # reference's +-inf (NaN only where the reference has one: a zero weight times inf).
@@ -242,7 +245,7 @@ def test_infinite_activations_give_the_references_infinities(M):
     assert torch.equal(got[want.isinf()], want[want.isinf()].float())
 
 
-@pytest.mark.parametrize("M", [1, 2, 5, 6])
+@pytest.mark.parametrize("M", [1, 2, 3, 5, 6, 8, 9])
 @pytest.mark.parametrize("symmetric", [False, True], ids=["asym", "sym"])
 def test_small_m_row_pairs_and_tails(M, symmetric):
     # The small-M kernel takes output channels in pairs inside work items of 4: N = 1..9 hits
@@ -297,7 +300,7 @@ def test_non_contiguous_inputs_equal_contiguous(M):
 # ----------------------------------------------------------------------------- decoded-GEMM routes
 # From these M, on CPUs wider than lowbit's AVX2 kernels, the dequantized weight is handed to
 # at::mm in 8 MiB panels (csrc/include/lowbit/cpu/decoded_gemm.h; kDecodedGemmMinM* in int4.cpp).
-DECODED_GEMM_MIN_M = {"bf16": 12, "fp32": 96}
+DECODED_GEMM_MIN_M = {"bf16": 16, "fp32": 96}
 
 
 def decoded_gemm_route(x_dtype, M, env):
@@ -321,7 +324,7 @@ def runs_aten_mm(fn):
 
 
 @pytest.mark.parametrize("env", ["0", "1", None], ids=["never", "always", "auto"])
-@pytest.mark.parametrize("M", [11, 12, 95, 96])
+@pytest.mark.parametrize("M", [15, 16, 95, 96])
 @pytest.mark.parametrize("x_dtype", FLOATS, ids=dtype_id)
 @pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
 def test_decoded_gemm_routes_stay_within_their_bounds(monkeypatch, env, M, x_dtype, with_bias):
@@ -376,13 +379,14 @@ def test_fp32_decoded_gemm_gives_the_reference_weight_exactly(monkeypatch):
         torch.testing.assert_close(out, wdeq[:, cols].T.bfloat16(), rtol=0, atol=0)
 
 
-def test_avx2_panel_decoder_on_avx512_machines():
-    """The AVX2 bf16/fp32 panel decoders, where AVX-512 would otherwise take over (a subprocess:
-    LOWBIT_CPU_ISA is read once per process)."""
+def test_avx2_kernels_on_avx512_machines():
+    """This file's kernel tests once more with the AVX2 small-M kernel and panel decoders, where
+    AVX-512 would otherwise take over (a subprocess: LOWBIT_CPU_ISA is read once per process)."""
     if "avx512f" not in bench.cpu_flags() or os.environ.get("LOWBIT_CPU_ISA"):
-        pytest.skip("the AVX2 decoders already run in this process")
+        pytest.skip("the AVX2 kernels already run in this process")
     env = dict(os.environ, LOWBIT_CPU_ISA="avx2")
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "decoded_gemm"],
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
+                        "not avx2_kernels and not portable and not opcheck and not compile"],
                        env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import lowbit  # noqa: F401
-from lowbit import _extension, ops
+from lowbit import _extension, bench, ops
 from lowbit.backends.reference import sparse24 as ref
 from lowbit.formats import sparse24 as fmt
 from lowbit.quant.nm_prune import nm_prune
@@ -354,6 +354,35 @@ def test_int8_exact_without_minus128_in_x(M, N, K):
         assert torch.equal(got, ref.sparse24_int8_scaled_mm(a, values, meta, sa, sb, bias, out_dtype))
 
 
+INT8_DENSE_MIN_M = 20  # kInt8DenseMinM in csrc/cpu/sparse24.cpp
+
+
+@pytest.mark.parametrize("env", ["0", "1", None], ids=["never", "always", "auto"])
+@pytest.mark.parametrize("M", [19, 20, 33])
+@pytest.mark.parametrize("N,K", [(7, 100), (2000, 4096 + 16)])
+def test_int8_dense_amx_path_is_bit_identical(monkeypatch, env, M, N, K):
+    """From M = 20 on AMX-INT8 CPUs the weight is decompressed into dense int8 panels (1984 rows at
+    this K: two panels for N = 2000) and at::_int_mm gives the exact int32 product: the outputs
+    are the same bits as the AVX2 kernel's and the reference's, -128 anywhere included."""
+    if env is None:
+        monkeypatch.delenv("LOWBIT_INT8_ONEDNN", raising=False)
+    else:
+        monkeypatch.setenv("LOWBIT_INT8_ONEDNN", env)
+    values, meta, scale = _int8_weight_with_min(N, K, seed=M)
+    a = torch.randint(-128, 128, (M, K), dtype=torch.int8, generator=torch.Generator().manual_seed(M))
+    sa, bias = torch.rand(M) + 0.1, torch.randn(N)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        got = ops.sparse24_int8_scaled_mm(a, values, meta, sa, scale, bias, torch.bfloat16)
+    flags = bench.cpu_flags()
+    avx2 = "avx2" in flags and os.environ.get("LOWBIT_CPU_ISA") != "scalar"
+    dense = avx2 and M >= INT8_DENSE_MIN_M and (env == "1" or (env is None and "amx_int8" in flags))
+    assert any(e.name == "aten::_int_mm" for e in prof.events()) == dense
+    assert torch.equal(got, ref.sparse24_int8_scaled_mm(a, values, meta, sa, scale, bias, torch.bfloat16))
+    one = torch.ones(())
+    exact = a.to(torch.int64) @ fmt.decompress(values, meta, K, torch.int64).T
+    assert torch.equal(ops.sparse24_int8_scaled_mm(a, values, meta, one, one).double(), exact.double())
+
+
 @pytest.mark.parametrize("M", [1, 6])
 def test_int8_minus128_in_one_row_of_x(M):
     N, K = 9, 4096 + 48
@@ -465,9 +494,12 @@ def test_int8_bad_inputs(change, arg):
 @pytest.mark.parametrize("M", [1, 20, 64])
 @pytest.mark.parametrize("values_dtype", [torch.float32, torch.int8], ids=dtype_id)
 @pytest.mark.parametrize("row,col", [(37, 3), (39, 2 * (2048 + 16) // 16 - 1)])
-def test_bad_meta_in_a_late_row_block_is_found_by_the_kernel(M, values_dtype, row, col):
+@pytest.mark.parametrize("onednn", ["0", "1"])
+def test_bad_meta_in_a_late_row_block_is_found_by_the_kernel(monkeypatch, M, values_dtype, row, col, onednn):
     """The C++ op itself (no Python check in front) refuses bad metadata in any row block and
-    in the last metadata byte of a row; the AVX2 kernels check it block by block."""
+    in the last metadata byte of a row; the AVX2 kernels check it block by block, the dense
+    int8 path (LOWBIT_INT8_ONEDNN=1, M >= 20) before decompressing."""
+    monkeypatch.setenv("LOWBIT_INT8_ONEDNN", onednn)
     N, K = 40, 2048 + 16
     W = make_weight(N, K, values_dtype)
     meta = W.meta.clone()

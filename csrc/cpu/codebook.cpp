@@ -42,6 +42,7 @@
 
 #include "lowbit/checks.h"
 #include "lowbit/codebook_layout.h"
+#include "lowbit/cpu/decoded_gemm.h"
 #include "lowbit/cpu/isa.h"
 
 namespace lowbit {
@@ -56,6 +57,16 @@ constexpr int64_t kTileNSmall = 8;
 constexpr int64_t kTileNLarge = 48;
 
 constexpr int64_t kNibbleBlock = 32;
+
+// From these M, on CPUs with AMX-BF16 (bf16 x) or AVX-512F (fp32/fp16 x), the decoded weight goes
+// to torch's GEMM (lowbit/cpu/decoded_gemm.h). Measured on the 2-vCPU AMX Xeon VM (N = K = 4096,
+// fp16 codebooks, 2 threads, 1 GiB read before each call, median of 7, ms), own tiles vs decoded
+// GEMM: kmeans4 bf16 M = 16 4.1 / 4.8, 32 6.7 / 5.2, 64 11.9 / 6.5, 256 45.9 / 10.0; fp32 M = 64
+// 12.0 / 12.0, 128 22.7 / 18.3, 256 45.3 / 30.7; pq2 and aq2 (2x8) alike (pq2 bf16 M = 256 45.4
+// / 10.7, aq2 48.8 / 14.1). The bf16 route starts later than int4's (12): its panels are decoded
+// through an fp32 tile, not straight to bf16.
+constexpr int64_t kDecodedGemmMinMBf16 = 24;
+constexpr int64_t kDecodedGemmMinMFp32 = 96;
 
 // Position within a 32-column block of column `c` in the decoder's output order: float t of
 // 128-bit lane l of output register q holds column 2 * (4q + t) + l (lane 0: low nibbles, lane
@@ -781,6 +792,37 @@ void dequant_avx2(const Problem& p, float* out) {
   });
 }
 
+// Rows n0..n1 of the unscaled weight as [n1 - n0, Kp] rows of D (fp32, or bf16 bits rounded to
+// nearest even), zero past K, in x's permuted column order: the decoded-GEMM route's panels,
+// decoded tile by tile exactly as mm_avx2 decodes them.
+inline void store8(float* dst, __m256 v) { _mm256_storeu_ps(dst, v); }
+inline void store8(uint16_t* dst, __m256 v) {
+  const __m256i bits = _mm256_castps_si256(v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+  __m256i r = _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff))), 16);
+  r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7fc0), _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
+  const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), _mm256_castsi256_si128(packed));
+}
+
+template <typename D>
+void decode_panel_avx2(const Problem& p, int64_t n0, int64_t n1, D* panel) {
+  at::parallel_for(n0, n1, 8, [&](int64_t r0, int64_t r1) {
+    alignas(32) float tile[kTileK];
+    for (int64_t n = r0; n < r1; ++n) {
+      D* row = panel + (n - n0) * p.Kp;
+      for (int64_t k0 = 0; k0 < p.K; k0 += kTileK) {
+        const int64_t k1 = std::min(p.K, k0 + kTileK);
+        const int64_t len = (k1 - k0 + 7) / 8 * 8;  // the last tile ends at Kp
+        if (p.planes) decode_nibble_avx2(p, n, k0, k1, tile);
+        else decode_avx2(p, n, k0 / p.d, k1 / p.d, tile);
+        for (int64_t k = k1 - k0; k < len; ++k) tile[k] = 0.0f;  // meets x's zero padding
+        for (int64_t k = 0; k < len; k += 8) store8(row + k0 + k, _mm256_load_ps(tile + k));
+      }
+    }
+  });
+}
+
 #pragma GCC pop_options
 
 void dequant_portable(const Problem& p, float* out) {
@@ -883,6 +925,35 @@ Problem make_problem(const CodebookShape& s, int64_t K, const at::Tensor& codes,
   return p;
 }
 
+// Large M on CPUs wider than lowbit's AVX2 kernels (lowbit/cpu/decoded_gemm.h): the unscaled
+// weight is decoded panel by panel in x32's column order and multiplied by at::mm; the row's
+// scale and the bias are applied to the panel's product here, as the tiles apply them to their
+// dot products. bf16 x (route kBFloat16): x32 holds bf16 values, so x32 -> bf16 is exact.
+void decoded_gemm(const Problem& p, const at::Tensor& x32, cpu::DecodedGemm route) {
+  const bool bf16 = route == cpu::DecodedGemm::kBFloat16;
+  const at::Tensor xd = bf16 ? x32.to(at::kBFloat16) : x32;
+  auto decode = [&](int64_t n0, int64_t n1, void* panel) {
+    if (bf16)
+      decode_panel_avx2(p, n0, n1, static_cast<uint16_t*>(panel));
+    else
+      decode_panel_avx2(p, n0, n1, static_cast<float*>(panel));
+  };
+  auto finish = [&](const at::Tensor& y, int64_t n0, int64_t n1) {
+    const int64_t cols = n1 - n0;
+    const c10::BFloat16* yb = bf16 ? y.const_data_ptr<c10::BFloat16>() : nullptr;
+    const float* yf = bf16 ? nullptr : y.const_data_ptr<float>();
+    at::parallel_for(0, p.M, std::max<int64_t>(1, 32768 / cols), [&](int64_t m0, int64_t m1) {
+      for (int64_t m = m0; m < m1; ++m)
+        for (int64_t c = 0; c < cols; ++c) {
+          float v = bf16 ? static_cast<float>(yb[m * cols + c]) : yf[m * cols + c];
+          if (p.scale) v *= p.scale[n0 + c];
+          store_out(p, m * p.N + n0 + c, p.bias ? v + p.bias[n0 + c] : v);
+        }
+    });
+  };
+  cpu::gemm_over_decoded_panels(xd, p.N, decode, finish);
+}
+
 at::Tensor codebook_mm_cpu(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& codebooks,
                            const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& bias) {
   const CodebookShape s = check_codebook_mm("codebook_mm", x, codes, codebooks, scale, bias);
@@ -911,6 +982,13 @@ at::Tensor codebook_mm_cpu(const at::Tensor& x, const at::Tensor& codes, const a
   }
   const at::Tensor x32 = x_to_fp32(x, p.Kp, p.planes ? p.J / kNibbleBlock * kNibbleBlock : 0, p.planes_half);
   const Fused kind = fused_kind(p);
+  const cpu::DecodedGemm route = M > kSmallM ? cpu::decoded_gemm_route(x.scalar_type(), M, N, K,
+                                                                      kDecodedGemmMinMBf16, kDecodedGemmMinMFp32)
+                                             : cpu::DecodedGemm::kNone;
+  if (route != cpu::DecodedGemm::kNone) {
+    decoded_gemm(p, x32, route);
+    return out;
+  }
   if (M <= kSmallM && kind != Fused::kNone) {
     fused_small_m_avx2(p, kind, x32.const_data_ptr<float>());
     return out;

@@ -42,18 +42,24 @@ constexpr int64_t kBlockBytes = 16;
 // dequantizing into a tile first. Measured on 4096 x 4096, one thread: M = 5 small 3.9 ms vs
 // tile 4.4 ms; M = 6 4.8 vs 4.6; M = 8 6.9 vs 5.2.
 constexpr int64_t kSmallM = 5;
+// The same with the AVX-512 kernel (small_m_tile_avx512), on CPUs with AVX-512F. Measured on the
+// AMX Xeon VM (bf16 x, g128, N = K = 4096, 2 threads, 1 GiB read before each call, median of 15,
+// two runs, ms), AVX-512 vs AVX2 (AVX2: the small-M kernel up to 5, then the tiles): M = 1
+// 0.61-0.65 / 0.66-0.69, 2 0.73-0.81 / 0.82-0.87, 4 1.23-1.29 / 1.46-1.48, 5 1.61-1.70 / 2.10-2.12,
+// 6 1.89-1.95 / 2.29-2.31, 8 2.43-2.57 / 2.45-2.46; the tiles at 9: 2.8-2.9.
+constexpr int64_t kSmallMAvx512 = 8;
 // Large-M tiles: kTileN x kTileK fp32 = 192 KiB per thread, resident in L2 while every row of x
 // streams over it; kTileN is a multiple of the microkernel's 3 weight rows.
 constexpr int64_t kTileN = 48;
 constexpr int64_t kTileK = 1024;
 // From these M, on CPUs with AMX-BF16 (bf16 x) or AVX-512F (fp32/fp16 x), the dequantized weight
 // goes to torch's GEMM (lowbit/cpu/decoded_gemm.h). Measured on the 2-vCPU AMX Xeon VM (g128
-// asymmetric, N = K = 4096, 2 threads, cold, median of 9, two runs, ms), own kernel vs decoded
-// GEMM: bf16 M = 8 2.1-2.2 / 2.7-2.8, 10 2.7-2.8 / 2.7-2.8, 12 2.9 / 2.7-2.9, 16 3.5-3.6 /
-// 2.8, 24 4.8 / 2.9, 64 11.4-11.8 / 4.3, 256 47-48 / 7.3-8.0 (AVX-512 panel decode; with the
-// AVX2 one, 16 3.5 / 3.7, 32 6.1 / 4.6, 256 47 / 8.9); fp32 M = 64 11.4 / 12.3, 128 22.7 /
-// 18.4, 256 46 / 31 (fp32 F.linear: 8.9, 14.6, 25.4).
-constexpr int64_t kDecodedGemmMinMBf16 = 12;
+// asymmetric, N = K = 4096, 2 threads, 1 GiB read before each call, median of 9, two runs, ms),
+// own kernel vs decoded GEMM: bf16 M = 9 2.8-3.0 / 2.8-2.9, 12 3.1-3.3 / 3.5-3.8, 16 3.8-3.9 /
+// 3.7-3.8, 20 4.5-4.6 / 3.7-3.9, 32 6.5-6.6 / 3.8-4.0 (AVX-512 panel decode; with the AVX2 one,
+// M = 16 3.5 / 3.7, 32 6.1 / 4.6, 256 47 / 8.9, 64 MiB read before each call). fp32 M = 64 11.4
+// / 12.3, 128 22.7 / 18.4, 256 46 / 31 (fp32 F.linear: 8.9, 14.6, 25.4).
+constexpr int64_t kDecodedGemmMinMBf16 = 16;
 constexpr int64_t kDecodedGemmMinMFp32 = 96;
 // Software prefetch distance of the small-M kernel (4-16 KiB measured equally good).
 constexpr int64_t kPrefetchBytes = 4096;
@@ -483,6 +489,106 @@ void dequant_rows_bf16_avx512(const Problem& p, const NibbleLanes512& t, int64_t
   }
 }
 
+// Small M with AVX-512F: small_m_tile's arithmetic, 16 lanes at a time. Per 32-block and weight
+// row, [j = 0 | j = 1] and [j = 2 | j = 3] each take one AND, one conversion and one FMA per row
+// of x (AVX2: four of each). The per-lane sums of both halves are folded into small_m_tile's 8
+// lanes at the end of each group, where the zero and the scale are applied exactly as there, so
+// the bound of the folded kernel holds unchanged (the order of additions differs).
+// noinline with every loop unrolled: inlined into its caller, or with loops left rolled, GCC
+// kept the accumulators on the stack (measured 9.5 ms instead of 1.4 at M = 4, N = K = 4096).
+// x is loaded at each use: L1-resident, and holding it would spill at 8 rows.
+template <int MR, int NR>
+__attribute__((noinline)) void small_m_tile_avx512(const Problem& p, const NibbleLanes512& t, const float* xp,
+                                                   const float* lane_sums, int64_t m0, int64_t n0) {
+  const int64_t row_bytes = p.Kp / 2;
+  __m256 acc[NR][MR];
+#pragma GCC unroll 16
+  for (int r = 0; r < NR; ++r)
+#pragma GCC unroll 16
+    for (int m = 0; m < MR; ++m) acc[r][m] = _mm256_setzero_ps();
+  const uint8_t* w = p.w + n0 * row_bytes;
+  const float* x = xp + m0 * p.Kp;
+  const __m512i mask0 = t.mask[0], mask1 = t.mask[1];
+  for (int64_t g = 0; g < p.groups; ++g) {
+    __m512 part0[NR][MR], part1[NR][MR];
+#pragma GCC unroll 16
+    for (int r = 0; r < NR; ++r)
+#pragma GCC unroll 16
+      for (int m = 0; m < MR; ++m) part0[r][m] = part1[r][m] = _mm512_setzero_ps();
+    const int64_t b1 = group_end(p, g);
+    for (int64_t b = g * p.blocks_per_group; b < b1; ++b) {
+      if (b % 4 == 0)
+#pragma GCC unroll 16
+        for (int r = 0; r < NR; ++r)
+          _mm_prefetch(reinterpret_cast<const char*>(w + r * row_bytes + b * kBlockBytes + kPrefetchBytes), _MM_HINT_T0);
+      const float* xb = x + b * kBlock;
+#pragma GCC unroll 16
+      for (int r = 0; r < NR; ++r) {
+        const __m512i v =
+            _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + r * row_bytes + b * kBlockBytes)));
+        const __m512 q01 = _mm512_cvtepi32_ps(_mm512_and_si512(v, mask0));
+        const __m512 q23 = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_mask_srli_epi32(v, 0xFF00, v, 1), mask1));
+#pragma GCC unroll 16
+        for (int m = 0; m < MR; ++m) {
+          part0[r][m] = _mm512_fmadd_ps(q01, _mm512_loadu_ps(xb + m * p.Kp), part0[r][m]);
+          part1[r][m] = _mm512_fmadd_ps(q23, _mm512_loadu_ps(xb + m * p.Kp + 16), part1[r][m]);
+        }
+      }
+    }
+#pragma GCC unroll 16
+    for (int r = 0; r < NR; ++r) {
+      const int64_t i = (n0 + r) * p.groups + g;
+      const __m256 sv = _mm256_set1_ps(load_scalar_avx2(p.scale, p.kind, i));
+      const __m256 zv = _mm256_set1_ps(p.zero ? load_scalar_avx2(p.zero, p.kind, i) : 8.0f);
+#pragma GCC unroll 16
+      for (int m = 0; m < MR; ++m) {
+        const __m512 both = _mm512_add_ps(part0[r][m], part1[r][m]);
+        const __m256 sum = _mm256_add_ps(_mm512_castps512_ps256(both),
+                                         _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(both), 1)));
+        const __m256 xs = _mm256_loadu_ps(lane_sums + ((m0 + m) * p.groups + g) * 8);
+        acc[r][m] = _mm256_fmadd_ps(_mm256_fnmadd_ps(zv, xs, sum), sv, acc[r][m]);
+      }
+    }
+  }
+  for (int r = 0; r < NR; ++r) {
+    const float bias = p.bias ? p.bias[n0 + r] : 0.0f;
+    for (int m = 0; m < MR; ++m) {
+      __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc[r][m]), _mm256_extractf128_ps(acc[r][m], 1));
+      h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+      const float v = _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
+      store_out(p, (m0 + m) * p.N + n0 + r, v + bias);
+    }
+  }
+}
+
+template <int MR>
+void small_m_rows_avx512(const Problem& p, const NibbleLanes512& t, const float* xp, const float* lane_sums,
+                         int64_t n0, int64_t n1) {
+  // Accumulators: 2 * NR * MR zmm plus NR * MR ymm, within the 32 vector registers.
+  constexpr int NR = MR <= 4 ? 2 : 1;
+  int64_t n = n0;
+  for (; n + NR <= n1; n += NR) small_m_tile_avx512<MR, NR>(p, t, xp, lane_sums, 0, n);
+  for (; n < n1; ++n) small_m_tile_avx512<MR, 1>(p, t, xp, lane_sums, 0, n);
+}
+
+void small_m_avx512(const Problem& p, const float* xp, const float* lane_sums) {
+  static_assert(kSmallMAvx512 == 8, "the switch below instantiates one kernel per M up to kSmallMAvx512");
+  const NibbleLanes512 t = nibble_lanes512();
+  at::parallel_for(0, (p.N + 3) / 4, 1, [&](int64_t c0, int64_t c1) {
+    const int64_t n0 = c0 * 4, n1 = std::min(p.N, c1 * 4);
+    switch (p.M) {
+      case 1: small_m_rows_avx512<1>(p, t, xp, lane_sums, n0, n1); break;
+      case 2: small_m_rows_avx512<2>(p, t, xp, lane_sums, n0, n1); break;
+      case 3: small_m_rows_avx512<3>(p, t, xp, lane_sums, n0, n1); break;
+      case 4: small_m_rows_avx512<4>(p, t, xp, lane_sums, n0, n1); break;
+      case 5: small_m_rows_avx512<5>(p, t, xp, lane_sums, n0, n1); break;
+      case 6: small_m_rows_avx512<6>(p, t, xp, lane_sums, n0, n1); break;
+      case 7: small_m_rows_avx512<7>(p, t, xp, lane_sums, n0, n1); break;
+      default: small_m_rows_avx512<8>(p, t, xp, lane_sums, n0, n1); break;
+    }
+  });
+}
+
 void dequant_panel_bf16_avx512(const Problem& p, int64_t n0, int64_t n1, uint16_t* panel) {
   const NibbleLanes512 lanes = nibble_lanes512();
   at::parallel_for(n0, n1, 8, [&](int64_t r0, int64_t r1) {
@@ -630,7 +736,9 @@ at::Tensor int4_weight_only_mm_cpu(const at::Tensor& x, const at::Tensor& packed
   p.partial = nullptr;
 
   const bool avx2 = use_avx2();
-  const cpu::DecodedGemm route = avx2 && M > kSmallM ? cpu::decoded_gemm_route(x.scalar_type(), M, N, K,
+  const bool avx512 = avx2 && cpu::has_avx512f();
+  const int64_t small_m = avx512 ? kSmallMAvx512 : kSmallM;
+  const cpu::DecodedGemm route = avx2 && M > small_m ? cpu::decoded_gemm_route(x.scalar_type(), M, N, K,
                                                                               kDecodedGemmMinMBf16,
                                                                               kDecodedGemmMinMFp32)
                                                      : cpu::DecodedGemm::kNone;
@@ -641,9 +749,12 @@ at::Tensor int4_weight_only_mm_cpu(const at::Tensor& x, const at::Tensor& packed
   const at::Tensor x32 = x_to_fp32(x, p.Kp, avx2);
   if (!avx2) {
     mm_scalar(p, x32.const_data_ptr<float>());
-  } else if (M <= kSmallM && all_finite(x32.const_data_ptr<float>(), M * p.Kp)) {
+  } else if (M <= small_m && all_finite(x32.const_data_ptr<float>(), M * p.Kp)) {
     const at::Tensor lane_sums = prepare_small_m_x(p, x32.mutable_data_ptr<float>());
-    small_m_avx2(p, x32.const_data_ptr<float>(), lane_sums.const_data_ptr<float>());
+    if (avx512)
+      small_m_avx512(p, x32.const_data_ptr<float>(), lane_sums.const_data_ptr<float>());
+    else
+      small_m_avx2(p, x32.const_data_ptr<float>(), lane_sums.const_data_ptr<float>());
   } else {
     at::Tensor partial;
     if (p.nblocks > kTileK / kBlock) {

@@ -618,7 +618,78 @@ void float_dense_panels(const FloatProblem& p, const at::Tensor& x32) {
       for (int64_t n = 0; n < p.N; ++n) float_epilogue(p, m, n, a[m * p.N + n]);
   });
 }
+
+// ---- sparse24_int8_scaled_mm at larger M on CPUs with AMX-INT8 (see kInt8DenseMinM).
+// For each metadata byte (2 groups, 8 columns, 4 kept int8 values): the vpshufb index of every
+// column into the 4 value bytes, or 0x80 (a zero byte).
+struct Int8ScatterTable {
+  alignas(16) uint8_t idx[256][16];
+  Int8ScatterTable() {
+    std::memset(idx, 0x80, sizeof idx);
+    for (int b = 0; b < 256; ++b)
+      for (int h = 0; h < 2; ++h) {
+        const int nibble = (b >> (4 * h)) & 0xF;
+        idx[b][4 * h + (nibble & 3)] = static_cast<uint8_t>(2 * h);
+        idx[b][4 * h + (nibble >> 2)] = static_cast<uint8_t>(2 * h + 1);  // valid metadata: distinct
+      }
+  }
+};
+
+// Rows r0..r1 of the weight as dense int8 rows of Kp columns at dst (row n0 first); the metadata
+// has been validated. 8 columns per step: one 4-byte load, one vpshufb, one 8-byte store.
+S24_AVX2 void decompress_int8_rows_avx2(const Int8Problem& p, const Int8ScatterTable& t, int64_t r0, int64_t r1,
+                                        int64_t n0, int8_t* dst) {
+  for (int64_t n = r0; n < r1; ++n) {
+    int8_t* row = dst + (n - n0) * p.Kp;
+    const uint8_t* meta = p.meta + n * (p.Kp / 8);
+    const int8_t* v = p.values + n * (p.Kp / 2);
+    for (int64_t b = 0; b < p.Kp / 8; ++b) {
+      int32_t four;
+      std::memcpy(&four, v + 4 * b, 4);
+      const __m128i idx = _mm_load_si128(reinterpret_cast<const __m128i*>(t.idx[meta[b]]));
+      _mm_storel_epi64(reinterpret_cast<__m128i*>(row + 8 * b), _mm_shuffle_epi8(_mm_cvtsi32_si128(four), idx));
+    }
+  }
+}
+
+// out = epilogue(a @ decompress(W).T) with the int32 product from at::_int_mm (oneDNN's AMX
+// tiles), exact like int8_avx2's, so the outputs are the same bits. Panels of 8 MiB of dense
+// int8 rows. a: [M, Kp] int8, zero past K.
+void int8_dense_panels(const Int8Problem& p, const at::Tensor& a) {
+  static const Int8ScatterTable table;
+  const int64_t panel_rows = std::min(p.N, std::max<int64_t>(64, (int64_t(8) << 20) / p.Kp / 64 * 64));
+  at::Tensor panel = at::empty({panel_rows, p.Kp}, a.options());
+  for (int64_t n0 = 0; n0 < p.N; n0 += panel_rows) {
+    const int64_t n1 = std::min(p.N, n0 + panel_rows);
+    int8_t* dst = panel.mutable_data_ptr<int8_t>();
+    at::parallel_for(n0, n1, 16, [&](int64_t r0, int64_t r1) { decompress_int8_rows_avx2(p, table, r0, r1, n0, dst); });
+    const at::Tensor acc = at::_int_mm(a, panel.narrow(0, 0, n1 - n0).t());
+    const int32_t* c = acc.const_data_ptr<int32_t>();
+    const int64_t cols = n1 - n0;
+    at::parallel_for(0, p.M, std::max<int64_t>(1, 32768 / cols), [&](int64_t m0, int64_t m1) {
+      for (int64_t m = m0; m < m1; ++m)
+        for (int64_t j = 0; j < cols; ++j) int8_epilogue(p, m, n0 + j, c[m * cols + j]);
+    });
+  }
+}
 #endif  // LOWBIT_HAVE_AVX2_KERNELS
+
+// On CPUs with AMX-INT8, from this M sparse24_int8_scaled_mm decompresses its weight into dense
+// int8 panels and takes the exact int32 product from at::_int_mm, as W8A8 does from M = 10
+// (csrc/cpu/int8.cpp): on AMX tiles the dense GEMM does twice the multiply-adds and is still far
+// faster than the 2:4 gather. Measured on the 2-vCPU AMX Xeon VM (N = K = 4096, 2 threads, 1 GiB
+// read before each call, median of 9, two interleaved runs, ms), AVX2 kernel vs dense panels:
+// M = 12 1.98-2.02 / 2.03-2.04, 16 2.53-2.60 / 2.88-3.00, 24 3.68-3.74 / 3.06-3.23, 32 4.75-4.86
+// / 3.18-3.21, 64 9.3 / 3.6-4.0, 256 35.5-36.2 / 6.8-7.4. LOWBIT_INT8_ONEDNN=0 never hands over,
+// =1 always does from this M (so tests reach both paths anywhere); read per call.
+constexpr int64_t kInt8DenseMinM = 20;
+
+bool use_int8_dense(int64_t M, int64_t N, int64_t K) {
+  if (M < kInt8DenseMinM || N == 0 || K == 0 || !cpu::has_avx2()) return false;
+  const char* env = std::getenv("LOWBIT_INT8_ONEDNN");
+  if (env != nullptr && (env[0] == '0' || env[0] == '1')) return env[0] == '1';
+  return cpu::has_amx_int8();
+}
 
 at::Tensor sparse24_mm_cpu(const at::Tensor& x, const at::Tensor& values, const at::Tensor& meta,
                            const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& bias) {
@@ -726,6 +797,12 @@ at::Tensor sparse24_int8_scaled_mm_cpu(const at::Tensor& a, const at::Tensor& va
     return out;
   }
 #if LOWBIT_HAVE_AVX2_KERNELS
+  if (use_int8_dense(M, N, K)) {
+    if (!meta_check.known_valid && !meta_valid_avx2(p.meta, meta_c.numel())) fail_bad_meta(op, meta_c);
+    meta_check.passed(meta);
+    int8_dense_panels(p, Kx == Kp ? xpad : xpad.narrow(1, 0, Kp).contiguous());
+    return out;
+  }
   // The AVX2 copy of x: the middle 16-column quarters of every 64 columns swapped (int8_tile).
   at::Tensor xperm = at::empty({M, Kx}, a.options());
   {
