@@ -1028,7 +1028,7 @@ def lowbit_cpu_isa(flags: set[str] | frozenset[str] | None = None) -> str:
         if amx_bf16:
             notes.append("int4 bf16 from M = 16, codebook bf16 from M = 24 on torch's AMX bf16 GEMM")
         if decoded and avx512:
-            notes.append("int4/codebook fp32/fp16 from M = 96 on torch's AVX-512 GEMM")
+            notes.append("int4/codebook fp32/fp16 and int8 weight-only from M = 96 on torch's AVX-512 GEMM")
         if onednn_int8:
             notes.append("W8A8 from M = 10, sparse24 W8A8 from M = 20 on torch's AMX int8 GEMM")
         return "AVX2+FMA+F16C" + (f" ({'; '.join(notes)})" if notes else "")

@@ -112,7 +112,7 @@ def test_info_names_the_tier_lowbit_kernels_run_at_beside_torch_capability(monke
     # which do, and name the products lowbit hands to torch's GEMMs instead.
     monkeypatch.delenv("LOWBIT_DECODED_GEMM", raising=False)
     monkeypatch.delenv("LOWBIT_INT8_ONEDNN", raising=False)
-    fp32_route = "int4/codebook fp32/fp16 from M = 96 on torch's AVX-512 GEMM"
+    fp32_route = "int4/codebook fp32/fp16 and int8 weight-only from M = 96 on torch's AVX-512 GEMM"
     assert bench.lowbit_cpu_isa({"avx2", "fma", "f16c", "avx512f"}) == (
         f"AVX2+FMA+F16C (AVX-512 for int4's small-M kernel; {fp32_route})")
     amx = {"avx2", "fma", "f16c", "avx512f", "amx_int8", "amx_bf16"}

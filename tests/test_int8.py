@@ -9,11 +9,13 @@ tests/test_triton_int8.py.
 from __future__ import annotations
 
 import contextlib
+import os
 
 import pytest
 import torch
 
 import lowbit
+import lowbit.bench
 from lowbit import ops
 from lowbit.backends.reference import int8 as ref
 
@@ -174,6 +176,30 @@ def test_int8_weight_only_mm(target, M, N, K, dtype, with_bias):
     err = (out.cpu().double() - expected).abs()
     bound = float_bound(expected, magnitude, K, dtype)
     assert (err <= bound).all(), f"max err {err.max()}"
+
+
+@pytest.mark.parametrize("env", ["0", "1"])
+@pytest.mark.parametrize("M", [95, 96, 130])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_cpu_int8_weight_only_decoded_gemm_route(monkeypatch, env, M, dtype):
+    """From M = 96 on AVX-512F CPUs (LOWBIT_DECODED_GEMM=1: on any AVX2 CPU) the int8 rows are
+    widened to fp32 in 8 MiB panels (1024 rows at K = 2050: N = 2100 takes three) for torch's
+    sgemm; the same fp32 bound as the packed kernel, and at::mm runs exactly on that route."""
+    monkeypatch.setenv("LOWBIT_DECODED_GEMM", env)
+    N, K = 2100, 2050
+    g = torch.Generator().manual_seed(M)
+    x = torch.randn(M, K, generator=g).to(dtype)
+    w = torch.randint(-128, 128, (N, K), generator=g, dtype=torch.int8)
+    scale, bias = torch.rand(N, generator=g) * 0.02 + 1e-3, torch.randn(N, generator=g)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        out = ops.int8_weight_only_mm(x, w, scale, bias)
+    avx2 = "avx2" in lowbit.bench.cpu_flags() and os.environ.get("LOWBIT_CPU_ISA") != "scalar"
+    assert any(e.name == "aten::mm" for e in prof.events()) == (env == "1" and M >= 96 and avx2)
+    xd, wd, sd = x.double(), w.double(), scale.double()
+    expected = (xd @ wd.T) * sd + bias.double()
+    magnitude = (xd.abs() @ wd.abs().T) * sd + bias.double().abs()
+    err = (out.double() - expected).abs()
+    assert (err <= float_bound(expected, magnitude, K, dtype)).all(), f"max err {err.max()}"
 
 
 def test_int8_weight_only_mm_non_contiguous(target):

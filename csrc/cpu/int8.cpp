@@ -32,6 +32,7 @@
 #include <vector>
 
 #include "lowbit/checks.h"
+#include "lowbit/cpu/decoded_gemm.h"
 #include "lowbit/cpu/isa.h"
 #include "lowbit/cpu/vec_avx2.h"
 
@@ -683,6 +684,19 @@ at::Tensor int8_scaled_mm_cpu(const at::Tensor& a_in, const at::Tensor& b_in, co
   return out;
 }
 
+#if LOWBIT_HAVE_AVX2_KERNELS
+// n int8 values -> fp32 (exact), 16 at a time.
+LOWBIT_AVX2 void int8_to_fp32_avx2(const int8_t* src, int64_t n, float* dst) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i));
+    _mm256_storeu_ps(dst + i, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)));
+    _mm256_storeu_ps(dst + i + 8, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(v, 8))));
+  }
+  for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+}
+#endif
+
 // ============================================================================ weight-only GEMM
 // out = (x @ w.T) * scale + bias with fp32 accumulation.
 // * M < kWoGemmMinM, dot tiles (bound by reading w at small M): each block of 12 weight rows
@@ -867,6 +881,32 @@ at::Tensor int8_weight_only_mm_cpu(const at::Tensor& x_in, const at::Tensor& w_i
   const bool avx = cpu::has_avx2();
 
 #if LOWBIT_HAVE_AVX2_KERNELS
+  // On AVX-512F CPUs torch's sgemm over int8 rows widened to fp32 (exact) beats the packed AVX2
+  // kernel below at every M it serves (lowbit/cpu/decoded_gemm.h; the same fp32 bound: exact
+  // weights, fp32 accumulation, the same epilogue). Measured on the 2-vCPU AMX Xeon VM (N = K =
+  // 4096, 2 threads, 1 GiB read before each call, median of 7, two interleaved runs, ms), packed
+  // AVX2 vs decoded panels: M = 96 16.6-16.9 / 14.0-14.5, 128 21.4-22.1 / 17.6-18.3, 256
+  // 45.9-48.4 / 29.5-31.2 (fp32 and bf16 x alike).
+  // No bf16 route: the product would be rounded to bf16 before the scale, outside that bound.
+  if (avx && cpu::decoded_gemm_route(x_in.scalar_type(), M, N, K, INT64_MAX, kWoGemmMinM) ==
+                 cpu::DecodedGemm::kFloat32) {
+    const at::Tensor x32 = x_in.to(at::kFloat).contiguous();
+    auto decode = [&](int64_t n0, int64_t n1, void* panel) {
+      float* dst = static_cast<float*>(panel);
+      at::parallel_for(n0, n1, 16, [&](int64_t r0, int64_t r1) {
+        int8_to_fp32_avx2(wp + r0 * K, (r1 - r0) * K, dst + (r0 - n0) * K);
+      });
+    };
+    auto finish = [&](const at::Tensor& y, int64_t n0, int64_t n1) {
+      const float* yp = y.const_data_ptr<float>();
+      const int64_t cols = n1 - n0;
+      at::parallel_for(0, M, std::max<int64_t>(1, 32768 / cols), [&](int64_t m0, int64_t m1) {
+        apply_epilogue(epi, yp + m0 * cols, cols, m0, m1, n0, n1, true);
+      });
+    };
+    cpu::gemm_over_decoded_panels(x32, N, decode, finish);
+    return out;
+  }
   if (avx && M >= kWoGemmMinM) {
     const at::Tensor x32 = x_in.to(at::kFloat).contiguous();
     const float* xs = x32.const_data_ptr<float>();
