@@ -14,6 +14,7 @@ import sys
 import pytest
 import torch
 
+import cpu_routes
 import lowbit  # noqa: F401
 from lowbit import _extension, bench, ops
 from lowbit.backends.reference import codebook as ref
@@ -247,6 +248,7 @@ def test_non_contiguous_inputs_equal_contiguous(M):
 # From these M, on CPUs wider than lowbit's AVX2 kernels, the decoded weight is handed to at::mm
 # in 8 MiB panels (csrc/include/lowbit/cpu/decoded_gemm.h; kDecodedGemmMinM* in codebook.cpp).
 DECODED_GEMM_MIN_M = {"bf16": 24, "fp32": 96}
+SMALL_M = 4  # kSmallM in csrc/cpu/codebook.cpp: the fused kernels, no route
 ROUTE_LAYOUTS = [  # (d, C, bits, R, G, K): every decoder (nibble planes, byte vectors, generic sums)
     (1, 1, 4, 1, 1, 1101), (1, 1, 4, 3, 4, 2048), (1, 1, 3, 1, 1, 1100), (4, 1, 8, 1, 8, 1184),
     (2, 1, 8, 1, 3, 1086), (8, 2, 8, 1, 1, 1104), (2, 3, 7, 1, 1, 96),
@@ -254,17 +256,8 @@ ROUTE_LAYOUTS = [  # (d, C, bits, R, G, K): every decoder (nibble planes, byte v
 
 
 def decoded_gemm_route(x_dtype, M, env):
-    """The route decoded_gemm_route() in decoded_gemm.h picks; None: lowbit's own kernels."""
-    flags = bench.cpu_flags()
-    if os.environ.get("LOWBIT_CPU_ISA") == "avx2":  # hides AVX-512 from lowbit (cpu::has_avx512f)
-        flags = {f for f in flags if not f.startswith("avx512")}
-    if env == "0" or M <= 4 or "avx2" not in flags or os.environ.get("LOWBIT_CPU_ISA") == "scalar":
-        return None
-    if x_dtype == torch.bfloat16 and M >= DECODED_GEMM_MIN_M["bf16"] and (env == "1" or "amx_bf16" in flags):
-        return "bf16"
-    if M >= DECODED_GEMM_MIN_M["fp32"] and (env == "1" or "avx512f" in flags):
-        return "fp32"
-    return None
+    return cpu_routes.decoded_gemm_route(x_dtype, M, env, small_m=SMALL_M, min_m_bf16=DECODED_GEMM_MIN_M["bf16"],
+                                         min_m_fp32=DECODED_GEMM_MIN_M["fp32"])
 
 
 def set_route_env(monkeypatch, env):
@@ -289,10 +282,9 @@ def test_decoded_gemm_routes_stay_within_their_bounds(monkeypatch, env, M, x_dty
     g = torch.Generator().manual_seed(7)
     x = torch.randn(M, K, generator=g).to(x_dtype)
     bias = torch.randn(21, generator=g)
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        out = ops.codebook_mm(x, w.packed, w.codebooks, w.scale, bias)
+    out, took_mm = cpu_routes.runs_aten_mm(lambda: ops.codebook_mm(x, w.packed, w.codebooks, w.scale, bias))
     route = decoded_gemm_route(x_dtype, M, env)
-    assert any(e.name == "aten::mm" for e in prof.events()) == (route is not None), f"route {route}"
+    assert took_mm == (route is not None), f"route {route}"
     wdeq = ref.codebook_dequant(w.packed, w.codebooks, w.scale, K)
     exact, bound = codebook_bound(x.float(), wdeq, bias, K, C, x_dtype)
     if route == "bf16":

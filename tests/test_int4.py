@@ -17,6 +17,7 @@ import sys
 import pytest
 import torch
 
+import cpu_routes
 import lowbit  # noqa: F401
 from lowbit import _extension, bench, ops
 from lowbit.backends.reference import int4 as ref
@@ -37,7 +38,7 @@ def make_weight(N, K, group_size, symmetric, scale_dtype=torch.float32, seed=0):
 
 # The folded small-M kernel's last M (csrc/cpu/int4.cpp): kSmallMAvx512 where lowbit sees AVX-512F
 # (cpu::has_avx512f; LOWBIT_CPU_ISA=avx2 hides it), else kSmallM.
-AVX512 = "avx512f" in bench.cpu_flags() and os.environ.get("LOWBIT_CPU_ISA") not in ("avx2", "scalar")
+AVX512 = "avx512f" in cpu_routes.visible_cpu_flags() and os.environ.get("LOWBIT_CPU_ISA") != "scalar"
 SMALL_M = 8 if AVX512 else 5
 
 
@@ -304,23 +305,11 @@ DECODED_GEMM_MIN_M = {"bf16": 16, "fp32": 96}
 
 
 def decoded_gemm_route(x_dtype, M, env):
-    """The route decoded_gemm_route() in decoded_gemm.h picks; None: lowbit's own kernels."""
-    flags = bench.cpu_flags()
-    if os.environ.get("LOWBIT_CPU_ISA") == "avx2":  # hides AVX-512 from lowbit (cpu::has_avx512f)
-        flags = {f for f in flags if not f.startswith("avx512")}
-    if env == "0" or M <= SMALL_M or "avx2" not in flags or os.environ.get("LOWBIT_CPU_ISA") == "scalar":
-        return None
-    if x_dtype == torch.bfloat16 and M >= DECODED_GEMM_MIN_M["bf16"] and (env == "1" or "amx_bf16" in flags):
-        return "bf16"
-    if M >= DECODED_GEMM_MIN_M["fp32"] and (env == "1" or "avx512f" in flags):
-        return "fp32"
-    return None
+    return cpu_routes.decoded_gemm_route(x_dtype, M, env, small_m=SMALL_M, min_m_bf16=DECODED_GEMM_MIN_M["bf16"],
+                                         min_m_fp32=DECODED_GEMM_MIN_M["fp32"])
 
 
-def runs_aten_mm(fn):
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        out = fn()
-    return out, any(e.name == "aten::mm" for e in prof.events())
+runs_aten_mm = cpu_routes.runs_aten_mm
 
 
 @pytest.mark.parametrize("env", ["0", "1", None], ids=["never", "always", "auto"])

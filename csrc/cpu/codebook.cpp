@@ -44,6 +44,7 @@
 #include "lowbit/codebook_layout.h"
 #include "lowbit/cpu/decoded_gemm.h"
 #include "lowbit/cpu/isa.h"
+#include "lowbit/cpu/vec_avx2.h"
 
 namespace lowbit {
 namespace {
@@ -792,19 +793,9 @@ void dequant_avx2(const Problem& p, float* out) {
   });
 }
 
-// Rows n0..n1 of the unscaled weight as [n1 - n0, Kp] rows of D (fp32, or bf16 bits rounded to
-// nearest even), zero past K, in x's permuted column order: the decoded-GEMM route's panels,
+// Rows n0..n1 of the unscaled weight as [n1 - n0, Kp] rows of D (fp32, or bf16 rounded to nearest
+// even), zero past K, in x's permuted column order: the decoded-GEMM route's panels,
 // decoded tile by tile exactly as mm_avx2 decodes them.
-inline void store8(float* dst, __m256 v) { _mm256_storeu_ps(dst, v); }
-inline void store8(uint16_t* dst, __m256 v) {
-  const __m256i bits = _mm256_castps_si256(v);
-  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
-  __m256i r = _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff))), 16);
-  r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7fc0), _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
-  const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08);
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), _mm256_castsi256_si128(packed));
-}
-
 template <typename D>
 void decode_panel_avx2(const Problem& p, int64_t n0, int64_t n1, D* panel) {
   at::parallel_for(n0, n1, 8, [&](int64_t r0, int64_t r1) {
@@ -817,7 +808,7 @@ void decode_panel_avx2(const Problem& p, int64_t n0, int64_t n1, D* panel) {
         if (p.planes) decode_nibble_avx2(p, n, k0, k1, tile);
         else decode_avx2(p, n, k0 / p.d, k1 / p.d, tile);
         for (int64_t k = k1 - k0; k < len; ++k) tile[k] = 0.0f;  // meets x's zero padding
-        for (int64_t k = 0; k < len; k += 8) store8(row + k0 + k, _mm256_load_ps(tile + k));
+        for (int64_t k = 0; k < len; k += 8) cpu::avx2::store8(row + k0 + k, _mm256_load_ps(tile + k));
       }
     }
   });
@@ -934,21 +925,14 @@ void decoded_gemm(const Problem& p, const at::Tensor& x32, cpu::DecodedGemm rout
   const at::Tensor xd = bf16 ? x32.to(at::kBFloat16) : x32;
   auto decode = [&](int64_t n0, int64_t n1, void* panel) {
     if (bf16)
-      decode_panel_avx2(p, n0, n1, static_cast<uint16_t*>(panel));
+      decode_panel_avx2(p, n0, n1, static_cast<c10::BFloat16*>(panel));
     else
       decode_panel_avx2(p, n0, n1, static_cast<float*>(panel));
   };
-  auto finish = [&](const at::Tensor& y, int64_t n0, int64_t n1) {
-    const int64_t cols = n1 - n0;
-    const c10::BFloat16* yb = bf16 ? y.const_data_ptr<c10::BFloat16>() : nullptr;
-    const float* yf = bf16 ? nullptr : y.const_data_ptr<float>();
-    at::parallel_for(0, p.M, std::max<int64_t>(1, 32768 / cols), [&](int64_t m0, int64_t m1) {
-      for (int64_t m = m0; m < m1; ++m)
-        for (int64_t c = 0; c < cols; ++c) {
-          float v = bf16 ? static_cast<float>(yb[m * cols + c]) : yf[m * cols + c];
-          if (p.scale) v *= p.scale[n0 + c];
-          store_out(p, m * p.N + n0 + c, p.bias ? v + p.bias[n0 + c] : v);
-        }
+  auto finish = [&](const at::Tensor& y, int64_t n0, int64_t /*n1*/) {
+    cpu::for_each_panel_product(y, n0, [&](int64_t m, int64_t n, float v) {
+      if (p.scale) v *= p.scale[n];
+      store_out(p, m * p.N + n, p.bias ? v + p.bias[n] : v);
     });
   };
   cpu::gemm_over_decoded_panels(xd, p.N, decode, finish);

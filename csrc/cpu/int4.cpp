@@ -32,6 +32,7 @@
 
 #include "lowbit/checks.h"
 #include "lowbit/cpu/decoded_gemm.h"
+#include "lowbit/cpu/vec_avx2.h"
 
 namespace lowbit {
 namespace {
@@ -45,8 +46,10 @@ constexpr int64_t kSmallM = 5;
 // The same with the AVX-512 kernel (small_m_tile_avx512), on CPUs with AVX-512F. Measured on the
 // AMX Xeon VM (bf16 x, g128, N = K = 4096, 2 threads, 1 GiB read before each call, median of 15,
 // two runs, ms), AVX-512 vs AVX2 (AVX2: the small-M kernel up to 5, then the tiles): M = 1
-// 0.61-0.65 / 0.66-0.69, 2 0.73-0.81 / 0.82-0.87, 4 1.23-1.29 / 1.46-1.48, 5 1.61-1.70 / 2.10-2.12,
-// 6 1.89-1.95 / 2.29-2.31, 8 2.43-2.57 / 2.45-2.46; the tiles at 9: 2.8-2.9.
+// 0.62-0.66 / 0.66-0.69, 2 0.74-0.85 / 0.82-0.87, 4 1.17-1.25 / 1.46-1.48, 5 1.37-1.52 /
+// 2.10-2.12, 6 1.60-1.76 / 2.29-2.31, 8 2.09-2.19 / 2.45-2.46; the tiles at 9: 2.8-2.9.
+// (Two weight rows per pass for every M, sharing each x load, measured 5-17% faster than one
+// row per pass with two accumulators per (row, x row) from M = 5.)
 constexpr int64_t kSmallMAvx512 = 8;
 // Large-M tiles: kTileN x kTileK fp32 = 192 KiB per thread, resident in L2 while every row of x
 // streams over it; kTileN is a multiple of the microkernel's 3 weight rows.
@@ -302,22 +305,10 @@ void small_m_avx2(const Problem& p, const float* xp, const float* lane_sums) {
   });
 }
 
-// bf16 bits of 8 floats, rounded to nearest even like c10::BFloat16(float) (NaN: 0x7fc0).
-inline void store8_bf16(uint16_t* dst, __m256 v) {
-  const __m256i bits = _mm256_castps_si256(v);
-  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
-  __m256i r = _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff))), 16);
-  r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7fc0), _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
-  const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08);
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), _mm256_castsi256_si128(packed));
-}
-
-inline void store8(float* dst, __m256 v) { _mm256_storeu_ps(dst, v); }
-inline void store8(uint16_t* dst, __m256 v) { store8_bf16(dst, v); }
 
 // Large M: dequantize rows [n0, n0 + rows) x blocks [b0, b1) into `tile` (row stride ld), in the
-// same permuted column order as x (see small_m_tile), with the reference's roundings; D = uint16_t
-// rounds each dequantized weight once more, to bf16 (the decoded-GEMM route, decoded_gemm.h).
+// same permuted column order as x (see small_m_tile), with the reference's roundings; D =
+// c10::BFloat16 rounds each dequantized weight once more, to nearest even (the decoded-GEMM route).
 template <typename D>
 void dequant_tile_avx2(const Problem& p, const NibbleLanes& t, int64_t n0, int64_t rows, int64_t b0, int64_t b1,
                        D* tile, int64_t ld) {
@@ -335,10 +326,10 @@ void dequant_tile_avx2(const Problem& p, const NibbleLanes& t, int64_t n0, int64
         _mm_prefetch(reinterpret_cast<const char*>(row + b * kBlockBytes + kPrefetchBytes), _MM_HINT_T0);
         const __m256i v = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + b * kBlockBytes)));
         D* dst = tile + r * ld + (b - b0) * kBlock;
-        store8(dst, _mm256_mul_ps(decode<0>(t, v, zv), sv));
-        store8(dst + 8, _mm256_mul_ps(decode<1>(t, v, zv), sv));
-        store8(dst + 16, _mm256_mul_ps(decode<2>(t, v, zv), sv));
-        store8(dst + 24, _mm256_mul_ps(decode<3>(t, v, zv), sv));
+        cpu::avx2::store8(dst, _mm256_mul_ps(decode<0>(t, v, zv), sv));
+        cpu::avx2::store8(dst + 8, _mm256_mul_ps(decode<1>(t, v, zv), sv));
+        cpu::avx2::store8(dst + 16, _mm256_mul_ps(decode<2>(t, v, zv), sv));
+        cpu::avx2::store8(dst + 24, _mm256_mul_ps(decode<3>(t, v, zv), sv));
       }
     }
   }
@@ -411,7 +402,7 @@ void large_m_avx2(const Problem& p, const float* xp, float* scratch) {
   });
 }
 
-// Rows n0..n1 of the dequantized weight as [n1 - n0, Kp] rows of D (fp32, or bf16 bits), in x's
+// Rows n0..n1 of the dequantized weight as [n1 - n0, Kp] rows of D (fp32 or bf16), in x's
 // permuted column order (the decoded-GEMM route).
 template <typename D>
 void dequant_panel_avx2(const Problem& p, int64_t n0, int64_t n1, D* panel) {
@@ -428,7 +419,7 @@ void dequant_panel_avx2(const Problem& p, int64_t n0, int64_t n1, D* panel) {
 // for 4096 x 4096 with AVX2). Its CPUs (AMX-BF16) all have AVX-512F, where one 16-lane vector
 // holds two of the AVX2 decode's vectors: [j = 0 | j = 1] and [j = 2 | j = 3], the latter from the
 // dwords shifted right by one in its upper half only. Same operations per lane, so the same bits
-// as dequant_tile_avx2<uint16_t> (rounding to bf16 with integer ops, subnormals kept: the
+// as dequant_tile_avx2<c10::BFloat16> (rounding to bf16 with integer ops, subnormals kept: the
 // AVX512-BF16 conversion instruction would flush them).
 // Nothing here may call out-of-line code compiled for the baseline ISA (SSE): with the upper
 // halves of the zmm registers dirty, every such call paid a transition penalty. Calling
@@ -500,25 +491,26 @@ void dequant_rows_bf16_avx512(const Problem& p, const NibbleLanes512& t, int64_t
 // the bound of the folded kernel holds unchanged (the order of additions differs).
 // noinline with every loop unrolled: inlined into its caller, or with loops left rolled, GCC
 // kept the accumulators on the stack (measured 9.5 ms instead of 1.4 at M = 4, N = K = 4096).
-// x is loaded at each use: L1-resident, and holding it would spill at 8 rows.
+// x is loaded at each use (L1-resident) and shared by the NR weight rows; with MR * NR >= 2
+// independent chains, one accumulator per (row, x row) takes both halves of a block. The
+// per-group totals live in memory: touched once per group, not per block.
 template <int MR, int NR>
 __attribute__((noinline)) void small_m_tile_avx512(const Problem& p, const NibbleLanes512& t, const float* xp,
                                                    const float* lane_sums, int64_t m0, int64_t n0) {
+  constexpr int kParts = MR * NR == 1 ? 2 : 1;
   const int64_t row_bytes = p.Kp / 2;
-  __m256 acc[NR][MR];
-#pragma GCC unroll 16
-  for (int r = 0; r < NR; ++r)
-#pragma GCC unroll 16
-    for (int m = 0; m < MR; ++m) acc[r][m] = _mm256_setzero_ps();
+  alignas(32) float total[NR][MR][8] = {};
   const uint8_t* w = p.w + n0 * row_bytes;
   const float* x = xp + m0 * p.Kp;
   const __m512i mask0 = t.mask[0], mask1 = t.mask[1];
   for (int64_t g = 0; g < p.groups; ++g) {
-    __m512 part0[NR][MR], part1[NR][MR];
+    __m512 part[NR][MR][kParts];
 #pragma GCC unroll 16
     for (int r = 0; r < NR; ++r)
 #pragma GCC unroll 16
-      for (int m = 0; m < MR; ++m) part0[r][m] = part1[r][m] = _mm512_setzero_ps();
+      for (int m = 0; m < MR; ++m)
+#pragma GCC unroll 2
+        for (int h = 0; h < kParts; ++h) part[r][m][h] = _mm512_setzero_ps();
     const int64_t b1 = group_end(p, g);
     for (int64_t b = g * p.blocks_per_group; b < b1; ++b) {
       if (b % 4 == 0)
@@ -526,16 +518,21 @@ __attribute__((noinline)) void small_m_tile_avx512(const Problem& p, const Nibbl
         for (int r = 0; r < NR; ++r)
           _mm_prefetch(reinterpret_cast<const char*>(w + r * row_bytes + b * kBlockBytes + kPrefetchBytes), _MM_HINT_T0);
       const float* xb = x + b * kBlock;
+      __m512 q01[NR], q23[NR];
 #pragma GCC unroll 16
       for (int r = 0; r < NR; ++r) {
         const __m512i v =
             _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + r * row_bytes + b * kBlockBytes)));
-        const __m512 q01 = _mm512_cvtepi32_ps(_mm512_and_si512(v, mask0));
-        const __m512 q23 = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_mask_srli_epi32(v, 0xFF00, v, 1), mask1));
+        q01[r] = _mm512_cvtepi32_ps(_mm512_and_si512(v, mask0));
+        q23[r] = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_mask_srli_epi32(v, 0xFF00, v, 1), mask1));
+      }
 #pragma GCC unroll 16
-        for (int m = 0; m < MR; ++m) {
-          part0[r][m] = _mm512_fmadd_ps(q01, _mm512_loadu_ps(xb + m * p.Kp), part0[r][m]);
-          part1[r][m] = _mm512_fmadd_ps(q23, _mm512_loadu_ps(xb + m * p.Kp + 16), part1[r][m]);
+      for (int m = 0; m < MR; ++m) {
+        const __m512 x01 = _mm512_loadu_ps(xb + m * p.Kp), x23 = _mm512_loadu_ps(xb + m * p.Kp + 16);
+#pragma GCC unroll 16
+        for (int r = 0; r < NR; ++r) {
+          part[r][m][0] = _mm512_fmadd_ps(q01[r], x01, part[r][m][0]);
+          part[r][m][kParts - 1] = _mm512_fmadd_ps(q23[r], x23, part[r][m][kParts - 1]);
         }
       }
     }
@@ -546,18 +543,19 @@ __attribute__((noinline)) void small_m_tile_avx512(const Problem& p, const Nibbl
       const __m256 zv = _mm256_set1_ps(p.zero ? load_scalar_avx2(p.zero, p.kind, i) : 8.0f);
 #pragma GCC unroll 16
       for (int m = 0; m < MR; ++m) {
-        const __m512 both = _mm512_add_ps(part0[r][m], part1[r][m]);
+        const __m512 both = kParts == 2 ? _mm512_add_ps(part[r][m][0], part[r][m][kParts - 1]) : part[r][m][0];
         const __m256 sum = _mm256_add_ps(_mm512_castps512_ps256(both),
                                          _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(both), 1)));
         const __m256 xs = _mm256_loadu_ps(lane_sums + ((m0 + m) * p.groups + g) * 8);
-        acc[r][m] = _mm256_fmadd_ps(_mm256_fnmadd_ps(zv, xs, sum), sv, acc[r][m]);
+        _mm256_store_ps(total[r][m], _mm256_fmadd_ps(_mm256_fnmadd_ps(zv, xs, sum), sv, _mm256_load_ps(total[r][m])));
       }
     }
   }
   for (int r = 0; r < NR; ++r) {
     const float bias = p.bias ? p.bias[n0 + r] : 0.0f;
     for (int m = 0; m < MR; ++m) {
-      __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc[r][m]), _mm256_extractf128_ps(acc[r][m], 1));
+      const __m256 a = _mm256_load_ps(total[r][m]);
+      __m128 h = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
       h = _mm_add_ps(h, _mm_movehl_ps(h, h));
       const float v = _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
       store_out(p, (m0 + m) * p.N + n0 + r, v + bias);
@@ -568,8 +566,8 @@ __attribute__((noinline)) void small_m_tile_avx512(const Problem& p, const Nibbl
 template <int MR>
 void small_m_rows_avx512(const Problem& p, const NibbleLanes512& t, const float* xp, const float* lane_sums,
                          int64_t n0, int64_t n1) {
-  // Accumulators: 2 * NR * MR zmm plus NR * MR ymm, within the 32 vector registers.
-  constexpr int NR = MR <= 4 ? 2 : 1;
+  // Accumulators: NR * MR zmm (2 for M = 1), within the 32 vector registers.
+  constexpr int NR = 2;
   int64_t n = n0;
   for (; n + NR <= n1; n += NR) small_m_tile_avx512<MR, NR>(p, t, xp, lane_sums, 0, n);
   for (; n < n1; ++n) small_m_tile_avx512<MR, 1>(p, t, xp, lane_sums, 0, n);
@@ -658,20 +656,13 @@ void decoded_gemm(const Problem& p, const at::Tensor& x, cpu::DecodedGemm route,
     if (bf16 && cpu::has_avx512f())
       dequant_panel_bf16_avx512(p, n0, n1, static_cast<uint16_t*>(panel));
     else if (bf16)
-      dequant_panel_avx2(p, n0, n1, static_cast<uint16_t*>(panel));
+      dequant_panel_avx2(p, n0, n1, static_cast<c10::BFloat16*>(panel));
     else
       dequant_panel_avx2(p, n0, n1, static_cast<float*>(panel));
   };
-  auto finish = [&](const at::Tensor& y, int64_t n0, int64_t n1) {
-    const int64_t cols = n1 - n0;
-    const c10::BFloat16* yb = bf16 ? y.const_data_ptr<c10::BFloat16>() : nullptr;
-    const float* yf = bf16 ? nullptr : y.const_data_ptr<float>();
-    at::parallel_for(0, p.M, std::max<int64_t>(1, 32768 / cols), [&](int64_t m0, int64_t m1) {
-      for (int64_t m = m0; m < m1; ++m)
-        for (int64_t c = 0; c < cols; ++c) {
-          const float v = bf16 ? static_cast<float>(yb[m * cols + c]) : yf[m * cols + c];
-          store_out(p, m * p.N + n0 + c, p.bias ? v + p.bias[n0 + c] : v);
-        }
+  auto finish = [&](const at::Tensor& y, int64_t n0, int64_t /*n1*/) {
+    cpu::for_each_panel_product(y, n0, [&](int64_t m, int64_t n, float v) {
+      store_out(p, m * p.N + n, p.bias ? v + p.bias[n] : v);
     });
   };
   // Without a bias, a product already in x's dtype needs no epilogue.

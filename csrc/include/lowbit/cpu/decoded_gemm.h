@@ -85,4 +85,18 @@ void gemm_over_decoded_panels(const at::Tensor& xd, int64_t N, Decode&& decode, 
   }
 }
 
+// Calls f(m, n, v) for every value of a panel's product y [M, n1 - n0] (bf16 or fp32), v as fp32
+// (exact), in parallel over rows: the families' epilogues (scale, bias, x's dtype) go in f.
+template <class F>
+void for_each_panel_product(const at::Tensor& y, int64_t n0, F&& f) {
+  const int64_t M = y.size(0), cols = y.size(1);
+  const bool bf16 = y.scalar_type() == c10::ScalarType::BFloat16;
+  const c10::BFloat16* yb = bf16 ? y.const_data_ptr<c10::BFloat16>() : nullptr;
+  const float* yf = bf16 ? nullptr : y.const_data_ptr<float>();
+  at::parallel_for(0, M, std::max<int64_t>(1, 32768 / std::max<int64_t>(1, cols)), [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m)
+      for (int64_t c = 0; c < cols; ++c) f(m, n0 + c, bf16 ? static_cast<float>(yb[m * cols + c]) : yf[m * cols + c]);
+  });
+}
+
 }  // namespace lowbit::cpu

@@ -1,0 +1,42 @@
+"""Which CPU route a call takes, as csrc/include/lowbit/cpu/decoded_gemm.h decides it.
+
+Shared by the tests of the families that take the decoded-GEMM routes (test_int4.py,
+test_codebook.py): each passes its own thresholds and checks, with the profiler, that the C++
+side took the route this rule names.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from lowbit import bench
+
+
+def visible_cpu_flags() -> set[str]:
+    """The CPU flags lowbit acts on: LOWBIT_CPU_ISA=avx2 hides AVX-512 (cpu::has_avx512f)."""
+    flags = bench.cpu_flags()
+    if os.environ.get("LOWBIT_CPU_ISA") == "avx2":
+        flags = {f for f in flags if not f.startswith("avx512")}
+    return flags
+
+
+def decoded_gemm_route(x_dtype, M, env, *, small_m, min_m_bf16, min_m_fp32):
+    """decoded_gemm_route() for M rows of x_dtype and LOWBIT_DECODED_GEMM=env (None: unset);
+    "bf16", "fp32", or None (the family's own kernels; also for M <= small_m)."""
+    flags = visible_cpu_flags()
+    if env == "0" or M <= small_m or "avx2" not in flags or os.environ.get("LOWBIT_CPU_ISA") == "scalar":
+        return None
+    if x_dtype == torch.bfloat16 and M >= min_m_bf16 and (env == "1" or "amx_bf16" in flags):
+        return "bf16"
+    if M >= min_m_fp32 and (env == "1" or "avx512f" in flags):
+        return "fp32"
+    return None
+
+
+def runs_aten_mm(fn):
+    """(fn(), whether it called aten::mm)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        out = fn()
+    return out, any(e.name == "aten::mm" for e in prof.events())
