@@ -49,7 +49,11 @@ constexpr int64_t kSmallM = 5;
 // 0.62-0.66 / 0.66-0.69, 2 0.74-0.85 / 0.82-0.87, 4 1.17-1.25 / 1.46-1.48, 5 1.37-1.52 /
 // 2.10-2.12, 6 1.60-1.76 / 2.29-2.31, 8 2.09-2.19 / 2.45-2.46; the tiles at 9: 2.8-2.9.
 // (Two weight rows per pass for every M, sharing each x load, measured 5-17% faster than one
-// row per pass with two accumulators per (row, x row) from M = 5.)
+// row per pass with two accumulators per (row, x row) from M = 5.) Tried and not kept: for bf16 x,
+// the same kernel with vdpbf16ps (AVX512-BF16; codes and pre-scaled x converted to bf16, both
+// exact, one instruction per block and row of x instead of two FMAs) ran slower at every M on
+// this VM: M = 1 0.82 ms, 4 1.43, 8 2.39, 16 4.4 (converting the codes costs a vcvtne2ps2bf16 per
+// block and weight row, and the dot products did not issue faster than the FMAs).
 constexpr int64_t kSmallMAvx512 = 8;
 // Large-M tiles: kTileN x kTileK fp32 = 192 KiB per thread, resident in L2 while every row of x
 // streams over it; kTileN is a multiple of the microkernel's 3 weight rows.
