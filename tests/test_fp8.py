@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import lowbit
-from lowbit import _checks, ops
+from lowbit import _checks, bench, ops
 from lowbit.backends.reference import fp8 as ref
 
 FP8_OPS = ["fp8_quantize_dynamic", "fp8_quantize_static", "fp8_scaled_mm", "fp8_weight_only_mm"]
@@ -362,6 +362,18 @@ print('ok')
     env = dict(os.environ, LOWBIT_CPU_ISA="scalar")
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
+
+
+def test_avx2_gemv_tiles_on_avx512_machines():
+    """The decode and GEMM tests once more with the AVX2 tiles, where the AVX-512 ones (M <= 4)
+    would otherwise run (a subprocess: LOWBIT_CPU_ISA is read once per process)."""
+    if "avx512f" not in bench.cpu_flags() or os.environ.get("LOWBIT_CPU_ISA"):
+        pytest.skip("the AVX2 tiles already run in this process")
+    env = dict(os.environ, LOWBIT_CPU_ISA="avx2")
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
+                        "cpu and (decode or fp8_scaled_mm or fp8_weight_only_mm) and not non_contiguous"],
+                       env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
 
 
 # ----------------------------------------------------------------------------- bad inputs
