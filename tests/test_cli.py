@@ -114,15 +114,15 @@ def test_info_names_the_tier_lowbit_kernels_run_at_beside_torch_capability(monke
     monkeypatch.delenv("LOWBIT_INT8_ONEDNN", raising=False)
     fp32_route = "int4/codebook fp32/fp16 and int8 weight-only from M = 96 on torch's AVX-512 GEMM"
     assert bench.lowbit_cpu_isa({"avx2", "fma", "f16c", "avx512f"}) == (
-        f"AVX2+FMA+F16C (AVX-512 for int4's small-M kernel; {fp32_route})")
+        f"AVX2+FMA+F16C (AVX-512 for the int4 and fp8 small-M kernels; {fp32_route})")
     amx = {"avx2", "fma", "f16c", "avx512f", "amx_int8", "amx_bf16"}
     assert bench.lowbit_cpu_isa(amx) == (
-        "AVX2+FMA+F16C (AVX-512 for int4's small-M kernel and bf16 panels; int4 bf16 from M = 16, codebook "
+        "AVX2+FMA+F16C (AVX-512 for the int4 and fp8 small-M kernels and bf16 panels; int4 bf16 from M = 16, codebook "
         f"bf16 from M = 24 on torch's AMX bf16 GEMM; {fp32_route}; W8A8 from M = 10, sparse24 W8A8 from M = 20 "
         "on torch's AMX int8 GEMM)")
     monkeypatch.setenv("LOWBIT_INT8_ONEDNN", "0")
     monkeypatch.setenv("LOWBIT_DECODED_GEMM", "0")
-    assert bench.lowbit_cpu_isa(amx) == "AVX2+FMA+F16C (AVX-512 for int4's small-M kernel)"
+    assert bench.lowbit_cpu_isa(amx) == "AVX2+FMA+F16C (AVX-512 for the int4 and fp8 small-M kernels)"
     monkeypatch.setenv("LOWBIT_CPU_ISA", "avx2")
     assert bench.lowbit_cpu_isa(amx) == "AVX2+FMA+F16C (AVX-512 present, hidden by LOWBIT_CPU_ISA=avx2)"
     monkeypatch.delenv("LOWBIT_CPU_ISA")
