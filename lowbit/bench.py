@@ -1024,7 +1024,9 @@ def lowbit_cpu_isa(flags: set[str] | frozenset[str] | None = None) -> str:
         if "avx512f" in flags and not avx512:
             notes.append("AVX-512 present, hidden by LOWBIT_CPU_ISA=avx2")
         elif avx512:
-            notes.append("AVX-512 for the int4 and fp8 small-M kernels" + (" and bf16 panels" if amx_bf16 else ""))
+            notes.append("AVX-512 for the int4 and fp8 small-M kernels" + (" and bf16 panels" if amx_bf16 else "")
+                         + (", binary vpopcntq" if "avx512_vpopcntdq" in flags
+                            and os.environ.get("LOWBIT_BINARY_LOOP") is None else ""))
         if amx_bf16:
             notes.append("int4 bf16 from M = 16, codebook bf16 from M = 24 on torch's AMX bf16 GEMM")
         if decoded and avx512:

@@ -20,6 +20,7 @@ import pytest
 import torch
 
 import lowbit
+import lowbit.bench
 from lowbit import ops
 from lowbit.backends.reference import binary as ref
 from lowbit.formats import binary as fmt
@@ -243,6 +244,18 @@ print('ok')
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
                        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-3000:]
+
+
+def test_avx2_loops_on_avx512_vpopcntdq_machines():
+    """This file's exactness tests once more on the AVX2 loops (LOWBIT_BINARY_LOOP=avx2, read once
+    per process), where the AVX-512 VPOPCNTDQ loop would otherwise run every binary GEMM."""
+    if "avx512_vpopcntdq" not in lowbit.bench.cpu_flags() or os.environ.get("LOWBIT_BINARY_LOOP"):
+        pytest.skip("the AVX2 loops already run in this process")
+    env = dict(os.environ, LOWBIT_BINARY_LOOP="avx2")
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
+                        "cpu and not avx2_loops and not portable and not opcheck and not compile"],
+                       env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
 
 
 # ----------------------------------------------------------------------------- bad inputs

@@ -112,6 +112,7 @@ def test_info_names_the_tier_lowbit_kernels_run_at_beside_torch_capability(monke
     # which do, and name the products lowbit hands to torch's GEMMs instead.
     monkeypatch.delenv("LOWBIT_DECODED_GEMM", raising=False)
     monkeypatch.delenv("LOWBIT_INT8_ONEDNN", raising=False)
+    monkeypatch.delenv("LOWBIT_BINARY_LOOP", raising=False)
     fp32_route = "int4/codebook fp32/fp16 and int8 weight-only from M = 96 on torch's AVX-512 GEMM"
     assert bench.lowbit_cpu_isa({"avx2", "fma", "f16c", "avx512f"}) == (
         f"AVX2+FMA+F16C (AVX-512 for the int4 and fp8 small-M kernels; {fp32_route})")
@@ -123,6 +124,8 @@ def test_info_names_the_tier_lowbit_kernels_run_at_beside_torch_capability(monke
     monkeypatch.setenv("LOWBIT_INT8_ONEDNN", "0")
     monkeypatch.setenv("LOWBIT_DECODED_GEMM", "0")
     assert bench.lowbit_cpu_isa(amx) == "AVX2+FMA+F16C (AVX-512 for the int4 and fp8 small-M kernels)"
+    assert bench.lowbit_cpu_isa(amx | {"avx512_vpopcntdq"}) == (
+        "AVX2+FMA+F16C (AVX-512 for the int4 and fp8 small-M kernels, binary vpopcntq)")
     monkeypatch.setenv("LOWBIT_CPU_ISA", "avx2")
     assert bench.lowbit_cpu_isa(amx) == "AVX2+FMA+F16C (AVX-512 present, hidden by LOWBIT_CPU_ISA=avx2)"
     monkeypatch.delenv("LOWBIT_CPU_ISA")
