@@ -1,13 +1,17 @@
-"""Which CPU route a call takes, as csrc/include/lowbit/cpu/decoded_gemm.h decides it.
+"""Which CPU path a call takes, and a way to test the other ones.
 
-Shared by the tests of the families that take the decoded-GEMM routes (test_int4.py,
-test_codebook.py): each passes its own thresholds and checks, with the profiler, that the C++
-side took the route this rule names.
+decoded_gemm_route: the rule of csrc/include/lowbit/cpu/decoded_gemm.h, shared by the tests of
+the families that take the decoded-GEMM routes (test_int4.py, test_codebook.py); each passes its
+own thresholds and checks, with the profiler, that the C++ side took the route this rule names.
+rerun_with_env: a test file's tests again in a subprocess, for the switches the extension reads
+once per process (LOWBIT_CPU_ISA, LOWBIT_BINARY_LOOP).
 """
 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import torch
 
@@ -40,3 +44,10 @@ def runs_aten_mm(fn):
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         out = fn()
     return out, any(e.name == "aten::mm" for e in prof.events())
+
+
+def rerun_with_env(test_file: str, select: str, **env: str) -> None:
+    """Runs `pytest test_file -k select` in a subprocess with env set; fails with its output."""
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test_file, "-k", select],
+                       env=dict(os.environ, **env), capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]

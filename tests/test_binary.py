@@ -19,6 +19,7 @@ import sys
 import pytest
 import torch
 
+import cpu_routes
 import lowbit
 import lowbit.bench
 from lowbit import ops
@@ -251,11 +252,8 @@ def test_avx2_loops_on_avx512_vpopcntdq_machines():
     per process), where the AVX-512 VPOPCNTDQ loop would otherwise run every binary GEMM."""
     if "avx512_vpopcntdq" not in lowbit.bench.cpu_flags() or os.environ.get("LOWBIT_BINARY_LOOP"):
         pytest.skip("the AVX2 loops already run in this process")
-    env = dict(os.environ, LOWBIT_BINARY_LOOP="avx2")
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
-                        "cpu and not avx2_loops and not portable and not opcheck and not compile"],
-                       env=env, capture_output=True, text=True)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    cpu_routes.rerun_with_env(__file__, "cpu and not avx2_loops and not portable and not opcheck and not compile",
+                              LOWBIT_BINARY_LOOP="avx2")
 
 
 # ----------------------------------------------------------------------------- bad inputs

@@ -335,10 +335,7 @@ def test_avx2_only_rule_on_avx512_machines():
     AVX-512; a subprocess: it is read once per process)."""
     if "avx512f" not in bench.cpu_flags() or os.environ.get("LOWBIT_CPU_ISA"):
         pytest.skip("nothing is hidden on this CPU")
-    env = dict(os.environ, LOWBIT_CPU_ISA="avx2")
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
-                        "decoded_gemm"], env=env, capture_output=True, text=True)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    cpu_routes.rerun_with_env(__file__, "decoded_gemm", LOWBIT_CPU_ISA="avx2")
 
 
 def test_portable_path_matches_reference():

@@ -12,6 +12,7 @@ import sys
 import pytest
 import torch
 
+import cpu_routes
 import lowbit
 from lowbit import _checks, bench, ops
 from lowbit.backends.reference import fp8 as ref
@@ -369,11 +370,8 @@ def test_avx2_gemv_tiles_on_avx512_machines():
     would otherwise run (a subprocess: LOWBIT_CPU_ISA is read once per process)."""
     if "avx512f" not in bench.cpu_flags() or os.environ.get("LOWBIT_CPU_ISA"):
         pytest.skip("the AVX2 tiles already run in this process")
-    env = dict(os.environ, LOWBIT_CPU_ISA="avx2")
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
-                        "cpu and (decode or fp8_scaled_mm or fp8_weight_only_mm) and not non_contiguous"],
-                       env=env, capture_output=True, text=True)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    select = "cpu and (decode or fp8_scaled_mm or fp8_weight_only_mm) and not non_contiguous"
+    cpu_routes.rerun_with_env(__file__, select, LOWBIT_CPU_ISA="avx2")
 
 
 # ----------------------------------------------------------------------------- bad inputs

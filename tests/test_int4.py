@@ -373,11 +373,8 @@ def test_avx2_kernels_on_avx512_machines():
     AVX-512 would otherwise take over (a subprocess: LOWBIT_CPU_ISA is read once per process)."""
     if "avx512f" not in bench.cpu_flags() or os.environ.get("LOWBIT_CPU_ISA"):
         pytest.skip("the AVX2 kernels already run in this process")
-    env = dict(os.environ, LOWBIT_CPU_ISA="avx2")
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
-                        "not avx2_kernels and not portable and not opcheck and not compile"],
-                       env=env, capture_output=True, text=True)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    cpu_routes.rerun_with_env(__file__, "not avx2_kernels and not portable and not opcheck and not compile",
+                              LOWBIT_CPU_ISA="avx2")
 
 
 def test_portable_path_matches_reference():

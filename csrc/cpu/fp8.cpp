@@ -38,6 +38,7 @@
 #include <optional>
 #include <string>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "lowbit/checks.h"
@@ -517,16 +518,6 @@ LOWBIT_AVX2 __attribute__((noinline)) void gemv_tile(const float* x, int64_t ldx
     for (int j = 0; j < NB; ++j) c[i * ldc + j] = avx2::hsum(acc[i][j]);
 }
 
-template <Format F, int MB, bool BLOCK>
-LOWBIT_AVX2 void gemv_rows(const float* x, int64_t ldx, const uint8_t* w, int64_t K, int64_t rows,
-                           const float* bscale, int64_t ldb, float* c, int64_t ldc) {
-  constexpr int NB = gemv_nb<MB>();
-  int64_t j = 0;
-  for (; j + NB <= rows; j += NB)
-    gemv_tile<F, MB, NB, BLOCK>(x, ldx, w + j * K, K, BLOCK ? bscale + j * ldb : nullptr, ldb, c + j, ldc);
-  for (; j < rows; ++j)
-    gemv_tile<F, MB, 1, BLOCK>(x, ldx, w + j * K, K, BLOCK ? bscale + j * ldb : nullptr, ldb, c + j, ldc);
-}
 
 // The same tiles with AVX-512F, on CPUs that have it (M <= 4): 16 lanes per decode and FMA. The
 // decode was the bound at AVX2 width (see decode32); per 32 codes of e4m3 the common path takes
@@ -637,17 +628,26 @@ LOWBIT_AVX512 __attribute__((noinline)) void gemv_tile_avx512(const float* x, in
     }
 }
 
-template <Format F, int MB, bool BLOCK>
-LOWBIT_AVX512 void gemv_rows_avx512(const float* x, int64_t ldx, const uint8_t* w, int64_t K, int64_t rows,
-                                    const float* bscale, int64_t ldb, float* c, int64_t ldc) {
+#pragma GCC diagnostic pop
+
+// NB weight rows at a time through the AVX2 (gemv_tile) or AVX-512 (gemv_tile_avx512) tiles, both
+// noinline: this loop needs no target of its own.
+template <Format F, int MB, bool BLOCK, bool kAvx512>
+void gemv_rows(const float* x, int64_t ldx, const uint8_t* w, int64_t K, int64_t rows, const float* bscale,
+               int64_t ldb, float* c, int64_t ldc) {
+  auto tile = [&](auto nb, int64_t j) {
+    constexpr int NB = decltype(nb)::value;
+    const float* bs = BLOCK ? bscale + j * ldb : nullptr;
+    if constexpr (kAvx512)
+      gemv_tile_avx512<F, MB, NB, BLOCK>(x, ldx, w + j * K, K, bs, ldb, c + j, ldc);
+    else
+      gemv_tile<F, MB, NB, BLOCK>(x, ldx, w + j * K, K, bs, ldb, c + j, ldc);
+  };
   constexpr int NB = gemv_nb<MB>();
   int64_t j = 0;
-  for (; j + NB <= rows; j += NB)
-    gemv_tile_avx512<F, MB, NB, BLOCK>(x, ldx, w + j * K, K, BLOCK ? bscale + j * ldb : nullptr, ldb, c + j, ldc);
-  for (; j < rows; ++j)
-    gemv_tile_avx512<F, MB, 1, BLOCK>(x, ldx, w + j * K, K, BLOCK ? bscale + j * ldb : nullptr, ldb, c + j, ldc);
+  for (; j + NB <= rows; j += NB) tile(std::integral_constant<int, NB>{}, j);
+  for (; j < rows; ++j) tile(std::integral_constant<int, 1>{}, j);
 }
-#pragma GCC diagnostic pop
 
 // M in 5..16: decoding each weight again per group of 4 rows of x cost more than the FMAs, so a
 // strip of kStripRows weight rows is decoded once per kStripK codes into an L1-resident fp32
@@ -770,21 +770,19 @@ LOWBIT_AVX2 void gemv_block_avx2(const float* x, int64_t ldx, int64_t M, const u
     const float* xm = x + m * ldx;
     const uint8_t* wn = w + n0 * K;
     float* cm = c + m * ldc;
-    if (cpu::has_avx512f()) {
+    auto rows = [&](auto wide) {
+      constexpr bool W = decltype(wide)::value;
       switch (mb) {
-        case 4: gemv_rows_avx512<F, 4, BLOCK>(xm, ldx, wn, K, n1 - n0, rs, ldb, cm, ldc); break;
-        case 3: gemv_rows_avx512<F, 3, BLOCK>(xm, ldx, wn, K, n1 - n0, rs, ldb, cm, ldc); break;
-        case 2: gemv_rows_avx512<F, 2, BLOCK>(xm, ldx, wn, K, n1 - n0, rs, ldb, cm, ldc); break;
-        default: gemv_rows_avx512<F, 1, BLOCK>(xm, ldx, wn, K, n1 - n0, rs, ldb, cm, ldc); break;
+        case 4: gemv_rows<F, 4, BLOCK, W>(xm, ldx, wn, K, n1 - n0, rs, ldb, cm, ldc); break;
+        case 3: gemv_rows<F, 3, BLOCK, W>(xm, ldx, wn, K, n1 - n0, rs, ldb, cm, ldc); break;
+        case 2: gemv_rows<F, 2, BLOCK, W>(xm, ldx, wn, K, n1 - n0, rs, ldb, cm, ldc); break;
+        default: gemv_rows<F, 1, BLOCK, W>(xm, ldx, wn, K, n1 - n0, rs, ldb, cm, ldc); break;
       }
-    } else {
-      switch (mb) {
-        case 4: gemv_rows<F, 4, BLOCK>(xm, ldx, wn, K, n1 - n0, rs, ldb, cm, ldc); break;
-        case 3: gemv_rows<F, 3, BLOCK>(xm, ldx, wn, K, n1 - n0, rs, ldb, cm, ldc); break;
-        case 2: gemv_rows<F, 2, BLOCK>(xm, ldx, wn, K, n1 - n0, rs, ldb, cm, ldc); break;
-        default: gemv_rows<F, 1, BLOCK>(xm, ldx, wn, K, n1 - n0, rs, ldb, cm, ldc); break;
-      }
-    }
+    };
+    if (cpu::has_avx512f())
+      rows(std::true_type{});
+    else
+      rows(std::false_type{});
     m += mb;
   }
 }
