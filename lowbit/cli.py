@@ -46,7 +46,8 @@ def _cpu_features() -> dict:
     from .bench import cpu_flags, cpu_model, lowbit_cpu_isa
 
     flags = cpu_flags()
-    wanted = ("avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8")
+    wanted = ("avx2", "fma", "f16c", "avx512f", "avx512_vpopcntdq", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8",
+              "amx_bf16")
     try:
         capability = torch.backends.cpu.get_cpu_capability()
     except Exception:  # noqa: BLE001 - old torch
