@@ -64,7 +64,7 @@ constexpr int64_t kNibbleBlock = 32;
 // fp16 codebooks, 2 threads, 1 GiB read before each call, median of 7, ms), own tiles vs decoded
 // GEMM: kmeans4 bf16 M = 16 4.1 / 4.8, 32 6.7 / 5.2, 64 11.9 / 6.5, 256 45.9 / 10.0; fp32 M = 64
 // 12.0 / 12.0, 128 22.7 / 18.3, 256 45.3 / 30.7; pq2 and aq2 (2x8) alike (pq2 bf16 M = 256 45.4
-// / 10.7, aq2 48.8 / 14.1). The bf16 route starts later than int4's (12): its panels are decoded
+// / 10.7, aq2 48.8 / 14.1). The bf16 route starts later than int4's (16): its panels are decoded
 // through an fp32 tile, not straight to bf16.
 constexpr int64_t kDecodedGemmMinMBf16 = 24;
 constexpr int64_t kDecodedGemmMinMFp32 = 96;

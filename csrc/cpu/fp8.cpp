@@ -326,6 +326,17 @@ LOWBIT_AVX2 __attribute__((noinline)) void decode32_special(const uint8_t* p, __
   }
 }
 
+// True when the 32 e4m3 codes at p are all normal numbers or zeros: the common path of decode32
+// and decode32_avx512. Normal iff 1 <= exponent field <= 15 and not NaN, i.e. (c & 0x7f) in
+// [8, 126], zero iff (c & 0x7f) == 0: shifted by +1 (127 + 1 wraps negative) that is y > 8 or y == 1.
+LOWBIT_AVX2_INLINE bool e4m3_normal_or_zero32(const uint8_t* p) {
+  const __m256i c = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  const __m256i y = _mm256_add_epi8(_mm256_and_si256(c, _mm256_set1_epi8(0x7f)), _mm256_set1_epi8(1));
+  const __m256i normal_or_zero =
+      _mm256_or_si256(_mm256_cmpgt_epi8(y, _mm256_set1_epi8(8)), _mm256_cmpeq_epi8(y, _mm256_set1_epi8(1)));
+  return _mm256_movemask_epi8(normal_or_zero) == -1;
+}
+
 template <Format F>
 LOWBIT_AVX2_INLINE void decode32(const uint8_t* p, __m256 v[4]) {
   if constexpr (F == Format::E5M2) {
@@ -340,13 +351,7 @@ LOWBIT_AVX2_INLINE void decode32(const uint8_t* p, __m256 v[4]) {
     v[3] = _mm256_cvtph_ps(_mm256_extracti128_si256(h1, 1));
     return;
   }
-  const __m256i c = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  // Normal iff 1 <= exponent field <= 15 and not NaN, i.e. (c & 0x7f) in [8, 126], zero iff
-  // (c & 0x7f) == 0: shifted by +1 (127 + 1 wraps negative) that is y > 8 or y == 1.
-  const __m256i y = _mm256_add_epi8(_mm256_and_si256(c, _mm256_set1_epi8(0x7f)), _mm256_set1_epi8(1));
-  const __m256i normal_or_zero =
-      _mm256_or_si256(_mm256_cmpgt_epi8(y, _mm256_set1_epi8(8)), _mm256_cmpeq_epi8(y, _mm256_set1_epi8(1)));
-  if (__builtin_expect(_mm256_movemask_epi8(normal_or_zero) != -1, 0)) {
+  if (__builtin_expect(!e4m3_normal_or_zero32(p), 0)) {
     decode32_special<F>(p, v);
     return;
   }
@@ -551,11 +556,7 @@ LOWBIT_AVX512 inline __attribute__((always_inline)) void decode32_avx512(const u
     v23 = _mm512_cvtph_ps(h1);
     return;
   }
-  const __m256i c = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  const __m256i y = _mm256_add_epi8(_mm256_and_si256(c, _mm256_set1_epi8(0x7f)), _mm256_set1_epi8(1));
-  const __m256i normal_or_zero =
-      _mm256_or_si256(_mm256_cmpgt_epi8(y, _mm256_set1_epi8(8)), _mm256_cmpeq_epi8(y, _mm256_set1_epi8(1)));
-  if (__builtin_expect(_mm256_movemask_epi8(normal_or_zero) != -1, 0)) {
+  if (__builtin_expect(!e4m3_normal_or_zero32(p), 0)) {
     __m256 v[4];
     decode32_special<F>(p, v);
     v01 = join(v[0], v[1]);

@@ -557,13 +557,7 @@ __attribute__((noinline)) void small_m_tile_avx512(const Problem& p, const Nibbl
   }
   for (int r = 0; r < NR; ++r) {
     const float bias = p.bias ? p.bias[n0 + r] : 0.0f;
-    for (int m = 0; m < MR; ++m) {
-      const __m256 a = _mm256_load_ps(total[r][m]);
-      __m128 h = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-      h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-      const float v = _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
-      store_out(p, (m0 + m) * p.N + n0 + r, v + bias);
-    }
+    for (int m = 0; m < MR; ++m) store_out(p, (m0 + m) * p.N + n0 + r, hsum(_mm256_load_ps(total[r][m])) + bias);
   }
 }
 

@@ -24,7 +24,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <tuple>
@@ -624,17 +623,11 @@ void int8_gemm(const int8_t* a, const int8_t* b, int64_t M, int64_t N, int64_t K
 // applies its epilogue to the int32 result. Measured on a 2-vCPU AVX-512/AMX Xeon VM (N = K =
 // 4096, 2 threads, cold, median of 30), lowbit AVX2 vs at::_int_mm, ms: M = 1 0.73 vs 1.44, 4 0.91
 // vs 1.41, 8 1.49 vs 1.61, 12 1.96 vs 1.56, 16 2.85 vs 1.78, 64 9.1 vs 2.2, 256 29 vs 5.5. Without
-// AMX (the Zen 3 machines the AVX2 kernels were tuned on) nothing changes. LOWBIT_INT8_ONEDNN=0
-// never hands over, =1 always does from kTorchIntMmMinM (so tests reach both paths anywhere); read
-// per call, so a test can set it.
+// AMX (the Zen 3 machines the AVX2 kernels were tuned on) nothing changes. LOWBIT_INT8_ONEDNN: see
+// cpu::use_onednn_int8.
 constexpr int64_t kTorchIntMmMinM = 10;
 
-bool use_torch_int_mm(int64_t M, int64_t N, int64_t K) {
-  if (M < kTorchIntMmMinM || N == 0 || K == 0) return false;
-  const char* env = std::getenv("LOWBIT_INT8_ONEDNN");
-  if (env != nullptr && (env[0] == '0' || env[0] == '1')) return env[0] == '1';
-  return cpu::has_amx_int8();
-}
+bool use_torch_int_mm(int64_t M, int64_t N, int64_t K) { return cpu::use_onednn_int8(M, N, K, kTorchIntMmMinM); }
 
 // epilogue(a @ b.T) from at::_int_mm's int32 product, one parallel pass over rows.
 void epilogue_of_torch_int_mm(const at::Tensor& a, const at::Tensor& b, const GemmEpilogue& epi) {

@@ -680,16 +680,9 @@ void int8_dense_panels(const Int8Problem& p, const at::Tensor& a) {
 // faster than the 2:4 gather. Measured on the 2-vCPU AMX Xeon VM (N = K = 4096, 2 threads, 1 GiB
 // read before each call, median of 9, two interleaved runs, ms), AVX2 kernel vs dense panels:
 // M = 12 1.98-2.02 / 2.03-2.04, 16 2.53-2.60 / 2.88-3.00, 24 3.68-3.74 / 3.06-3.23, 32 4.75-4.86
-// / 3.18-3.21, 64 9.3 / 3.6-4.0, 256 35.5-36.2 / 6.8-7.4. LOWBIT_INT8_ONEDNN=0 never hands over,
-// =1 always does from this M (so tests reach both paths anywhere); read per call.
+// / 3.18-3.21, 64 9.3 / 3.6-4.0, 256 35.5-36.2 / 6.8-7.4. LOWBIT_INT8_ONEDNN: see
+// cpu::use_onednn_int8.
 constexpr int64_t kInt8DenseMinM = 20;
-
-bool use_int8_dense(int64_t M, int64_t N, int64_t K) {
-  if (M < kInt8DenseMinM || N == 0 || K == 0 || !cpu::has_avx2()) return false;
-  const char* env = std::getenv("LOWBIT_INT8_ONEDNN");
-  if (env != nullptr && (env[0] == '0' || env[0] == '1')) return env[0] == '1';
-  return cpu::has_amx_int8();
-}
 
 at::Tensor sparse24_mm_cpu(const at::Tensor& x, const at::Tensor& values, const at::Tensor& meta,
                            const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& bias) {
@@ -797,7 +790,7 @@ at::Tensor sparse24_int8_scaled_mm_cpu(const at::Tensor& a, const at::Tensor& va
     return out;
   }
 #if LOWBIT_HAVE_AVX2_KERNELS
-  if (use_int8_dense(M, N, K)) {
+  if (cpu::use_onednn_int8(M, N, K, kInt8DenseMinM)) {
     if (!meta_check.known_valid && !meta_valid_avx2(p.meta, meta_c.numel())) fail_bad_meta(op, meta_c);
     meta_check.passed(meta);
     int8_dense_panels(p, Kx == Kp ? xpad : xpad.narrow(1, 0, Kp).contiguous());

@@ -1,5 +1,6 @@
 // Large-M weight-only GEMMs on torch's own GEMM: decode a panel of weight rows, multiply it with
-// at::mm, repeat. Shared by the weight-only families (int4 first; see docs/ops.md, "CPU routes").
+// at::mm, repeat. Shared by int4, codebook and int8 weight-only (docs/ops.md, "CPU routes on
+// AVX-512 / AMX CPUs", has the table of who takes which route from which M).
 //
 // Why: at large M a weight-only GEMM is bound by multiply-adds, not by weight bytes, and on CPUs
 // wider than lowbit's AVX2 kernels torch's GEMM does them faster than any decode-fused AVX2 loop.
@@ -13,11 +14,12 @@
 //   bf16, as the Triton kernels round it to their tensor-core operand's dtype, and at::mm
 //   accumulates in fp32 and rounds the product to bf16; a bias is then added in fp32 and the sum
 //   rounded again. Error: at most eps_bf16 * sum|x||w| beyond the fp32 bound.
-// * kFloat32: fp32/fp16 activations on CPUs with AVX-512F. The decoded weights are fp32, exactly
-//   the spec's; at::mm (MKL/oneDNN sgemm) accumulates in fp32 in its own order: the fp32
-//   accumulation bound of the family's own kernels holds unchanged.
-// LOWBIT_DECODED_GEMM=0 never takes a route, =1 takes the dtype's route on any CPU (so tests reach
-// both everywhere); read on every call, so a test can set it.
+// * kFloat32: fp32/fp16 activations (any activations for a family that passes no bf16 threshold)
+//   on CPUs with AVX-512F. The decoded weights are fp32, exactly the spec's; at::mm (MKL/oneDNN
+//   sgemm) accumulates in fp32 in its own order: the fp32 accumulation bound of the family's own
+//   kernels holds unchanged.
+// LOWBIT_DECODED_GEMM=0 never takes a route, =1 takes the dtype's route on any AVX2 CPU (so tests
+// reach both everywhere); read on every call, so a test can set it.
 #pragma once
 
 #include <ATen/ATen.h>

@@ -6,6 +6,7 @@
 // scalar fallbacks included, is plain baseline code.
 #pragma once
 
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 
@@ -62,6 +63,17 @@ inline bool has_amx_int8() {
 #endif
   }();
   return value;
+}
+
+// Whether an exact int8 product of M rows goes to torch's at::_int_mm (oneDNN's AMX tiles) rather
+// than lowbit's AVX2 kernels: from min_m rows on CPUs with AMX-INT8 (W8A8 in csrc/cpu/int8.cpp, 2:4
+// W8A8 in csrc/cpu/sparse24.cpp, each with its measured min_m). LOWBIT_INT8_ONEDNN=0 never hands
+// over, =1 always does from min_m (so tests reach both paths anywhere); read per call.
+inline bool use_onednn_int8(int64_t M, int64_t N, int64_t K, int64_t min_m) {
+  if (M < min_m || N == 0 || K == 0 || !has_avx2()) return false;
+  const char* env = std::getenv("LOWBIT_INT8_ONEDNN");
+  if (env != nullptr && (env[0] == '0' || env[0] == '1')) return env[0] == '1';
+  return has_amx_int8();
 }
 
 // True when the CPU has AMX-BF16 (and lowbit's fast path runs at all). torch's bf16 GEMM
