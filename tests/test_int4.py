@@ -2,9 +2,11 @@
 
 The kernel is checked against the exact (float64) product of x and the reference's dequantized
 weight, within a rigorous fp32 accumulation bound: it may sum in any order, but never quantizes
-activations and never rounds a weight differently than by fp32 arithmetic. The small-M kernel
-(M <= SMALL_M on AVX2) computes s * (sum(x * q) - z * sum(x)) per group, so its bound is taken
-over |x| (|q| + |z|) |s| instead of |x| |q - z| |s| (csrc/cpu/int4.cpp, small_m_tile).
+activations and never rounds a weight differently than by fp32 arithmetic. The AVX2 small-M
+kernel (M <= SMALL_M without AVX-512) computes s * (sum(x * q) - z * sum(x)) per group, so its
+bound is taken over |x| (|q| + |z|) |s| instead of |x| |q - z| |s| (csrc/cpu/int4.cpp,
+small_m_tile). bf16 x on AMX CPUs (the AMX kernel, the bf16 decoded-GEMM route) gets each weight
+rounded once to bf16: eps_bf16 * sum|x||w| more.
 """
 
 from __future__ import annotations
@@ -36,10 +38,24 @@ def make_weight(N, K, group_size, symmetric, scale_dtype=torch.float32, seed=0):
     return fmt.quantize_weight(w, group_size, symmetric, scale_dtype)
 
 
-# The folded small-M kernel's last M (csrc/cpu/int4.cpp): kSmallMAvx512 where lowbit sees AVX-512F
-# (cpu::has_avx512f; LOWBIT_CPU_ISA=avx2 hides it), else kSmallM.
+# The small-M kernel's last M (csrc/cpu/int4.cpp): kSmallMAvx512 (the table-lookup kernel) where
+# lowbit sees AVX-512F (cpu::has_avx512f; LOWBIT_CPU_ISA=avx2 hides it), else kSmallM (the folded
+# AVX2 kernel).
 AVX512 = "avx512f" in cpu_routes.visible_cpu_flags() and os.environ.get("LOWBIT_CPU_ISA") != "scalar"
-SMALL_M = 8 if AVX512 else 5
+SMALL_M = 32 if AVX512 else 5
+# bf16 x of AMX_M rows takes the AMX kernel where AMX-BF16 is ready (kAmxMinM, kAmxMaxM).
+AMX = cpu_routes.amx_bf16_ready()
+AMX_M = range(5, 257)
+
+
+def takes_amx(x_dtype, M, env=None):
+    """Whether the AMX kernel runs, with LOWBIT_DECODED_GEMM=env and LOWBIT_INT4_AMX as set now."""
+    forced = os.environ.get("LOWBIT_INT4_AMX")
+    if not AMX or x_dtype != torch.bfloat16:
+        return False
+    if forced in ("0", "1"):
+        return forced == "1"
+    return env != "1" and M in AMX_M
 
 
 def int4_bound(x, wdeq, bias, K, out_dtype, wmag=None):
@@ -77,8 +93,10 @@ def check_against_exact(x, q, bias=None, zero=None):
     N, K = q.out_features, q.in_features
     assert out.dtype == x.dtype and out.shape == (x.shape[0], N)
     wdeq = ref.int4_dequantize(q.packed, q.scale, zero, q.group_size, K)
-    wmag = folded_weight_magnitude(q, zero) if x.shape[0] <= SMALL_M else None
+    wmag = folded_weight_magnitude(q, zero) if x.shape[0] <= SMALL_M and not AVX512 else None
     exact, bound = int4_bound(x.float(), wdeq, bias, K, x.dtype, wmag)
+    if takes_amx(x.dtype, x.shape[0], os.environ.get("LOWBIT_DECODED_GEMM")):
+        bound = bound + torch.finfo(torch.bfloat16).eps * (x.double().abs() @ wdeq.double().abs().T)
     err = (out.double() - exact).abs()
     assert (err <= bound).all(), f"max err {err.max()} at bound {bound.flatten()[err.argmax()]}"
     return out
@@ -232,26 +250,28 @@ def test_zero_point_cancellation_stays_within_the_bound(M):
     check_against_exact(x, q)
 
 
-@pytest.mark.parametrize("M", [1, 5, 6, 8, 9])
-def test_infinite_activations_give_the_references_infinities(M):
-    # The small-M kernel's zero folding would compute inf - inf; such calls must still give the
-    # reference's +-inf (NaN only where the reference has one: a zero weight times inf).
+@pytest.mark.parametrize("M", [1, 5, 6, 8, 9, 40])
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
+def test_infinite_activations_give_the_references_infinities(M, x_dtype):
+    # The AVX2 small-M kernel's zero folding would compute inf - inf; such calls must still give
+    # the reference's +-inf (NaN only where the reference has one: a zero weight times inf).
     q = make_weight(6, 256, 64, symmetric=False)
-    x = torch.randn(M, 256)
+    x = torch.randn(M, 256).to(x_dtype)
     x[0, 7], x[-1, 200] = float("inf"), float("-inf")
     wdeq = ref.int4_dequantize(q.packed, q.scale, q.zero, 64, 256)
     want = x.double() @ wdeq.double().T
     got = ops.int4_weight_only_mm(x, q.packed, q.scale, q.zero, 64)
     assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.isinf(), want.isinf())
-    assert torch.equal(got[want.isinf()], want[want.isinf()].float())
+    assert torch.equal(got[want.isinf()].float(), want[want.isinf()].float())
 
 
-@pytest.mark.parametrize("M", [1, 2, 3, 5, 6, 8, 9])
+@pytest.mark.parametrize("M", [1, 2, 3, 5, 6, 8, 9, 16, 17, 32])
 @pytest.mark.parametrize("symmetric", [False, True], ids=["asym", "sym"])
 def test_small_m_row_pairs_and_tails(M, symmetric):
-    # The small-M kernel takes output channels in pairs inside work items of 4: N = 1..9 hits
-    # every pair / single-row tail and work item split.
-    for N in range(1, 10):
+    # The small-M kernels take output channels in passes of 2-4 inside work items of 4 (AVX2) or
+    # 12 (AVX-512, up to 8 rows of x per pass): these N hit every pass / single-row tail and
+    # work item split, these M every number of rows in a pass of the AVX-512 kernel.
+    for N in [*range(1, 10), 11, 12, 13, 25]:
         q = make_weight(N, 256, 64, symmetric, seed=N)
         check_against_exact(torch.randn(M, 256), q, torch.randn(N))
 
@@ -281,10 +301,11 @@ def test_padding_codes_are_ignored(M):
 
 
 @pytest.mark.parametrize("M", [3, 24])
-def test_non_contiguous_inputs_equal_contiguous(M):
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
+def test_non_contiguous_inputs_equal_contiguous(M, x_dtype):
     N, K = 21, 384
     q = make_weight(N, K, 64, symmetric=False)
-    xt = torch.randn(2 * K, M)
+    xt = torch.randn(2 * K, M).to(x_dtype)
     x = xt[::2].T  # [M, K], column-major with a K stride of 2
     scale = q.scale.T.contiguous().T  # [N, G] with transposed strides
     zero = q.zero.T.contiguous().T
@@ -296,6 +317,48 @@ def test_non_contiguous_inputs_equal_contiguous(M):
     got = ops.int4_weight_only_mm(x, packed, scale, zero, 64, bias)
     want = ops.int4_weight_only_mm(x.contiguous(), q.packed, q.scale, q.zero, 64, bias.contiguous())
     torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------- AMX kernel (bf16 x)
+needs_amx = pytest.mark.skipif(not AMX, reason="no AMX-BF16 (with AVX-512 F/BW/BF16) visible to lowbit here")
+
+
+@needs_amx
+@pytest.mark.parametrize("M", [5, 16, 17, 33, 64, 65, 100])
+@pytest.mark.parametrize("N", [7, 16, 33])
+@pytest.mark.parametrize("scale_dtype", FLOATS, ids=dtype_id)
+def test_amx_one_hot_rows_give_the_bf16_weight_exactly(M, N, scale_dtype):
+    """bf16 one-hot rows over every column: each output is the reference's weight rounded once to
+    bf16 (nearest even), bit for bit. Catches a wrong nibble, table entry, column order of x's
+    tiles, weight row of a partial 16-row tile or row of x in any of the four accumulator tiles.
+    """
+    K, gs = 4 * 128 + 40, 64  # partial last block and group
+    q = make_weight(N, K, gs, symmetric=False, scale_dtype=scale_dtype, seed=N)
+    zero = (torch.rand(q.zero.shape, generator=torch.Generator().manual_seed(M)) * 40 - 12).to(scale_dtype)
+    wdeq = ref.int4_dequantize(q.packed, q.scale, zero, gs, K)
+    eye = torch.eye(K, dtype=torch.bfloat16)
+    for c0 in range(0, K, M):
+        rows = eye[c0:c0 + M] if K - c0 >= M else eye[-M:]
+        out = ops.int4_weight_only_mm(rows, q.packed, q.scale, zero, gs)
+        cols = rows.float().argmax(1)
+        torch.testing.assert_close(out, wdeq[:, cols].T.bfloat16(), rtol=0, atol=0)
+
+
+@needs_amx
+@pytest.mark.parametrize("M", [5, 16, 17, 33, 64, 65, 129, 256])
+@pytest.mark.parametrize("symmetric", [False, True], ids=["asym", "sym"])
+def test_amx_stays_within_the_bf16_bound(monkeypatch, M, symmetric):
+    # The same call with the AMX kernel turned off (the lookup kernel or the large-M paths, each
+    # weight in fp32) must differ somewhere: otherwise this test would not be testing AMX.
+    N, K = 45, 4096 + 64
+    q = make_weight(N, K, 128, symmetric)
+    g = torch.Generator().manual_seed(M)
+    x, bias = torch.randn(M, K, generator=g).bfloat16(), torch.randn(N, generator=g)
+    monkeypatch.delenv("LOWBIT_INT4_AMX", raising=False)
+    monkeypatch.delenv("LOWBIT_DECODED_GEMM", raising=False)
+    out = check_against_exact(x, q, bias)
+    monkeypatch.setenv("LOWBIT_INT4_AMX", "0")
+    assert not torch.equal(check_against_exact(x, q, bias), out)
 
 
 # ----------------------------------------------------------------------------- decoded-GEMM routes
@@ -313,7 +376,7 @@ runs_aten_mm = cpu_routes.runs_aten_mm
 
 
 @pytest.mark.parametrize("env", ["0", "1", None], ids=["never", "always", "auto"])
-@pytest.mark.parametrize("M", [15, 16, 95, 96])
+@pytest.mark.parametrize("M", [15, 16, 32, 33, 95, 96, 257])
 @pytest.mark.parametrize("x_dtype", FLOATS, ids=dtype_id)
 @pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
 def test_decoded_gemm_routes_stay_within_their_bounds(monkeypatch, env, M, x_dtype, with_bias):
@@ -334,12 +397,13 @@ def test_decoded_gemm_routes_stay_within_their_bounds(monkeypatch, env, M, x_dty
     x = torch.randn(M, K, generator=g).to(x_dtype)
     bias = torch.randn(N, generator=g) if with_bias else None
     out, took_mm = runs_aten_mm(lambda: ops.int4_weight_only_mm(x, q.packed, q.scale, q.zero, gs, bias))
-    route = decoded_gemm_route(x_dtype, M, env)
+    amx = takes_amx(x_dtype, M, env)
+    route = None if amx else decoded_gemm_route(x_dtype, M, env)
     assert took_mm == (route is not None), f"route {route}"
     assert out.dtype == x_dtype and out.shape == (M, N)
     wdeq = ref.int4_dequantize(q.packed, q.scale, q.zero, gs, K)
     exact, bound = int4_bound(x.float(), wdeq, bias, K, x_dtype)
-    if route == "bf16":
+    if route == "bf16" or amx:
         bound = bound + torch.finfo(torch.bfloat16).eps * (x.double().abs() @ wdeq.double().abs().T)
     err = (out.double() - exact).abs()
     assert (err <= bound).all(), f"max err {err.max()} at bound {bound.flatten()[err.argmax()]}"
@@ -362,8 +426,9 @@ def test_fp32_decoded_gemm_gives_the_reference_weight_exactly(monkeypatch):
     # once to bf16 (nearest even), nothing else.
     eye = torch.eye(K, dtype=torch.bfloat16)
     for c0 in range(0, K, 64):
-        rows = eye[c0:c0 + 64] if K - c0 >= DECODED_GEMM_MIN_M["bf16"] else eye[-DECODED_GEMM_MIN_M["bf16"]:]
-        out = ops.int4_weight_only_mm(rows, q.packed, q.scale, zero, gs)
+        rows = eye[c0:c0 + 64] if K - c0 >= 64 else eye[-64:]  # more rows than SMALL_M: the route
+        out, took_mm = runs_aten_mm(lambda: ops.int4_weight_only_mm(rows, q.packed, q.scale, zero, gs))
+        assert took_mm
         cols = rows.float().argmax(1)
         torch.testing.assert_close(out, wdeq[:, cols].T.bfloat16(), rtol=0, atol=0)
 
@@ -387,7 +452,7 @@ def test_portable_path_matches_reference():
     ids = ["test_matches_reference[asym-33-4224-64-1]", "test_matches_reference[sym-65-100-100-17]",
            "test_matches_reference[asym-34-4100-4100-64]", "test_matches_reference[asym-31-384-128-7]",
            "test_dtypes_and_bias[bfloat16-float16-bfloat16-17]", "test_fractional_zero_point[9]",
-           "test_non_contiguous_inputs_equal_contiguous[24]"]
+           "test_non_contiguous_inputs_equal_contiguous[float32-24]"]
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"] + [f"{__file__}::{i}" for i in ids],
                        env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]

@@ -2,9 +2,12 @@
 // lowbit/formats/int4.py, spec: lowbit/backends/reference/int4.py).
 //
 // Numerics: no activation quantization; everything accumulates in fp32. Large M dequantizes as
-// the reference does (float(u) - zero rounded once, times the scale). Small M sums x * u per group
-// and subtracts zero * sum(x) once per group before scaling (see small_m_tile). Results agree
-// with the reference within fp32 accumulation error, except on the bf16 decoded-GEMM route below.
+// the reference does (float(u) - zero rounded once, times the scale), and so does the AVX-512
+// small-M kernel (a table of the group's 16 weights). The AVX2 small-M kernel sums x * u per
+// group and subtracts zero * sum(x) once per group before scaling (see small_m_tile). Results
+// agree with the reference within fp32 accumulation error, except where bf16 x meets AMX: the
+// AMX kernel and the bf16 decoded-GEMM route round each weight once to bf16, as the Triton path
+// does (error at most eps_bf16 * sum|x||w| more).
 // The float weight is never materialized whole: small M decodes nibbles in registers, once for
 // all rows of x; large M dequantizes one L2-sized tile at a time (each weight once) and runs an
 // FMA microkernel over it. Each call opens exactly one at::parallel_for (over output channels;
@@ -12,8 +15,9 @@
 // from inside the parallel region or between parallel dequantizations, ran 3-9x slower than
 // F.linear at M = 256 on the 2-core Zen 3 machine, every extra thread team costing milliseconds.
 // On CPUs wider than AVX2 (AMX-BF16, AVX-512F) torch's GEMM wins at large M even so: there the
-// weight is dequantized in 8 MiB panels and handed to at::mm (lowbit/cpu/decoded_gemm.h; bf16 x
-// then gets weights rounded to bf16, as on the Triton path).
+// weight is dequantized in 8 MiB panels and handed to at::mm (lowbit/cpu/decoded_gemm.h). With
+// AMX-BF16, bf16 x of 5-256 rows runs on lowbit's own AMX kernel (small_m_amx), which decodes
+// 16 weight rows x 32 columns at a time into tiles and never leaves L1.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/Half.h>
@@ -31,6 +35,7 @@
 #include <vector>
 
 #include "lowbit/checks.h"
+#include "lowbit/cpu/amx.h"
 #include "lowbit/cpu/decoded_gemm.h"
 #include "lowbit/cpu/vec_avx2.h"
 
@@ -43,18 +48,22 @@ constexpr int64_t kBlockBytes = 16;
 // dequantizing into a tile first. Measured on 4096 x 4096, one thread: M = 5 small 3.9 ms vs
 // tile 4.4 ms; M = 6 4.8 vs 4.6; M = 8 6.9 vs 5.2.
 constexpr int64_t kSmallM = 5;
-// The same with the AVX-512 kernel (small_m_tile_avx512), on CPUs with AVX-512F. Measured on the
-// AMX Xeon VM (bf16 x, g128, N = K = 4096, 2 threads, 1 GiB read before each call, median of 15,
-// two runs, ms), AVX-512 vs AVX2 (AVX2: the small-M kernel up to 5, then the tiles): M = 1
-// 0.62-0.66 / 0.66-0.69, 2 0.74-0.85 / 0.82-0.87, 4 1.17-1.25 / 1.46-1.48, 5 1.37-1.52 /
-// 2.10-2.12, 6 1.60-1.76 / 2.29-2.31, 8 2.09-2.19 / 2.45-2.46; the tiles at 9: 2.8-2.9.
-// (Two weight rows per pass for every M, sharing each x load, measured 5-17% faster than one
-// row per pass with two accumulators per (row, x row) from M = 5.) Tried and not kept: for bf16 x,
-// the same kernel with vdpbf16ps (AVX512-BF16; codes and pre-scaled x converted to bf16, both
-// exact, one instruction per block and row of x instead of two FMAs) ran slower at every M on
-// this VM: M = 1 0.82 ms, 4 1.43, 8 2.39, 16 4.4 (converting the codes costs a vcvtne2ps2bf16 per
-// block and weight row, and the dot products did not issue faster than the FMAs).
-constexpr int64_t kSmallMAvx512 = 8;
+// Up to this many rows of x on CPUs with AVX-512F, the table-lookup kernel (lut_tile_avx512; up
+// to 8 rows of x per pass over a chunk of weight rows) beats the large-M tiles. Measured on the
+// AMX Xeon VM (fp32 x, g128, N = K = 4096, 2 threads, 1 GiB read before each call, median of 21,
+// speed over fp32 F.linear), lookup vs tiles: M = 12 3.38x / 2.70x, 16 2.64 / 2.18, 24 1.90 /
+// 1.61, 32 1.62 / 1.47, 48 1.21 / 1.25. The lookup kernel replaced an AVX-512 port of the AVX2
+// small-M kernel (small_m_tile at 16 lanes, up to M = 8), which it beat at every M: bf16 x, same
+// conditions, ratio to torch._weight_int4pack_mm_for_cpu in one run, old / new: M = 1 0.83 /
+// 1.06, 4 0.68 / 0.84, 8 0.75 / 0.92.
+constexpr int64_t kSmallMAvx512 = 32;
+// bf16 x from kAmxMinM to kAmxMaxM rows, on CPUs with AMX-BF16: the AMX kernel (small_m_amx).
+// Measured as above (bf16 x, ratio to torch._weight_int4pack_mm_for_cpu, two runs each), lookup
+// vs AMX: M = 3 0.78-0.93 / 0.69-0.84, 4 0.76-0.85 / 0.79-0.85, 5 0.98-1.06 / 1.09-1.22, 6
+// 1.00-1.05 / 1.23-1.28; AMX vs the decoded-GEMM route (ms): M = 128 5.2 / 9.3, 256 12.3 / 12.6,
+// 512 32.4-32.8 / 19.0-21.0 (the AMX kernel decodes the weight again for every 64 rows of x).
+constexpr int64_t kAmxMinM = 5;
+constexpr int64_t kAmxMaxM = 256;
 // Large-M tiles: kTileN x kTileK fp32 = 192 KiB per thread, resident in L2 while every row of x
 // streams over it; kTileN is a multiple of the microkernel's 3 weight rows.
 constexpr int64_t kTileN = 48;
@@ -68,7 +77,7 @@ constexpr int64_t kTileK = 1024;
 // / 12.3, 128 22.7 / 18.4, 256 46 / 31 (fp32 F.linear: 8.9, 14.6, 25.4).
 constexpr int64_t kDecodedGemmMinMBf16 = 16;
 constexpr int64_t kDecodedGemmMinMFp32 = 96;
-// Software prefetch distance of the small-M kernel (4-16 KiB measured equally good).
+// Software prefetch distance of the AVX2 small-M kernel (4-16 KiB measured equally good).
 constexpr int64_t kPrefetchBytes = 4096;
 
 enum class ScaleKind { kFloat, kHalf, kBFloat16 };
@@ -148,6 +157,18 @@ inline int x_perm_column(int j, int lane) { return lane < 4 ? 4 * lane + j : 16 
 // Bit offset a of the nibble that lane `lane` of decoded vector j isolates (vector 3 reads the
 // dwords shifted right by one); see NibbleLanes.
 inline int nibble_shift(int j, int lane) { return (j < 3 ? 8 * j : 23) + (lane < 4 ? 0 : 4); }
+
+// The AVX-512 lookup kernel's order (lut_tile_avx512): lane d of half h of a decoded block holds
+// column 16h + 4(d % 4) + d / 4, the nibble at bit 8(d / 4) + 4h of dword d % 4 of a 128-bit lane.
+inline int lut_column(int h, int d) { return 16 * h + 4 * (d % 4) + d / 4; }
+inline int lut_nibble_shift(int h, int d) { return 8 * (d / 4) + 4 * h; }
+
+// The AMX kernel's order (amx_tile): word j of 128-bit lane L of a decoded block holds column
+// 16(L % 2) + 2j + L / 2, the nibble at bit 4L of word j.
+inline int lut_bf16_column(int L, int j) { return 16 * (L % 2) + 2 * j + L / 2; }
+
+// The column order x is copied into, within each 32-block: that of the weights as they decode.
+enum class XOrder { kNatural, kNibbleLanes, kLut };
 
 // ----------------------------------------------------------------------------- AVX2 path
 // Only functions defined below are compiled for AVX2. No torch/c10 function is defined here:
@@ -432,8 +453,10 @@ void dequant_panel_avx2(const Problem& p, int64_t n0, int64_t n1, D* panel) {
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx2,fma,f16c")
 #pragma GCC diagnostic push
-// GCC 12's own avx512fintrin.h trips this warning in _mm512_set1_* (_mm512_undefined_*).
+// GCC 12's own avx512fintrin.h trips these warnings in _mm512_set1_* and _mm512_reduce_add_ps
+// (_mm512_undefined_*).
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 
 struct NibbleLanes512 {
   __m512i mask[2];
@@ -488,103 +511,136 @@ void dequant_rows_bf16_avx512(const Problem& p, const NibbleLanes512& t, int64_t
   }
 }
 
-// Small M with AVX-512F: small_m_tile's arithmetic, 16 lanes at a time. Per 32-block and weight
-// row, [j = 0 | j = 1] and [j = 2 | j = 3] each take one AND, one conversion and one FMA per row
-// of x (AVX2: four of each). The per-lane sums of both halves are folded into small_m_tile's 8
-// lanes at the end of each group, where the zero and the scale are applied exactly as there, so
-// the bound of the folded kernel holds unchanged (the order of additions differs).
+// Small M with AVX-512F: each weight is dequantized exactly as the reference does it, by table
+// lookup. Per group and weight row, one vector holds the 16 possible weights (float(u) - zero)
+// * scale for u = 0..15 (the reference's two fp32 roundings, so every decoded weight is bit-equal
+// to the reference's). Per 32-block, the block's 16 bytes are broadcast to the four 128-bit lanes,
+// one variable shift per half moves each lane's nibble to bits 0-3, and vpermps, which reads only
+// those bits of each index, looks the weight up: 4 ALU operations for 32 dequantized weights. x is
+// permuted once per call into the matching order (XOrder::kLut). Every row of x then takes one FMA
+// per 16 weights into an accumulator that lives across the whole K; nothing is folded per group,
+// so infinite activations give the reference's infinities. It replaced an AVX-512 port of the
+// folded AVX2 kernel (2 ANDs, a shift and 2 conversions per block and weight row, then a per-group
+// epilogue for every pair of weight row and x row); kSmallMAvx512 has the measurements. Weight
+// rows of a pass prefetch the next pass's rows at the same block.
 // noinline with every loop unrolled: inlined into its caller, or with loops left rolled, GCC
 // kept the accumulators on the stack (measured 9.5 ms instead of 1.4 at M = 4, N = K = 4096).
-// x is loaded at each use (L1-resident) and shared by the NR weight rows; with MR * NR >= 2
-// independent chains, one accumulator per (row, x row) takes both halves of a block. The
-// per-group totals live in memory: touched once per group, not per block.
+struct LutLanes512 {
+  __m512i shift[2];  // lane d of half h holds the nibble at bit 8 * (d / 4) + 4 * h of its dword
+  __m512 iota;       // 0, 1, ..., 15
+};
+
+inline LutLanes512 lut_lanes512() {
+  LutLanes512 t;
+  alignas(64) int32_t s[2][16];
+  alignas(64) float u[16];
+  for (int d = 0; d < 16; ++d) {
+    s[0][d] = lut_nibble_shift(0, d);
+    s[1][d] = lut_nibble_shift(1, d);
+    u[d] = static_cast<float>(d);
+  }
+  t.shift[0] = _mm512_load_si512(s[0]);
+  t.shift[1] = _mm512_load_si512(s[1]);
+  t.iota = _mm512_load_ps(u);
+  return t;
+}
+
+// MR rows of x (from m0) times NR weight rows (from n0). Registers: MR * NR * kParts accumulators,
+// 2 * NR decoded halves, NR tables, 2 x vectors and 2 shift vectors, within the 32 zmm.
 template <int MR, int NR>
-__attribute__((noinline)) void small_m_tile_avx512(const Problem& p, const NibbleLanes512& t, const float* xp,
-                                                   const float* lane_sums, int64_t m0, int64_t n0) {
-  constexpr int kParts = MR * NR == 1 ? 2 : 1;
+__attribute__((noinline)) void lut_tile_avx512(const Problem& p, const LutLanes512& t, const float* xp, int64_t m0,
+                                               int64_t n0) {
+  // Few (weight row, x row) pairs: two accumulators each, so enough FMA chains are in flight.
+  constexpr int kParts = MR * NR <= 4 ? 2 : 1;
   const int64_t row_bytes = p.Kp / 2;
-  alignas(32) float total[NR][MR][8] = {};
   const uint8_t* w = p.w + n0 * row_bytes;
   const float* x = xp + m0 * p.Kp;
-  const __m512i mask0 = t.mask[0], mask1 = t.mask[1];
-  for (int64_t g = 0; g < p.groups; ++g) {
-    __m512 part[NR][MR][kParts];
+  const __m512i sh0 = t.shift[0], sh1 = t.shift[1];
+  __m512 acc[NR][MR][kParts];
 #pragma GCC unroll 16
-    for (int r = 0; r < NR; ++r)
+  for (int r = 0; r < NR; ++r)
 #pragma GCC unroll 16
-      for (int m = 0; m < MR; ++m)
+    for (int m = 0; m < MR; ++m)
 #pragma GCC unroll 2
-        for (int h = 0; h < kParts; ++h) part[r][m][h] = _mm512_setzero_ps();
+      for (int h = 0; h < kParts; ++h) acc[r][m][h] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < p.groups; ++g) {
+    __m512 table[NR];
+#pragma GCC unroll 16
+    for (int r = 0; r < NR; ++r) {
+      const int64_t i = (n0 + r) * p.groups + g;
+      const __m512 zv = _mm512_set1_ps(p.zero ? load_scalar_avx2(p.zero, p.kind, i) : 8.0f);
+      table[r] = _mm512_mul_ps(_mm512_sub_ps(t.iota, zv), _mm512_set1_ps(load_scalar_avx2(p.scale, p.kind, i)));
+    }
     const int64_t b1 = group_end(p, g);
     for (int64_t b = g * p.blocks_per_group; b < b1; ++b) {
       if (b % 4 == 0)
 #pragma GCC unroll 16
         for (int r = 0; r < NR; ++r)
-          _mm_prefetch(reinterpret_cast<const char*>(w + r * row_bytes + b * kBlockBytes + kPrefetchBytes), _MM_HINT_T0);
+          _mm_prefetch(reinterpret_cast<const char*>(w + (NR + r) * row_bytes + b * kBlockBytes), _MM_HINT_T0);
       const float* xb = x + b * kBlock;
-      __m512 q01[NR], q23[NR];
+      __m512 w0[NR], w1[NR];
 #pragma GCC unroll 16
       for (int r = 0; r < NR; ++r) {
         const __m512i v =
             _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + r * row_bytes + b * kBlockBytes)));
-        q01[r] = _mm512_cvtepi32_ps(_mm512_and_si512(v, mask0));
-        q23[r] = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_mask_srli_epi32(v, 0xFF00, v, 1), mask1));
+        w0[r] = _mm512_permutexvar_ps(_mm512_srlv_epi32(v, sh0), table[r]);
+        w1[r] = _mm512_permutexvar_ps(_mm512_srlv_epi32(v, sh1), table[r]);
       }
 #pragma GCC unroll 16
       for (int m = 0; m < MR; ++m) {
-        const __m512 x01 = _mm512_loadu_ps(xb + m * p.Kp), x23 = _mm512_loadu_ps(xb + m * p.Kp + 16);
+        const __m512 x0 = _mm512_loadu_ps(xb + m * p.Kp), x1 = _mm512_loadu_ps(xb + m * p.Kp + 16);
 #pragma GCC unroll 16
         for (int r = 0; r < NR; ++r) {
-          part[r][m][0] = _mm512_fmadd_ps(q01[r], x01, part[r][m][0]);
-          part[r][m][kParts - 1] = _mm512_fmadd_ps(q23[r], x23, part[r][m][kParts - 1]);
+          acc[r][m][0] = _mm512_fmadd_ps(w0[r], x0, acc[r][m][0]);
+          acc[r][m][kParts - 1] = _mm512_fmadd_ps(w1[r], x1, acc[r][m][kParts - 1]);
         }
       }
     }
-#pragma GCC unroll 16
-    for (int r = 0; r < NR; ++r) {
-      const int64_t i = (n0 + r) * p.groups + g;
-      const __m256 sv = _mm256_set1_ps(load_scalar_avx2(p.scale, p.kind, i));
-      const __m256 zv = _mm256_set1_ps(p.zero ? load_scalar_avx2(p.zero, p.kind, i) : 8.0f);
-#pragma GCC unroll 16
-      for (int m = 0; m < MR; ++m) {
-        const __m512 both = kParts == 2 ? _mm512_add_ps(part[r][m][0], part[r][m][kParts - 1]) : part[r][m][0];
-        const __m256 sum = _mm256_add_ps(_mm512_castps512_ps256(both),
-                                         _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(both), 1)));
-        const __m256 xs = _mm256_loadu_ps(lane_sums + ((m0 + m) * p.groups + g) * 8);
-        _mm256_store_ps(total[r][m], _mm256_fmadd_ps(_mm256_fnmadd_ps(zv, xs, sum), sv, _mm256_load_ps(total[r][m])));
-      }
-    }
   }
+#pragma GCC unroll 16
   for (int r = 0; r < NR; ++r) {
     const float bias = p.bias ? p.bias[n0 + r] : 0.0f;
-    for (int m = 0; m < MR; ++m) store_out(p, (m0 + m) * p.N + n0 + r, hsum(_mm256_load_ps(total[r][m])) + bias);
+#pragma GCC unroll 16
+    for (int m = 0; m < MR; ++m) {
+      const __m512 both = kParts == 2 ? _mm512_add_ps(acc[r][m][0], acc[r][m][kParts - 1]) : acc[r][m][0];
+      store_out(p, (m0 + m) * p.N + n0 + r, _mm512_reduce_add_ps(both) + bias);
+    }
   }
 }
 
+// Weight rows per pass for MR rows of x: as many as the registers hold (see lut_tile_avx512).
+constexpr int lut_rows_per_pass(int mr) { return mr <= 2 ? 4 : mr <= 5 ? 3 : 2; }
+
 template <int MR>
-void small_m_rows_avx512(const Problem& p, const NibbleLanes512& t, const float* xp, const float* lane_sums,
-                         int64_t n0, int64_t n1) {
-  // Accumulators: NR * MR zmm (2 for M = 1), within the 32 vector registers.
-  constexpr int NR = 2;
+void lut_rows_avx512(const Problem& p, const LutLanes512& t, const float* xp, int64_t m0, int64_t n0, int64_t n1) {
+  constexpr int NR = lut_rows_per_pass(MR);
   int64_t n = n0;
-  for (; n + NR <= n1; n += NR) small_m_tile_avx512<MR, NR>(p, t, xp, lane_sums, 0, n);
-  for (; n < n1; ++n) small_m_tile_avx512<MR, 1>(p, t, xp, lane_sums, 0, n);
+  for (; n + NR <= n1; n += NR) lut_tile_avx512<MR, NR>(p, t, xp, m0, n);
+  for (; n < n1; ++n) lut_tile_avx512<MR, 1>(p, t, xp, m0, n);
 }
 
-void small_m_avx512(const Problem& p, const float* xp, const float* lane_sums) {
-  static_assert(kSmallMAvx512 == 8, "the switch below instantiates one kernel per M up to kSmallMAvx512");
-  const NibbleLanes512 t = nibble_lanes512();
-  at::parallel_for(0, (p.N + 3) / 4, 1, [&](int64_t c0, int64_t c1) {
-    const int64_t n0 = c0 * 4, n1 = std::min(p.N, c1 * 4);
-    switch (p.M) {
-      case 1: small_m_rows_avx512<1>(p, t, xp, lane_sums, n0, n1); break;
-      case 2: small_m_rows_avx512<2>(p, t, xp, lane_sums, n0, n1); break;
-      case 3: small_m_rows_avx512<3>(p, t, xp, lane_sums, n0, n1); break;
-      case 4: small_m_rows_avx512<4>(p, t, xp, lane_sums, n0, n1); break;
-      case 5: small_m_rows_avx512<5>(p, t, xp, lane_sums, n0, n1); break;
-      case 6: small_m_rows_avx512<6>(p, t, xp, lane_sums, n0, n1); break;
-      case 7: small_m_rows_avx512<7>(p, t, xp, lane_sums, n0, n1); break;
-      default: small_m_rows_avx512<8>(p, t, xp, lane_sums, n0, n1); break;
+// Weight rows per parallel chunk: a multiple of every lut_rows_per_pass. All row blocks of x
+// (kLutMaxMR at a time) pass over a chunk before the next, which is then still in L1/L2.
+constexpr int64_t kLutChunkRows = 12;
+constexpr int64_t kLutMaxMR = 8;
+
+void small_m_lut_avx512(const Problem& p, const float* xp) {
+  const LutLanes512 t = lut_lanes512();
+  at::parallel_for(0, (p.N + kLutChunkRows - 1) / kLutChunkRows, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t n0 = c * kLutChunkRows, n1 = std::min(p.N, n0 + kLutChunkRows);
+      for (int64_t m0 = 0; m0 < p.M; m0 += kLutMaxMR) {
+        switch (std::min(kLutMaxMR, p.M - m0)) {
+          case 1: lut_rows_avx512<1>(p, t, xp, m0, n0, n1); break;
+          case 2: lut_rows_avx512<2>(p, t, xp, m0, n0, n1); break;
+          case 3: lut_rows_avx512<3>(p, t, xp, m0, n0, n1); break;
+          case 4: lut_rows_avx512<4>(p, t, xp, m0, n0, n1); break;
+          case 5: lut_rows_avx512<5>(p, t, xp, m0, n0, n1); break;
+          case 6: lut_rows_avx512<6>(p, t, xp, m0, n0, n1); break;
+          case 7: lut_rows_avx512<7>(p, t, xp, m0, n0, n1); break;
+          default: lut_rows_avx512<8>(p, t, xp, m0, n0, n1); break;
+        }
+      }
     }
   });
 }
@@ -599,6 +655,178 @@ void dequant_panel_bf16_avx512(const Problem& p, int64_t n0, int64_t n1, uint16_
 #pragma GCC diagnostic pop
 #pragma GCC pop_options
 
+// ----------------------------------------------------------------------------- AMX-BF16 small M
+// bf16 x on CPUs with AMX-BF16, from M = kAmxMinM: the weight is decoded to bf16 by table lookup
+// into 1 KiB tiles (16 weight rows x one 32-block) that AMX multiplies with x; the full weight is
+// never materialized. Per group and weight row, the 16 dequantized weights (float(u) - zero) *
+// scale are rounded once to bf16 (as the Triton kernel and the decoded-GEMM route round them for
+// bf16 x) and stored twice over in one 32-word table. Per 32-block and row: the block's 16 bytes
+// broadcast to the four 128-bit lanes, one variable word shift (lane L: 4L bits) and one vpermw
+// (which reads bits 0-4 of each index: bit 4 is another nibble's, hence the doubled table) give
+// the row's 32 weights, stored as one 64-byte tile row. The tiles compute the transposed product,
+// out^T [16 weight rows, 16 rows of x] += W [16, 32] x^T [32, 16] (W is then the A operand, row
+// for row as it decodes, and x^T the B operand, whose pair-interleaved layout x_to_amx_b builds
+// once per call), accumulating in fp32. AMX treats subnormal bf16 inputs and fp32 results as
+// zero (magnitudes below 1.2e-38), as oneDNN's bf16 GEMM on the decoded-GEMM route does.
+// Tried and not kept: the same table lookup feeding vdpbf16ps (AVX512-BF16; one instruction per
+// 32 weights and row of x instead of two FMAs) ran no faster than lut_tile_avx512's FMAs on the
+// AMX Xeon VM: one vdpbf16ps issues at half the FMA rate there (warm, 1 thread, N = 1024, K =
+// 4096, ms, vdpbf16ps / FMA: M = 8 0.95 / 0.95, M = 16 1.89 / 1.79).
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512bf16,amx-tile,amx-bf16,avx2,fma,f16c")
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
+
+// t (16 fp32) -> 32 words: t rounded to bf16 (to nearest even), twice. The conversion treats
+// subnormal inputs as zero, which AMX would do with their bf16 roundings anyway.
+inline __m512i bf16_table_twice(__m512 t) { return (__m512i)_mm512_cvtne2ps_pbh(t, t); }
+
+constexpr int kAmxRows = 16;                        // weight rows per tile (A rows, C rows)
+constexpr int kAmxCols = 16;                        // rows of x per tile (B and C columns)
+constexpr int64_t kAmxBBlockWords = kBlock * kAmxCols;  // one B tile: 16 pair-rows x 16 x 2 bf16
+constexpr int64_t kAmxMaxMT = 4;                      // accumulator tiles (of 8 tile registers)
+
+// Blocks decoded per step. A tile load must wait until the 16 stores of its rows have left the
+// store buffer, so the tiles multiply step s - 1 while step s decodes (two buffers of kAmxStep
+// tiles each): decoding one block and multiplying it at once ran at about a third of the speed.
+constexpr int64_t kAmxStep = 8;
+
+using AmxBuffers = uint16_t[2][kAmxStep][kAmxRows][kBlock];
+
+// Rows n0 .. n0 + 16 of the weight (fewer at the end of N: the rest decode as zeros) against
+// MT tiles of 16 rows of x from m0. Tiles: 0..MT-1 accumulate, 4 holds W, 5-7 hold x^T.
+template <int MT>
+void amx_tile(const Problem& p, const uint16_t* xb, int64_t m0, int64_t n0, AmxBuffers& a, float* c) {
+  const int64_t row_bytes = p.Kp / 2;
+  const int rows = static_cast<int>(std::min<int64_t>(kAmxRows, p.N - n0));
+  const __m512i shift = _mm512_set_epi64(0x000c000c000c000cLL, 0x000c000c000c000cLL, 0x0008000800080008LL,
+                                         0x0008000800080008LL, 0x0004000400040004LL, 0x0004000400040004LL, 0, 0);
+  const __m512 iota = _mm512_set_ps(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+  if (rows < kAmxRows) std::memset(a, 0, sizeof(AmxBuffers));
+  _tile_zero(0);
+  if constexpr (MT > 1) _tile_zero(1);
+  if constexpr (MT > 2) _tile_zero(2);
+  if constexpr (MT > 3) _tile_zero(3);
+  const int64_t bstride = p.nblocks * kAmxBBlockWords;  // words between x's 16-row tiles
+  const uint16_t* x0 = xb + (m0 / kAmxCols) * bstride;
+  auto multiply = [&](int64_t b0, int64_t nb, int buf) {
+    for (int64_t j = 0; j < nb; ++j) {
+      _tile_loadd(4, a[buf][j], kBlock * 2);
+      const uint16_t* xj = x0 + (b0 + j) * kAmxBBlockWords;
+      _tile_loadd(5, xj, kAmxCols * 4);
+      _tile_dpbf16ps(0, 4, 5);
+      if constexpr (MT > 1) {
+        _tile_loadd(6, xj + bstride, kAmxCols * 4);
+        _tile_dpbf16ps(1, 4, 6);
+      }
+      if constexpr (MT > 2) {
+        _tile_loadd(7, xj + 2 * bstride, kAmxCols * 4);
+        _tile_dpbf16ps(2, 4, 7);
+      }
+      if constexpr (MT > 3) {
+        _tile_loadd(5, xj + 3 * bstride, kAmxCols * 4);
+        _tile_dpbf16ps(3, 4, 5);
+      }
+    }
+  };
+  int64_t pending_b0 = 0, pending_nb = 0;
+  int buf = 0;
+  for (int64_t g = 0; g < p.groups; ++g) {
+    const int64_t g0 = g * p.blocks_per_group, g1 = group_end(p, g);
+    for (int64_t b0 = g0; b0 < g1; b0 += kAmxStep) {
+      const int64_t nb = std::min(kAmxStep, g1 - b0);
+      for (int r = 0; r < rows; ++r) {
+        const int64_t i = (n0 + r) * p.groups + g;
+        const __m512 zv = _mm512_set1_ps(p.zero ? load_scalar_avx2(p.zero, p.kind, i) : 8.0f);
+        const __m512i table =
+            bf16_table_twice(_mm512_mul_ps(_mm512_sub_ps(iota, zv), _mm512_set1_ps(load_scalar_avx2(p.scale, p.kind, i))));
+        const uint8_t* w = p.w + (n0 + r) * row_bytes;
+        for (int64_t j = 0; j < nb; ++j) {
+          const int64_t b = b0 + j;
+          if (b % 4 == 0) _mm_prefetch(reinterpret_cast<const char*>(w + kAmxRows * row_bytes + b * kBlockBytes), _MM_HINT_T0);
+          const __m512i v = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + b * kBlockBytes)));
+          _mm512_store_si512(a[buf][j][r], _mm512_permutexvar_epi16(_mm512_srlv_epi16(v, shift), table));
+        }
+      }
+      multiply(pending_b0, pending_nb, buf ^ 1);
+      pending_b0 = b0;
+      pending_nb = nb;
+      buf ^= 1;
+    }
+  }
+  multiply(pending_b0, pending_nb, buf ^ 1);
+  // out[m, n] = C[n - n0, m - m0] + bias[n], rounded once to x's dtype.
+  for (int t = 0; t < MT; ++t) {
+    switch (t) {
+      case 0: _tile_stored(0, c, kAmxCols * 4); break;
+      case 1: _tile_stored(1, c, kAmxCols * 4); break;
+      case 2: _tile_stored(2, c, kAmxCols * 4); break;
+      default: _tile_stored(3, c, kAmxCols * 4); break;
+    }
+    const int64_t mt0 = m0 + t * kAmxCols, mrows = std::min<int64_t>(kAmxCols, p.M - mt0);
+    for (int r = 0; r < rows; ++r) {
+      const float bias = p.bias ? p.bias[n0 + r] : 0.0f;
+      for (int64_t m = 0; m < mrows; ++m) store_out(p, (mt0 + m) * p.N + n0 + r, c[r * kAmxCols + m] + bias);
+    }
+  }
+}
+
+void small_m_amx(const Problem& p, const uint16_t* xb) {
+  at::parallel_for(0, (p.N + kAmxRows - 1) / kAmxRows, 1, [&](int64_t t0, int64_t t1) {
+    cpu::TileConfig cfg;
+    for (int t = 0; t < 4; ++t) cfg.set(t, kAmxRows, kAmxCols * 4);  // C: fp32 [16 weight rows, 16 rows of x]
+    cfg.set(4, kAmxRows, kBlock * 2);                                  // A: bf16 [16 weight rows, 32]
+    for (int t = 5; t < 8; ++t) cfg.set(t, kBlock / 2, kAmxCols * 4);  // B: bf16 pairs [16, 16 rows of x, 2]
+    _tile_loadconfig(&cfg);
+    alignas(64) AmxBuffers a;
+    alignas(64) float c[kAmxRows * kAmxCols];
+    for (int64_t t = t0; t < t1; ++t) {
+      // Up to 64 rows of x (4 accumulator tiles) per pass over a weight tile; more take further
+      // passes over it (then in L1/L2).
+      for (int64_t m0 = 0; m0 < p.M; m0 += kAmxMaxMT * kAmxCols) {
+        switch (std::min<int64_t>(kAmxMaxMT, (p.M - m0 + kAmxCols - 1) / kAmxCols)) {
+          case 1: amx_tile<1>(p, xb, m0, t * kAmxRows, a, c); break;
+          case 2: amx_tile<2>(p, xb, m0, t * kAmxRows, a, c); break;
+          case 3: amx_tile<3>(p, xb, m0, t * kAmxRows, a, c); break;
+          default: amx_tile<4>(p, xb, m0, t * kAmxRows, a, c); break;
+        }
+      }
+    }
+    _tile_release();
+  });
+}
+
+#pragma GCC diagnostic pop
+#pragma GCC pop_options
+
+// bf16 x [M, K] -> AMX B tiles: per 16 rows of x and 32-block, [16 pair rows][16 rows of x][2]
+// bf16, pair row kk holding the block's columns at words 2kk and 2kk + 1 of a decoded row
+// (lut_bf16_column); zeros past M and K.
+at::Tensor x_to_amx_b(const at::Tensor& x, int64_t Kp) {
+  const int64_t M = x.size(0), K = x.size(1), sm = x.stride(0), sk = x.stride(1), nblocks = Kp / kBlock;
+  const int64_t mtiles = (M + kAmxCols - 1) / kAmxCols;
+  at::Tensor out = at::zeros({mtiles, nblocks, kBlock / 2, kAmxCols, 2}, x.options().dtype(at::kBFloat16));
+  c10::BFloat16* dst = out.mutable_data_ptr<c10::BFloat16>();
+  const c10::BFloat16* src = x.const_data_ptr<c10::BFloat16>();
+  int64_t offset[kBlock];  // where column c of a block goes, within the block's tile
+  for (int L = 0; L < 4; ++L)
+    for (int j = 0; j < 8; ++j) {
+      const int word = 8 * L + j;
+      offset[lut_bf16_column(L, j)] = (word / 2) * kAmxCols * 2 + word % 2;
+    }
+  for (int64_t m = 0; m < M; ++m) {
+    c10::BFloat16* tiles = dst + (m / kAmxCols) * nblocks * kAmxBBlockWords + (m % kAmxCols) * 2;
+    const c10::BFloat16* row = src + m * sm;
+    for (int64_t b = 0; b < nblocks; ++b) {
+      c10::BFloat16* tile = tiles + b * kAmxBBlockWords;
+      const int64_t width = std::min<int64_t>(kBlock, K - b * kBlock);
+      for (int64_t c = 0; c < width; ++c) tile[offset[c]] = row[(b * kBlock + c) * sk];
+    }
+  }
+  return out;
+}
+
 bool use_avx2() {
   static const bool ok = [] {
     const char* isa = std::getenv("LOWBIT_CPU_ISA");
@@ -608,16 +836,22 @@ bool use_avx2() {
   return ok;
 }
 
+
 // x [M, K] (any float dtype and strides) -> fp32 [M, Kp], zero-padded past K so padding codes
-// meet zeros; `permute` puts each 32-block in the lane order of small_m_tile. Serial on
-// purpose: it is M*K cheap work and a parallel region costs more than that on a busy machine.
+// meet zeros, each 32-block in `order`. Serial on purpose: it is M*K cheap work and a parallel
+// region costs more than that on a busy machine.
 template <typename T, typename D = float>
-void fill_x(const at::Tensor& x, int64_t Kp, bool permute, D* dst) {
+void fill_x(const at::Tensor& x, int64_t Kp, XOrder order, D* dst) {
   const int64_t M = x.size(0), K = x.size(1), sm = x.stride(0), sk = x.stride(1);
   const T* src = x.const_data_ptr<T>();
-  int64_t pos[kBlock];
-  for (int j = 0; j < 4; ++j)
-    for (int lane = 0; lane < 8; ++lane) pos[x_perm_column(j, lane)] = permute ? 8 * j + lane : x_perm_column(j, lane);
+  int64_t pos[kBlock];  // where column c of a block goes
+  for (int c = 0; c < kBlock; ++c) pos[c] = c;
+  if (order == XOrder::kNibbleLanes)
+    for (int j = 0; j < 4; ++j)
+      for (int lane = 0; lane < 8; ++lane) pos[x_perm_column(j, lane)] = 8 * j + lane;
+  if (order == XOrder::kLut)
+    for (int h = 0; h < 2; ++h)
+      for (int d = 0; d < 16; ++d) pos[lut_column(h, d)] = 16 * h + d;
   for (int64_t m = 0; m < M; ++m) {
     D* row = dst + m * Kp;
     for (int64_t k = K; k < Kp; ++k) row[k / kBlock * kBlock + pos[k % kBlock]] = D(0.0f);
@@ -626,21 +860,21 @@ void fill_x(const at::Tensor& x, int64_t Kp, bool permute, D* dst) {
   }
 }
 
-at::Tensor x_to_fp32(const at::Tensor& x, int64_t Kp, bool permute) {
+at::Tensor x_to_fp32(const at::Tensor& x, int64_t Kp, XOrder order) {
   at::Tensor out = at::empty({x.size(0), Kp}, x.options().dtype(at::kFloat));
   float* dst = out.mutable_data_ptr<float>();
   switch (x.scalar_type()) {
-    case at::kHalf: fill_x<c10::Half>(x, Kp, permute, dst); break;
-    case at::kBFloat16: fill_x<c10::BFloat16>(x, Kp, permute, dst); break;
-    default: fill_x<float>(x, Kp, permute, dst); break;
+    case at::kHalf: fill_x<c10::Half>(x, Kp, order, dst); break;
+    case at::kBFloat16: fill_x<c10::BFloat16>(x, Kp, order, dst); break;
+    default: fill_x<float>(x, Kp, order, dst); break;
   }
   return out;
 }
 
-// bf16 x [M, K] -> bf16 [M, Kp] in the permuted column order, zero-padded (exact copies).
-at::Tensor x_to_bf16_permuted(const at::Tensor& x, int64_t Kp) {
+// bf16 x [M, K] -> bf16 [M, Kp] in `order`, zero-padded (exact copies).
+at::Tensor x_to_bf16(const at::Tensor& x, int64_t Kp, XOrder order) {
   at::Tensor out = at::empty({x.size(0), Kp}, x.options().dtype(at::kBFloat16));
-  fill_x<c10::BFloat16>(x, Kp, true, out.mutable_data_ptr<c10::BFloat16>());
+  fill_x<c10::BFloat16>(x, Kp, order, out.mutable_data_ptr<c10::BFloat16>());
   return out;
 }
 
@@ -649,7 +883,7 @@ at::Tensor x_to_bf16_permuted(const at::Tensor& x, int64_t Kp) {
 // panel's product y [M, n1 - n0] (bf16 or fp32) gets the bias in fp32 and x's dtype here.
 void decoded_gemm(const Problem& p, const at::Tensor& x, cpu::DecodedGemm route, const at::Tensor& out) {
   const bool bf16 = route == cpu::DecodedGemm::kBFloat16;
-  const at::Tensor xd = bf16 ? x_to_bf16_permuted(x, p.Kp) : x_to_fp32(x, p.Kp, true);
+  const at::Tensor xd = bf16 ? x_to_bf16(x, p.Kp, XOrder::kNibbleLanes) : x_to_fp32(x, p.Kp, XOrder::kNibbleLanes);
   auto decode = [&](int64_t n0, int64_t n1, void* panel) {
     if (bf16 && cpu::has_avx512f())
       dequant_panel_bf16_avx512(p, n0, n1, static_cast<uint16_t*>(panel));
@@ -700,6 +934,18 @@ at::Tensor prepare_small_m_x(const Problem& p, float* xp) {
   return sums;
 }
 
+// Whether bf16 x of M rows takes the AMX kernel: kAmxMinM..kAmxMaxM rows where AMX-BF16 is ready.
+// LOWBIT_INT4_AMX=0 never, =1 for every M; LOWBIT_DECODED_GEMM=1 (the decoded-GEMM route forced)
+// also turns it off. Read per call, so tests reach every path on an AMX machine.
+bool use_amx(int64_t M) {
+  if (!cpu::amx_bf16_ready()) return false;
+  const char* env = std::getenv("LOWBIT_INT4_AMX");
+  if (env != nullptr && (env[0] == '0' || env[0] == '1')) return env[0] == '1';
+  const char* decoded = std::getenv("LOWBIT_DECODED_GEMM");
+  if (decoded != nullptr && decoded[0] == '1') return false;
+  return M >= kAmxMinM && M <= kAmxMaxM;
+}
+
 at::Tensor int4_weight_only_mm_cpu(const at::Tensor& x, const at::Tensor& packed_w, const at::Tensor& scale,
                                    const std::optional<at::Tensor>& zero, int64_t group_size,
                                    const std::optional<at::Tensor>& bias) {
@@ -731,6 +977,11 @@ at::Tensor int4_weight_only_mm_cpu(const at::Tensor& x, const at::Tensor& packed
   const bool avx2 = use_avx2();
   const bool avx512 = avx2 && cpu::has_avx512f();
   const int64_t small_m = avx512 ? kSmallMAvx512 : kSmallM;
+  if (x.scalar_type() == at::kBFloat16 && use_amx(M)) {
+    const at::Tensor xb = x_to_amx_b(x, p.Kp);
+    small_m_amx(p, reinterpret_cast<const uint16_t*>(xb.const_data_ptr<c10::BFloat16>()));
+    return out;
+  }
   const cpu::DecodedGemm route = avx2 && M > small_m ? cpu::decoded_gemm_route(x.scalar_type(), M, N, K,
                                                                               kDecodedGemmMinMBf16,
                                                                               kDecodedGemmMinMFp32)
@@ -739,15 +990,17 @@ at::Tensor int4_weight_only_mm_cpu(const at::Tensor& x, const at::Tensor& packed
     decoded_gemm(p, x, route, out);
     return out;
   }
-  const at::Tensor x32 = x_to_fp32(x, p.Kp, avx2);
+  if (avx512 && M <= small_m) {
+    const at::Tensor x32 = x_to_fp32(x, p.Kp, XOrder::kLut);
+    small_m_lut_avx512(p, x32.const_data_ptr<float>());
+    return out;
+  }
+  const at::Tensor x32 = x_to_fp32(x, p.Kp, avx2 ? XOrder::kNibbleLanes : XOrder::kNatural);
   if (!avx2) {
     mm_scalar(p, x32.const_data_ptr<float>());
   } else if (M <= small_m && all_finite(x32.const_data_ptr<float>(), M * p.Kp)) {
     const at::Tensor lane_sums = prepare_small_m_x(p, x32.mutable_data_ptr<float>());
-    if (avx512)
-      small_m_avx512(p, x32.const_data_ptr<float>(), lane_sums.const_data_ptr<float>());
-    else
-      small_m_avx2(p, x32.const_data_ptr<float>(), lane_sums.const_data_ptr<float>());
+    small_m_avx2(p, x32.const_data_ptr<float>(), lane_sums.const_data_ptr<float>());
   } else {
     at::Tensor partial;
     if (p.nblocks > kTileK / kBlock) {
