@@ -1027,17 +1027,24 @@ def lowbit_cpu_isa(flags: set[str] | frozenset[str] | None = None) -> str:
             notes.append("AVX-512 for the int4 and fp8 small-M kernels" + (" and bf16 panels" if amx_bf16 else "")
                          + (", binary vpopcntq" if "avx512_vpopcntdq" in flags
                             and os.environ.get("LOWBIT_BINARY_LOOP") is None else ""))
-        # cpu::amx_bf16_ready() and use_amx() in csrc/cpu/int4.cpp (kAmxMinM, kAmxMaxM)
+        # cpu::amx_bf16_ready() and use_amx_bf16() in csrc/include/lowbit/cpu/amx.h, with the
+        # families' thresholds (kAmxMinM/kAmxMaxM in int4.cpp, kWoAmxMinM in int8.cpp)
+        amx_ready = avx512 and {"amx_bf16", "amx_tile", "avx512bw", "avx512_bf16"} <= flags
+        forced_route = os.environ.get("LOWBIT_DECODED_GEMM", "")[:1] == "1"
         int4_amx_env = os.environ.get("LOWBIT_INT4_AMX", "")[:1]
-        int4_amx = (avx512 and {"amx_bf16", "amx_tile", "avx512bw", "avx512_bf16"} <= flags and int4_amx_env != "0"
-                    and (int4_amx_env == "1" or os.environ.get("LOWBIT_DECODED_GEMM", "")[:1] != "1"))
-        if int4_amx:
-            notes.append("int4 bf16 " + ("at every M" if int4_amx_env == "1" else "M = 5-256") + " on lowbit's AMX kernel")
+        int8_amx_env = os.environ.get("LOWBIT_INT8_WO_AMX", "")[:1]
+        int4_amx = amx_ready and int4_amx_env != "0" and (int4_amx_env == "1" or not forced_route)
+        int8_amx = amx_ready and int8_amx_env != "0" and (int8_amx_env == "1" or not forced_route)
+        amx_kernels = ([f"int4 bf16 {'at every M' if int4_amx_env == '1' else 'M = 5-256'}"] if int4_amx else []) + (
+            [f"int8 weight-only bf16 {'at every M' if int8_amx_env == '1' else 'from M = 5'}"] if int8_amx else [])
+        if amx_kernels:
+            notes.append(" and ".join(amx_kernels) + " on lowbit's AMX kernels")
         if amx_bf16:
             int4_from = "" if int4_amx_env == "1" else f"int4 bf16 from M = {257 if int4_amx else 33}, "
             notes.append(f"{int4_from}codebook bf16 from M = 24 on torch's AMX bf16 GEMM")
         if decoded and avx512:
-            notes.append("int4/codebook fp32/fp16 and int8 weight-only from M = 96 on torch's AVX-512 GEMM")
+            notes.append("int4/codebook fp32/fp16 and int8 weight-only" + (" fp32/fp16" if int8_amx else "")
+                         + " from M = 96 on torch's AVX-512 GEMM")
         if onednn_int8:
             notes.append("W8A8 from M = 10, sparse24 W8A8 from M = 20 on torch's AMX int8 GEMM")
         return "AVX2+FMA+F16C" + (f" ({'; '.join(notes)})" if notes else "")

@@ -14,6 +14,7 @@ import os
 import pytest
 import torch
 
+import cpu_routes
 import lowbit
 import lowbit.bench
 from lowbit import ops
@@ -200,6 +201,42 @@ def test_cpu_int8_weight_only_decoded_gemm_route(monkeypatch, env, M, dtype):
     magnitude = (xd.abs() @ wd.abs().T) * sd + bias.double().abs()
     err = (out.double() - expected).abs()
     assert (err <= float_bound(expected, magnitude, K, dtype)).all(), f"max err {err.max()}"
+
+
+# bf16 x of M >= 5 rows on AMX CPUs: lowbit's AMX kernel (csrc/cpu/int8.cpp, wo_amx; exact
+# products, fp32 accumulation: the bound above holds and test_int8_weight_only_mm covers it).
+WO_AMX_MIN_M = 5
+
+
+def wo_takes_amx(M, env=None):
+    if not cpu_routes.amx_bf16_ready() or env == "0":
+        return False
+    return env == "1" or (M >= WO_AMX_MIN_M and os.environ.get("LOWBIT_DECODED_GEMM", "")[:1] != "1")
+
+
+@pytest.mark.parametrize("env", ["0", "1", None], ids=["never", "always", "auto"])
+@pytest.mark.parametrize("M", [1, 4, 5, 64, 65, 300])
+def test_cpu_int8_weight_only_amx_route(monkeypatch, env, M):
+    """Where the AMX kernel runs it counts subnormal bf16 activations as zero (documented): a
+    subnormal x times a weight of 1 tells the routes apart. Every other row checks the values."""
+    if env is None:
+        monkeypatch.delenv("LOWBIT_INT8_WO_AMX", raising=False)
+    else:
+        monkeypatch.setenv("LOWBIT_INT8_WO_AMX", env)
+    monkeypatch.delenv("LOWBIT_DECODED_GEMM", raising=False)
+    N, K = 37, 100
+    g = torch.Generator().manual_seed(M)
+    x = torch.randn(M, K, generator=g).bfloat16()
+    x[0] = 0
+    x[0, 3] = 1e-39  # a bf16 subnormal
+    w = torch.randint(-127, 128, (N, K), generator=g, dtype=torch.int8)
+    w[:, 3] = 1
+    scale = torch.ones(N)
+    out = ops.int8_weight_only_mm(x, w, scale)
+    assert torch.equal(out[0], torch.zeros(N, dtype=torch.bfloat16) if wo_takes_amx(M, env) else x[0, 3].expand(N))
+    expected = (x[1:].double() @ w.double().T)
+    bound = float_bound(expected, x[1:].double().abs() @ w.double().abs().T, K, torch.bfloat16)
+    assert ((out[1:].double() - expected).abs() <= bound).all()
 
 
 def test_int8_weight_only_mm_non_contiguous(target):

@@ -682,149 +682,51 @@ void dequant_panel_bf16_avx512(const Problem& p, int64_t n0, int64_t n1, uint16_
 // subnormal inputs as zero, which AMX would do with their bf16 roundings anyway.
 inline __m512i bf16_table_twice(__m512 t) { return (__m512i)_mm512_cvtne2ps_pbh(t, t); }
 
-constexpr int kAmxRows = 16;                        // weight rows per tile (A rows, C rows)
-constexpr int kAmxCols = 16;                        // rows of x per tile (B and C columns)
-constexpr int64_t kAmxBBlockWords = kBlock * kAmxCols;  // one B tile: 16 pair-rows x 16 x 2 bf16
-constexpr int64_t kAmxMaxMT = 4;                      // accumulator tiles (of 8 tile registers)
-
-// Blocks decoded per step. A tile load must wait until the 16 stores of its rows have left the
-// store buffer, so the tiles multiply step s - 1 while step s decodes (two buffers of kAmxStep
-// tiles each): decoding one block and multiplying it at once ran at about a third of the speed.
-constexpr int64_t kAmxStep = 8;
-
-using AmxBuffers = uint16_t[2][kAmxStep][kAmxRows][kBlock];
-
-// Rows n0 .. n0 + 16 of the weight (fewer at the end of N: the rest decode as zeros) against
-// MT tiles of 16 rows of x from m0. Tiles: 0..MT-1 accumulate, 4 holds W, 5-7 hold x^T.
-template <int MT>
-void amx_tile(const Problem& p, const uint16_t* xb, int64_t m0, int64_t n0, AmxBuffers& a, float* c) {
+// bf16 x of M rows through cpu::amx_weight_gemm, decoding 16 weight rows per tile by table lookup.
+void small_m_amx(const Problem& p, const at::Tensor& xb) {
   const int64_t row_bytes = p.Kp / 2;
-  const int rows = static_cast<int>(std::min<int64_t>(kAmxRows, p.N - n0));
-  const __m512i shift = _mm512_set_epi64(0x000c000c000c000cLL, 0x000c000c000c000cLL, 0x0008000800080008LL,
-                                         0x0008000800080008LL, 0x0004000400040004LL, 0x0004000400040004LL, 0, 0);
-  const __m512 iota = _mm512_set_ps(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
-  if (rows < kAmxRows) std::memset(a, 0, sizeof(AmxBuffers));
-  _tile_zero(0);
-  if constexpr (MT > 1) _tile_zero(1);
-  if constexpr (MT > 2) _tile_zero(2);
-  if constexpr (MT > 3) _tile_zero(3);
-  const int64_t bstride = p.nblocks * kAmxBBlockWords;  // words between x's 16-row tiles
-  const uint16_t* x0 = xb + (m0 / kAmxCols) * bstride;
-  auto multiply = [&](int64_t b0, int64_t nb, int buf) {
-    for (int64_t j = 0; j < nb; ++j) {
-      _tile_loadd(4, a[buf][j], kBlock * 2);
-      const uint16_t* xj = x0 + (b0 + j) * kAmxBBlockWords;
-      _tile_loadd(5, xj, kAmxCols * 4);
-      _tile_dpbf16ps(0, 4, 5);
-      if constexpr (MT > 1) {
-        _tile_loadd(6, xj + bstride, kAmxCols * 4);
-        _tile_dpbf16ps(1, 4, 6);
-      }
-      if constexpr (MT > 2) {
-        _tile_loadd(7, xj + 2 * bstride, kAmxCols * 4);
-        _tile_dpbf16ps(2, 4, 7);
-      }
-      if constexpr (MT > 3) {
-        _tile_loadd(5, xj + 3 * bstride, kAmxCols * 4);
-        _tile_dpbf16ps(3, 4, 5);
+  auto step_end = [&](int64_t b0) {  // steps end at group boundaries: one table per row and step
+    const int64_t g1 = group_end(p, b0 / p.blocks_per_group);
+    return std::min(g1, b0 + cpu::kAmxStep);
+  };
+  auto decode = [&](int64_t n0, int rows, int64_t b0, int64_t b1, cpu::AmxStepBuffer& a) {
+    const __m512i shift = _mm512_set_epi64(0x000c000c000c000cLL, 0x000c000c000c000cLL, 0x0008000800080008LL,
+                                           0x0008000800080008LL, 0x0004000400040004LL, 0x0004000400040004LL, 0, 0);
+    const __m512 iota = _mm512_set_ps(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    const int64_t g = b0 / p.blocks_per_group;
+    for (int r = 0; r < rows; ++r) {
+      const int64_t i = (n0 + r) * p.groups + g;
+      const __m512 zv = _mm512_set1_ps(p.zero ? load_scalar_avx2(p.zero, p.kind, i) : 8.0f);
+      const __m512i table =
+          bf16_table_twice(_mm512_mul_ps(_mm512_sub_ps(iota, zv), _mm512_set1_ps(load_scalar_avx2(p.scale, p.kind, i))));
+      const uint8_t* w = p.w + (n0 + r) * row_bytes;
+      for (int64_t b = b0; b < b1; ++b) {
+        if (b % 4 == 0)  // the next tile's row, one 64-byte line ahead
+          _mm_prefetch(reinterpret_cast<const char*>(w + cpu::kAmxRows * row_bytes + b * kBlockBytes), _MM_HINT_T0);
+        const __m512i v = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + b * kBlockBytes)));
+        _mm512_store_si512(a[b - b0][r], _mm512_permutexvar_epi16(_mm512_srlv_epi16(v, shift), table));
       }
     }
   };
-  int64_t pending_b0 = 0, pending_nb = 0;
-  int buf = 0;
-  for (int64_t g = 0; g < p.groups; ++g) {
-    const int64_t g0 = g * p.blocks_per_group, g1 = group_end(p, g);
-    for (int64_t b0 = g0; b0 < g1; b0 += kAmxStep) {
-      const int64_t nb = std::min(kAmxStep, g1 - b0);
-      for (int r = 0; r < rows; ++r) {
-        const int64_t i = (n0 + r) * p.groups + g;
-        const __m512 zv = _mm512_set1_ps(p.zero ? load_scalar_avx2(p.zero, p.kind, i) : 8.0f);
-        const __m512i table =
-            bf16_table_twice(_mm512_mul_ps(_mm512_sub_ps(iota, zv), _mm512_set1_ps(load_scalar_avx2(p.scale, p.kind, i))));
-        const uint8_t* w = p.w + (n0 + r) * row_bytes;
-        for (int64_t j = 0; j < nb; ++j) {
-          const int64_t b = b0 + j;
-          if (b % 4 == 0) _mm_prefetch(reinterpret_cast<const char*>(w + kAmxRows * row_bytes + b * kBlockBytes), _MM_HINT_T0);
-          const __m512i v = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + b * kBlockBytes)));
-          _mm512_store_si512(a[buf][j][r], _mm512_permutexvar_epi16(_mm512_srlv_epi16(v, shift), table));
-        }
-      }
-      multiply(pending_b0, pending_nb, buf ^ 1);
-      pending_b0 = b0;
-      pending_nb = nb;
-      buf ^= 1;
-    }
-  }
-  multiply(pending_b0, pending_nb, buf ^ 1);
   // out[m, n] = C[n - n0, m - m0] + bias[n], rounded once to x's dtype.
-  for (int t = 0; t < MT; ++t) {
-    switch (t) {
-      case 0: _tile_stored(0, c, kAmxCols * 4); break;
-      case 1: _tile_stored(1, c, kAmxCols * 4); break;
-      case 2: _tile_stored(2, c, kAmxCols * 4); break;
-      default: _tile_stored(3, c, kAmxCols * 4); break;
-    }
-    const int64_t mt0 = m0 + t * kAmxCols, mrows = std::min<int64_t>(kAmxCols, p.M - mt0);
+  auto finish = [&](int64_t m0, int64_t n0, int rows, int64_t mrows, const float* c) {
     for (int r = 0; r < rows; ++r) {
       const float bias = p.bias ? p.bias[n0 + r] : 0.0f;
-      for (int64_t m = 0; m < mrows; ++m) store_out(p, (mt0 + m) * p.N + n0 + r, c[r * kAmxCols + m] + bias);
+      for (int64_t m = 0; m < mrows; ++m) store_out(p, (m0 + m) * p.N + n0 + r, c[r * cpu::kAmxCols + m] + bias);
     }
-  }
-}
-
-void small_m_amx(const Problem& p, const uint16_t* xb) {
-  at::parallel_for(0, (p.N + kAmxRows - 1) / kAmxRows, 1, [&](int64_t t0, int64_t t1) {
-    cpu::TileConfig cfg;
-    for (int t = 0; t < 4; ++t) cfg.set(t, kAmxRows, kAmxCols * 4);  // C: fp32 [16 weight rows, 16 rows of x]
-    cfg.set(4, kAmxRows, kBlock * 2);                                  // A: bf16 [16 weight rows, 32]
-    for (int t = 5; t < 8; ++t) cfg.set(t, kBlock / 2, kAmxCols * 4);  // B: bf16 pairs [16, 16 rows of x, 2]
-    _tile_loadconfig(&cfg);
-    alignas(64) AmxBuffers a;
-    alignas(64) float c[kAmxRows * kAmxCols];
-    for (int64_t t = t0; t < t1; ++t) {
-      // Up to 64 rows of x (4 accumulator tiles) per pass over a weight tile; more take further
-      // passes over it (then in L1/L2).
-      for (int64_t m0 = 0; m0 < p.M; m0 += kAmxMaxMT * kAmxCols) {
-        switch (std::min<int64_t>(kAmxMaxMT, (p.M - m0 + kAmxCols - 1) / kAmxCols)) {
-          case 1: amx_tile<1>(p, xb, m0, t * kAmxRows, a, c); break;
-          case 2: amx_tile<2>(p, xb, m0, t * kAmxRows, a, c); break;
-          case 3: amx_tile<3>(p, xb, m0, t * kAmxRows, a, c); break;
-          default: amx_tile<4>(p, xb, m0, t * kAmxRows, a, c); break;
-        }
-      }
-    }
-    _tile_release();
-  });
+  };
+  cpu::amx_weight_gemm(p.M, p.N, p.nblocks, xb, decode, step_end, finish);
 }
 
 #pragma GCC diagnostic pop
 #pragma GCC pop_options
 
-// bf16 x [M, K] -> AMX B tiles: per 16 rows of x and 32-block, [16 pair rows][16 rows of x][2]
-// bf16, pair row kk holding the block's columns at words 2kk and 2kk + 1 of a decoded row
-// (lut_bf16_column); zeros past M and K.
-at::Tensor x_to_amx_b(const at::Tensor& x, int64_t Kp) {
-  const int64_t M = x.size(0), K = x.size(1), sm = x.stride(0), sk = x.stride(1), nblocks = Kp / kBlock;
-  const int64_t mtiles = (M + kAmxCols - 1) / kAmxCols;
-  at::Tensor out = at::zeros({mtiles, nblocks, kBlock / 2, kAmxCols, 2}, x.options().dtype(at::kBFloat16));
-  c10::BFloat16* dst = out.mutable_data_ptr<c10::BFloat16>();
-  const c10::BFloat16* src = x.const_data_ptr<c10::BFloat16>();
-  int64_t offset[kBlock];  // where column c of a block goes, within the block's tile
+// bf16 x [M, K] -> AMX B tiles in the order the weights decode (lut_bf16_column).
+at::Tensor x_to_amx_b(const at::Tensor& x, int64_t nblocks) {
+  int column_of_word[cpu::kAmxK];
   for (int L = 0; L < 4; ++L)
-    for (int j = 0; j < 8; ++j) {
-      const int word = 8 * L + j;
-      offset[lut_bf16_column(L, j)] = (word / 2) * kAmxCols * 2 + word % 2;
-    }
-  for (int64_t m = 0; m < M; ++m) {
-    c10::BFloat16* tiles = dst + (m / kAmxCols) * nblocks * kAmxBBlockWords + (m % kAmxCols) * 2;
-    const c10::BFloat16* row = src + m * sm;
-    for (int64_t b = 0; b < nblocks; ++b) {
-      c10::BFloat16* tile = tiles + b * kAmxBBlockWords;
-      const int64_t width = std::min<int64_t>(kBlock, K - b * kBlock);
-      for (int64_t c = 0; c < width; ++c) tile[offset[c]] = row[(b * kBlock + c) * sk];
-    }
-  }
-  return out;
+    for (int j = 0; j < 8; ++j) column_of_word[8 * L + j] = lut_bf16_column(L, j);
+  return cpu::x_to_amx_b(x, nblocks, column_of_word);
 }
 
 bool use_avx2() {
@@ -934,18 +836,6 @@ at::Tensor prepare_small_m_x(const Problem& p, float* xp) {
   return sums;
 }
 
-// Whether bf16 x of M rows takes the AMX kernel: kAmxMinM..kAmxMaxM rows where AMX-BF16 is ready.
-// LOWBIT_INT4_AMX=0 never, =1 for every M; LOWBIT_DECODED_GEMM=1 (the decoded-GEMM route forced)
-// also turns it off. Read per call, so tests reach every path on an AMX machine.
-bool use_amx(int64_t M) {
-  if (!cpu::amx_bf16_ready()) return false;
-  const char* env = std::getenv("LOWBIT_INT4_AMX");
-  if (env != nullptr && (env[0] == '0' || env[0] == '1')) return env[0] == '1';
-  const char* decoded = std::getenv("LOWBIT_DECODED_GEMM");
-  if (decoded != nullptr && decoded[0] == '1') return false;
-  return M >= kAmxMinM && M <= kAmxMaxM;
-}
-
 at::Tensor int4_weight_only_mm_cpu(const at::Tensor& x, const at::Tensor& packed_w, const at::Tensor& scale,
                                    const std::optional<at::Tensor>& zero, int64_t group_size,
                                    const std::optional<at::Tensor>& bias) {
@@ -977,9 +867,8 @@ at::Tensor int4_weight_only_mm_cpu(const at::Tensor& x, const at::Tensor& packed
   const bool avx2 = use_avx2();
   const bool avx512 = avx2 && cpu::has_avx512f();
   const int64_t small_m = avx512 ? kSmallMAvx512 : kSmallM;
-  if (x.scalar_type() == at::kBFloat16 && use_amx(M)) {
-    const at::Tensor xb = x_to_amx_b(x, p.Kp);
-    small_m_amx(p, reinterpret_cast<const uint16_t*>(xb.const_data_ptr<c10::BFloat16>()));
+  if (x.scalar_type() == at::kBFloat16 && cpu::use_amx_bf16(M, kAmxMinM, kAmxMaxM, "LOWBIT_INT4_AMX")) {
+    small_m_amx(p, x_to_amx_b(x, p.nblocks));
     return out;
   }
   const cpu::DecodedGemm route = avx2 && M > small_m ? cpu::decoded_gemm_route(x.scalar_type(), M, N, K,

@@ -7,7 +7,15 @@
 // then, and every AMX CPU has AVX-512F), so the callers' other paths stay reachable in tests.
 #pragma once
 
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+
+#include <immintrin.h>
+
+#include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 
 #include <sys/syscall.h>
@@ -52,5 +60,160 @@ inline bool amx_bf16_ready() {
   }();
   return value;
 }
+
+// Whether M rows of bf16 x take a family's AMX kernel: min_m..max_m rows where AMX-BF16 is ready.
+// The family's switch env_name =0 never, =1 for every M; LOWBIT_DECODED_GEMM=1 (the decoded-GEMM
+// route forced) also turns it off. Read per call, so tests reach every path on an AMX machine.
+inline bool use_amx_bf16(int64_t M, int64_t min_m, int64_t max_m, const char* env_name) {
+  if (!amx_bf16_ready()) return false;
+  const char* env = std::getenv(env_name);
+  if (env != nullptr && (env[0] == '0' || env[0] == '1')) return env[0] == '1';
+  const char* decoded = std::getenv("LOWBIT_DECODED_GEMM");
+  if (decoded != nullptr && decoded[0] == '1') return false;
+  return M >= min_m && M <= max_m;
+}
+
+// ----------------------------------------------------------------------------- weight-only GEMM
+// out^T [N, M] = W [N, K] x^T [K, M] on AMX-BF16 tiles, for weights that a family decodes to bf16
+// itself: the full weight is never materialized, only 16 rows x 32 columns per tile. W is the A
+// operand (16 weight rows per tile, row for row as they decode), x^T the B operand (16 rows of x
+// per tile, pair-interleaved once per call by x_to_amx_b), and the product accumulates in fp32
+// tiles: 4 of them, so up to 64 rows of x share each decoded weight tile; more rows take further
+// passes over it (then in L1/L2). AMX treats subnormal bf16 inputs and fp32 results as zero
+// (magnitudes below 1.2e-38).
+constexpr int kAmxRows = 16;                            // weight rows per tile (A and C rows)
+constexpr int kAmxCols = 16;                            // rows of x per tile (B and C columns)
+constexpr int kAmxK = 32;                               // columns of K per tile (bf16)
+constexpr int64_t kAmxBTileWords = kAmxK * kAmxCols;    // one B tile: 16 pair rows x 16 x 2
+constexpr int kAmxMaxMT = 4;                            // accumulator tiles (of 8 tile registers)
+// 32-column blocks decoded per step. A tile load must wait until the stores of its rows have left
+// the store buffer, so the tiles multiply step s - 1 while step s decodes (two buffers):
+// decoding one block and multiplying it at once ran at about a third of the speed (int4).
+constexpr int64_t kAmxStep = 8;
+
+using AmxStepBuffer = uint16_t[kAmxStep][kAmxRows][kAmxK];
+
+// bf16 x [M, K] (any strides) -> B tiles: per 16 rows of x and 32-column block, [16 pair rows][16
+// rows of x][2] bf16, where word w (of 32) of a decoded weight row meets column column_of_word[w]
+// of the block; zeros past M and K.
+inline at::Tensor x_to_amx_b(const at::Tensor& x, int64_t nblocks, const int (&column_of_word)[kAmxK]) {
+  const int64_t M = x.size(0), K = x.size(1), sm = x.stride(0), sk = x.stride(1);
+  const int64_t mtiles = (M + kAmxCols - 1) / kAmxCols;
+  at::Tensor out = at::zeros({mtiles, nblocks, kAmxK / 2, kAmxCols, 2}, x.options().dtype(at::kBFloat16));
+  c10::BFloat16* dst = out.mutable_data_ptr<c10::BFloat16>();
+  const c10::BFloat16* src = x.const_data_ptr<c10::BFloat16>();
+  int64_t offset[kAmxK];  // where column c of a block goes, within the block's tile
+  for (int w = 0; w < kAmxK; ++w) offset[column_of_word[w]] = (w / 2) * kAmxCols * 2 + w % 2;
+  for (int64_t m = 0; m < M; ++m) {
+    c10::BFloat16* tiles = dst + (m / kAmxCols) * nblocks * kAmxBTileWords + (m % kAmxCols) * 2;
+    const c10::BFloat16* row = src + m * sm;
+    for (int64_t b = 0; b < nblocks; ++b) {
+      c10::BFloat16* tile = tiles + b * kAmxBTileWords;
+      const int64_t width = std::min<int64_t>(kAmxK, K - b * kAmxK);
+      for (int64_t c = 0; c < width; ++c) tile[offset[c]] = row[(b * kAmxK + c) * sk];
+    }
+  }
+  return out;
+}
+
+#if LOWBIT_HAVE_AVX2_KERNELS
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512bf16,amx-tile,amx-bf16,avx2,fma,f16c")
+
+// Weight rows n0 .. n0 + rows (rows <= 16; the rest of the tile stays zero) against MT tiles of 16
+// rows of x from m0. decode(n0, rows, b0, b1, AmxStepBuffer&) writes blocks b0..b1 of those rows,
+// block b0 + j at [j][row]; step_end(b0) is where a step from block b0 must end (at most kAmxStep
+// blocks on, and at a boundary the family needs, as int4's groups). finish(t, c) takes the fp32
+// product of the rows with x tile t, c[r * 16 + m] for weight row n0 + r and row of x m0 + 16 t + m.
+// Tiles: 0..MT-1 accumulate, 4 holds W, 5-7 hold x^T.
+template <int MT, typename Decode, typename StepEnd, typename Finish>
+void amx_weight_tile(int64_t nblocks, const uint16_t* xb, int64_t m0, int64_t n0, int rows, AmxStepBuffer (&a)[2],
+                     float* c, Decode& decode, StepEnd& step_end, Finish& finish) {
+  if (rows < kAmxRows) std::memset(a, 0, sizeof(a));
+  _tile_zero(0);
+  if constexpr (MT > 1) _tile_zero(1);
+  if constexpr (MT > 2) _tile_zero(2);
+  if constexpr (MT > 3) _tile_zero(3);
+  const int64_t bstride = nblocks * kAmxBTileWords;  // words between x's 16-row tiles
+  const uint16_t* x0 = xb + (m0 / kAmxCols) * bstride;
+  auto multiply = [&](int64_t b0, int64_t b1, int buf) {
+    for (int64_t b = b0; b < b1; ++b) {
+      _tile_loadd(4, a[buf][b - b0], kAmxK * 2);
+      const uint16_t* xj = x0 + b * kAmxBTileWords;
+      _tile_loadd(5, xj, kAmxCols * 4);
+      _tile_dpbf16ps(0, 4, 5);
+      if constexpr (MT > 1) {
+        _tile_loadd(6, xj + bstride, kAmxCols * 4);
+        _tile_dpbf16ps(1, 4, 6);
+      }
+      if constexpr (MT > 2) {
+        _tile_loadd(7, xj + 2 * bstride, kAmxCols * 4);
+        _tile_dpbf16ps(2, 4, 7);
+      }
+      if constexpr (MT > 3) {
+        _tile_loadd(5, xj + 3 * bstride, kAmxCols * 4);
+        _tile_dpbf16ps(3, 4, 5);
+      }
+    }
+  };
+  int64_t pending_b0 = 0, pending_b1 = 0;
+  int buf = 0;
+  for (int64_t b0 = 0; b0 < nblocks;) {
+    const int64_t b1 = step_end(b0);
+    decode(n0, rows, b0, b1, a[buf]);
+    multiply(pending_b0, pending_b1, buf ^ 1);
+    pending_b0 = b0;
+    pending_b1 = b1;
+    buf ^= 1;
+    b0 = b1;
+  }
+  multiply(pending_b0, pending_b1, buf ^ 1);
+  for (int t = 0; t < MT; ++t) {
+    switch (t) {
+      case 0: _tile_stored(0, c, kAmxCols * 4); break;
+      case 1: _tile_stored(1, c, kAmxCols * 4); break;
+      case 2: _tile_stored(2, c, kAmxCols * 4); break;
+      default: _tile_stored(3, c, kAmxCols * 4); break;
+    }
+    finish(t, static_cast<const float*>(c));
+  }
+}
+
+// The whole product, one at::parallel_for over tiles of 16 weight rows. finish(m0, n0, rows,
+// mrows, c): c[r * 16 + m] = sum_k x[m0 + m, k] * W[n0 + r, k] for r < rows, m < mrows.
+template <typename Decode, typename StepEnd, typename Finish>
+void amx_weight_gemm(int64_t M, int64_t N, int64_t nblocks, const at::Tensor& xb, Decode&& decode, StepEnd&& step_end,
+                     Finish&& finish) {
+  const uint16_t* x = reinterpret_cast<const uint16_t*>(xb.const_data_ptr<c10::BFloat16>());
+  at::parallel_for(0, (N + kAmxRows - 1) / kAmxRows, 1, [&](int64_t t0, int64_t t1) {
+    TileConfig cfg;
+    for (int t = 0; t < 4; ++t) cfg.set(t, kAmxRows, kAmxCols * 4);   // C: fp32 [16 weight rows, 16 rows of x]
+    cfg.set(4, kAmxRows, kAmxK * 2);                                    // A: bf16 [16 weight rows, 32]
+    for (int t = 5; t < 8; ++t) cfg.set(t, kAmxK / 2, kAmxCols * 4);   // B: bf16 pairs [16, 16 rows of x, 2]
+    _tile_loadconfig(&cfg);
+    alignas(64) AmxStepBuffer a[2];
+    alignas(64) float c[kAmxRows * kAmxCols];
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t n0 = t * kAmxRows;
+      const int rows = static_cast<int>(std::min<int64_t>(kAmxRows, N - n0));
+      for (int64_t m0 = 0; m0 < M; m0 += kAmxMaxMT * kAmxCols) {
+        auto tile_done = [&](int mt, const float* cc) {
+          const int64_t mt0 = m0 + mt * kAmxCols;
+          finish(mt0, n0, rows, std::min<int64_t>(kAmxCols, M - mt0), cc);
+        };
+        switch (std::min<int64_t>(kAmxMaxMT, (M - m0 + kAmxCols - 1) / kAmxCols)) {
+          case 1: amx_weight_tile<1>(nblocks, x, m0, n0, rows, a, c, decode, step_end, tile_done); break;
+          case 2: amx_weight_tile<2>(nblocks, x, m0, n0, rows, a, c, decode, step_end, tile_done); break;
+          case 3: amx_weight_tile<3>(nblocks, x, m0, n0, rows, a, c, decode, step_end, tile_done); break;
+          default: amx_weight_tile<4>(nblocks, x, m0, n0, rows, a, c, decode, step_end, tile_done); break;
+        }
+      }
+    }
+    _tile_release();
+  });
+}
+
+#pragma GCC pop_options
+#endif  // LOWBIT_HAVE_AVX2_KERNELS
 
 }  // namespace lowbit::cpu
