@@ -1028,15 +1028,19 @@ def lowbit_cpu_isa(flags: set[str] | frozenset[str] | None = None) -> str:
                          + (", binary vpopcntq" if "avx512_vpopcntdq" in flags
                             and os.environ.get("LOWBIT_BINARY_LOOP") is None else ""))
         # cpu::amx_bf16_ready() and use_amx_bf16() in csrc/include/lowbit/cpu/amx.h, with the
-        # families' thresholds (kAmxMinM/kAmxMaxM in int4.cpp, kWoAmxMinM in int8.cpp)
+        # families' thresholds (kAmxMinM/kAmxMaxM in int4.cpp, kWoAmxMinM in int8.cpp, kFp8AmxMinM
+        # in fp8.cpp)
         amx_ready = avx512 and {"amx_bf16", "amx_tile", "avx512bw", "avx512_bf16"} <= flags
         forced_route = os.environ.get("LOWBIT_DECODED_GEMM", "")[:1] == "1"
         int4_amx_env = os.environ.get("LOWBIT_INT4_AMX", "")[:1]
         int8_amx_env = os.environ.get("LOWBIT_INT8_WO_AMX", "")[:1]
+        fp8_amx_env = os.environ.get("LOWBIT_FP8_AMX", "")[:1]
         int4_amx = amx_ready and int4_amx_env != "0" and (int4_amx_env == "1" or not forced_route)
         int8_amx = amx_ready and int8_amx_env != "0" and (int8_amx_env == "1" or not forced_route)
+        fp8_amx = amx_ready and fp8_amx_env != "0" and (fp8_amx_env == "1" or not forced_route)
         amx_kernels = ([f"int4 bf16 {'at every M' if int4_amx_env == '1' else 'M = 5-256'}"] if int4_amx else []) + (
-            [f"int8 weight-only bf16 {'at every M' if int8_amx_env == '1' else 'from M = 5'}"] if int8_amx else [])
+            [f"int8 weight-only bf16 {'at every M' if int8_amx_env == '1' else 'from M = 5'}"] if int8_amx else []) + (
+            ["fp8 (bf16 weight-only, W8A8; vector scales) at every M"] if fp8_amx else [])
         if amx_kernels:
             notes.append(" and ".join(amx_kernels) + " on lowbit's AMX kernels")
         if amx_bf16:

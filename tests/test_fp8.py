@@ -42,14 +42,23 @@ def bits(t: torch.Tensor) -> torch.Tensor:
     return t.cpu().contiguous().view(torch.int32 if t.dtype == torch.float32 else torch.uint8)
 
 
+def fp8_amx_runs() -> bool:
+    """Whether fp8 CPU GEMMs take the AMX kernel (csrc/cpu/fp8.cpp, use_fp8_amx: every M with
+    vector scales where AMX-BF16 is ready, unless LOWBIT_FP8_AMX=0 or LOWBIT_DECODED_GEMM=1)."""
+    env = os.environ.get("LOWBIT_FP8_AMX", "")[:1]
+    if not cpu_routes.amx_bf16_ready() or env == "0":
+        return False
+    return env == "1" or os.environ.get("LOWBIT_DECODED_GEMM", "")[:1] != "1"
+
+
 def assert_decoded(out: torch.Tensor, expected: torch.Tensor):
     """Decoded values equal torch's conversion bit for bit on the CPU.
 
-    GPU arithmetic canonicalizes NaN payloads and tensor-core sums start from +0, so there the
-    NaN codes must decode to NaN and every other code to exactly the same value (+0 == -0 is
-    checked separately by the CPU run).
+    GPU tensor cores and CPU AMX tiles canonicalize NaN payloads and start their sums from +0, so
+    there the NaN codes must decode to NaN and every other code to exactly the same value (+0 ==
+    -0 is checked separately by the CPU run without AMX).
     """
-    if out.device.type == "cpu":
+    if out.device.type == "cpu" and not fp8_amx_runs():
         assert torch.equal(bits(out), bits(expected))
         return
     out, expected = out.cpu(), expected.cpu()
@@ -77,7 +86,8 @@ def test_every_code_decodes_bit_exactly_in_weight_only_mm(target, fmt, M):
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_runs_of_codes_along_k_decode_bit_exactly_in_weight_only_gemv(target, fmt):
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_runs_of_codes_along_k_decode_bit_exactly_in_weight_only_gemv(target, fmt, x_dtype):
     """Codes along K, as the small-M kernel decodes them (32 at a time on the CPU): rows of normal
     codes and zeros only (e4m3's integer fast path, zeros included), rows with many zeros, and rows
     that also hold subnormals (the fp16 route); every finite code appears. One-hot rows of x read
@@ -98,18 +108,25 @@ def test_runs_of_codes_along_k_decode_bit_exactly_in_weight_only_gemv(target, fm
     rows[2][1::2] = 0x80  # -0 every other code
     w = torch.stack(rows).view(FORMATS[fmt]).to(target)
     one = torch.ones((), device=target)
-    for k0 in range(0, K, 4):
+    for k0 in range(0, K, 4):  # bf16 x: the AMX kernel where AMX-BF16 is ready
         x = torch.zeros(4, K)
         x[torch.arange(4), k0 + torch.arange(4)] = 1.0
-        out = ops.fp8_weight_only_mm(x.to(target), w, one).cpu()
-        expected = w.cpu().float()[:, k0:k0 + 4].T
+        out = ops.fp8_weight_only_mm(x.to(target, x_dtype), w, one).float().cpu()
+        expected = w.cpu().float()[:, k0:k0 + 4].T.to(x_dtype).float()
         # + 0.0: a -0 weight times 1, summed with +0 products, is +0 on every backend.
         assert torch.equal(bits(out + 0.0), bits(expected + 0.0)), f"columns {k0}..{k0 + 3}"
 
 
 @pytest.mark.parametrize("fmt_a", FORMATS)
 @pytest.mark.parametrize("fmt_b", FORMATS)
-def test_every_code_decodes_bit_exactly_in_scaled_mm(target, fmt_a, fmt_b):
+@pytest.mark.parametrize("amx", ["auto", "off"])
+def test_every_code_decodes_bit_exactly_in_scaled_mm(monkeypatch, target, fmt_a, fmt_b, amx):
+    if amx == "off":  # the CPU kernels without AMX, bit for bit (NaN payloads and -0 included)
+        if target.type != "cpu" or not cpu_routes.amx_bf16_ready():
+            pytest.skip("the same run as amx=auto here")
+        monkeypatch.setenv("LOWBIT_FP8_AMX", "0")
+    else:
+        monkeypatch.delenv("LOWBIT_FP8_AMX", raising=False)
     one = lambda fmt: torch.ones(1, 1, device=target).to(FORMATS[fmt])  # noqa: E731
     s = torch.ones((), device=target)
     codes_a, codes_b = all_codes(fmt_a, target).reshape(256, 1), all_codes(fmt_b, target).reshape(256, 1)
@@ -118,10 +135,47 @@ def test_every_code_decodes_bit_exactly_in_scaled_mm(target, fmt_a, fmt_b):
     out_b = ops.fp8_scaled_mm(one(fmt_a), codes_b, s, s)  # [1, 256]: decodes b
     assert_decoded(out_a, codes_a.cpu().float())
     assert_decoded(out_b, codes_b.cpu().float().T)
-    # All 256 rows at once take the decode + BLAS path: exact too, except that BLAS sums start
-    # from +0, so a lone -0.0 product comes out +0.0 (as torch.mm gives).
+    # All 256 rows at once take the decode + BLAS path (or AMX): exact too, except that their
+    # sums start from +0, so a lone -0.0 product comes out +0.0 (as torch.mm gives).
     out = ops.fp8_scaled_mm(codes_a, one(fmt_b), s, s).cpu()
-    assert torch.equal(bits(out + 0.0), bits(codes_a.cpu().float() + 0.0))
+    if fp8_amx_runs():
+        assert_decoded(out + 0.0, codes_a.cpu().float() + 0.0)
+    else:
+        assert torch.equal(bits(out + 0.0), bits(codes_a.cpu().float() + 0.0))
+
+
+@pytest.mark.parametrize("env", ["0", "1", None], ids=["never", "always", "auto"])
+@pytest.mark.parametrize("M", [1, 20])
+def test_cpu_fp8_amx_route(monkeypatch, env, M):
+    """Where the AMX kernel runs it counts subnormal bf16 activations as zero (documented): a
+    subnormal x times a weight of 1 tells the routes apart; the other rows check the values, and
+    fp8_scaled_mm (fp8 activations: never subnormal in bf16) stays within the fp32 bound either way."""
+    monkeypatch.delenv("LOWBIT_DECODED_GEMM", raising=False)
+    if env is None:
+        monkeypatch.delenv("LOWBIT_FP8_AMX", raising=False)
+    else:
+        monkeypatch.setenv("LOWBIT_FP8_AMX", env)
+    N, K = 19, 70
+    g = torch.Generator().manual_seed(M)
+    x = torch.randn(M, K, generator=g).bfloat16()
+    x[0] = 0
+    x[0, 3] = 1e-39  # a bf16 subnormal
+    w = (torch.randn(N, K, generator=g) * 4).to(torch.float8_e4m3fn)
+    w[:, 3] = 1.0
+    out = ops.fp8_weight_only_mm(x, w, torch.ones(N))
+    amx = fp8_amx_runs()
+    assert torch.equal(out[0], torch.zeros(N, dtype=torch.bfloat16) if amx else x[0, 3].expand(N))
+    exact = x[1:].double() @ w.double().T
+    bound = (K + 2) * torch.finfo(torch.float32).eps * (x[1:].double().abs() @ w.double().abs().T)
+    assert ((out[1:].double() - exact).abs() <= bound + torch.finfo(torch.bfloat16).eps * exact.abs()).all()
+    a = (torch.randn(M, K, generator=g) * 4).to(torch.float8_e5m2)
+    sa, sw = torch.rand(M, generator=g) + 0.5, torch.rand(N, generator=g) + 0.5
+    got = ops.fp8_scaled_mm(a, w, sa, sw)
+    monkeypatch.setenv("LOWBIT_FP8_AMX", "0")
+    other = ops.fp8_scaled_mm(a, w, sa, sw)
+    exact = (a.double() @ w.double().T) * sa.double()[:, None] * sw.double()
+    bound = (K + 4) * torch.finfo(torch.float32).eps * (a.double().abs() @ w.double().abs().T) * sa.double()[:, None] * sw.double()
+    assert ((got.double() - exact).abs() <= bound).all() and ((other.double() - exact).abs() <= bound).all()
 
 
 # ----------------------------------------------------------------------------- encode policy
