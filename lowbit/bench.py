@@ -1028,24 +1028,29 @@ def lowbit_cpu_isa(flags: set[str] | frozenset[str] | None = None) -> str:
                          + (", binary vpopcntq" if "avx512_vpopcntdq" in flags
                             and os.environ.get("LOWBIT_BINARY_LOOP") is None else ""))
         # cpu::amx_bf16_ready() and use_amx_bf16() in csrc/include/lowbit/cpu/amx.h, with the
-        # families' thresholds (kAmxMinM/kAmxMaxM in int4.cpp, kWoAmxMinM in int8.cpp, kFp8AmxMinM
-        # in fp8.cpp)
+        # families' thresholds (kAmxMinM/kAmxMaxM in int4.cpp and codebook.cpp, kWoAmxMinM in
+        # int8.cpp, kFp8AmxMinM in fp8.cpp)
         amx_ready = avx512 and {"amx_bf16", "amx_tile", "avx512bw", "avx512_bf16"} <= flags
         forced_route = os.environ.get("LOWBIT_DECODED_GEMM", "")[:1] == "1"
         int4_amx_env = os.environ.get("LOWBIT_INT4_AMX", "")[:1]
         int8_amx_env = os.environ.get("LOWBIT_INT8_WO_AMX", "")[:1]
         fp8_amx_env = os.environ.get("LOWBIT_FP8_AMX", "")[:1]
+        cb_amx_env = os.environ.get("LOWBIT_CODEBOOK_AMX", "")[:1]
+        cb_amx = amx_ready and cb_amx_env != "0" and (cb_amx_env == "1" or not forced_route)
         int4_amx = amx_ready and int4_amx_env != "0" and (int4_amx_env == "1" or not forced_route)
         int8_amx = amx_ready and int8_amx_env != "0" and (int8_amx_env == "1" or not forced_route)
         fp8_amx = amx_ready and fp8_amx_env != "0" and (fp8_amx_env == "1" or not forced_route)
         amx_kernels = ([f"int4 bf16 {'at every M' if int4_amx_env == '1' else 'M = 5-256'}"] if int4_amx else []) + (
             [f"int8 weight-only bf16 {'at every M' if int8_amx_env == '1' else 'from M = 5'}"] if int8_amx else []) + (
-            ["fp8 (bf16 weight-only, W8A8; vector scales) at every M"] if fp8_amx else [])
+            ["fp8 (bf16 weight-only, W8A8; vector scales) at every M"] if fp8_amx else []) + (
+            [f"codebook bf16 {'at every M' if cb_amx_env == '1' else 'M = 10-96'}"] if cb_amx else [])
         if amx_kernels:
             notes.append(" and ".join(amx_kernels) + " on lowbit's AMX kernels")
         if amx_bf16:
-            int4_from = "" if int4_amx_env == "1" else f"int4 bf16 from M = {257 if int4_amx else 33}, "
-            notes.append(f"{int4_from}codebook bf16 from M = 24 on torch's AMX bf16 GEMM")
+            from_m = [] if int4_amx_env == "1" else [f"int4 bf16 from M = {257 if int4_amx else 33}"]
+            from_m += [] if cb_amx_env == "1" else [f"codebook bf16 from M = {97 if cb_amx else 24}"]
+            if from_m:
+                notes.append(", ".join(from_m) + " on torch's AMX bf16 GEMM")
         if decoded and avx512:
             notes.append("int4/codebook fp32/fp16 and int8 weight-only" + (" fp32/fp16" if int8_amx else "")
                          + " from M = 96 on torch's AVX-512 GEMM")

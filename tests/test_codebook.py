@@ -255,7 +255,22 @@ ROUTE_LAYOUTS = [  # (d, C, bits, R, G, K): every decoder (nibble planes, byte v
 ]
 
 
+# bf16 x of AMX_M rows takes lowbit's AMX kernel where AMX-BF16 is ready (kAmxMinM, kAmxMaxM):
+# each weight rounded once to bf16, as on the bf16 route, then fp32 accumulation.
+AMX_M = range(10, 97)
+
+
+def takes_amx(x_dtype, M, env=None):
+    """Whether the AMX kernel runs, with LOWBIT_DECODED_GEMM=env and LOWBIT_CODEBOOK_AMX as set now."""
+    forced = os.environ.get("LOWBIT_CODEBOOK_AMX", "")[:1]
+    if not cpu_routes.amx_bf16_ready() or x_dtype != torch.bfloat16 or forced == "0":
+        return False
+    return forced == "1" or (env != "1" and M in AMX_M)
+
+
 def decoded_gemm_route(x_dtype, M, env):
+    if takes_amx(x_dtype, M, env):
+        return None
     return cpu_routes.decoded_gemm_route(x_dtype, M, env, small_m=SMALL_M, min_m_bf16=DECODED_GEMM_MIN_M["bf16"],
                                          min_m_fp32=DECODED_GEMM_MIN_M["fp32"])
 
@@ -268,15 +283,16 @@ def set_route_env(monkeypatch, env):
 
 
 @pytest.mark.parametrize("env", ["0", "1", None], ids=["never", "always", "auto"])
-@pytest.mark.parametrize("M", [23, 24, 96])
+@pytest.mark.parametrize("M", [9, 10, 23, 24, 96, 97])
 @pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
 @pytest.mark.parametrize("layout", ROUTE_LAYOUTS, ids=lambda v: layout_id(v[:5]) + f"K{v[5]}")
 def test_decoded_gemm_routes_stay_within_their_bounds(monkeypatch, env, M, x_dtype, layout):
     """Each route is taken exactly where the rule says and stays within its bound: the fp32 one
     (the spec's weights, fp32 accumulation), plus eps_bf16 * sum|x||w| on the bf16 route (each
     weight rounded once to bf16 as on the Triton path, the product rounded to bf16 before the
-    scale and bias)."""
+    scale and bias) and on the AMX kernel (the same weights, an fp32 product)."""
     set_route_env(monkeypatch, env)
+    monkeypatch.delenv("LOWBIT_CODEBOOK_AMX", raising=False)
     d, C, bits, R, G, K = layout
     w, _ = make_weight(21, K, d, C, bits, R, G, cb_dtype=torch.float16, seed=M)
     g = torch.Generator().manual_seed(7)
@@ -287,10 +303,32 @@ def test_decoded_gemm_routes_stay_within_their_bounds(monkeypatch, env, M, x_dty
     assert took_mm == (route is not None), f"route {route}"
     wdeq = ref.codebook_dequant(w.packed, w.codebooks, w.scale, K)
     exact, bound = codebook_bound(x.float(), wdeq, bias, K, C, x_dtype)
-    if route == "bf16":
+    if route == "bf16" or takes_amx(x_dtype, M, env):
         bound = bound + torch.finfo(torch.bfloat16).eps * (x.double().abs() @ wdeq.double().abs().T)
     err = (out.double() - exact).abs()
     assert (err <= bound).all(), f"max err {err.max()} at bound {bound.flatten()[err.argmax()]}"
+
+
+@pytest.mark.skipif(not cpu_routes.amx_bf16_ready(), reason="no AMX-BF16 (with AVX-512 F/BW/BF16) visible to lowbit here")
+@pytest.mark.parametrize("layout", ROUTE_LAYOUTS, ids=lambda v: layout_id(v[:5]) + f"K{v[5]}")
+def test_amx_one_hot_rows_give_the_bf16_weights_exactly(monkeypatch, layout):
+    # bf16 one-hot rows of 64 (and the last, partial chunk as 64 rows ending at K) through the AMX
+    # kernel: the unscaled weight rounded to bf16 (nearest even), times the scale in fp32, rounded
+    # to bf16; every column, every row of a partial 16-row tile (N = 21), every accumulator tile.
+    monkeypatch.delenv("LOWBIT_DECODED_GEMM", raising=False)
+    monkeypatch.delenv("LOWBIT_CODEBOOK_AMX", raising=False)
+    d, C, bits, R, G, K = layout
+    w, _ = make_weight(21, K, d, C, bits, R, G, cb_dtype=torch.float16, seed=3)
+    unscaled = ref.codebook_dequant(w.packed, w.codebooks, None, K)
+    rows = min(64, K)
+    assert takes_amx(torch.bfloat16, rows)
+    for c0 in range(0, K, rows):
+        cols = torch.arange(c0, c0 + rows) if c0 + rows <= K else torch.arange(K - rows, K)
+        x = torch.zeros(rows, K, dtype=torch.bfloat16)
+        x[torch.arange(rows), cols] = 1.0
+        out = ops.codebook_mm(x, w.packed, w.codebooks, w.scale)
+        want = (unscaled[:, cols].bfloat16().float() * w.scale[:, None]).bfloat16().T
+        torch.testing.assert_close(out, want, rtol=0, atol=0)
 
 
 def test_decoded_gemm_panels_span_several_at_mm_calls(monkeypatch):
