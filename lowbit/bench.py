@@ -1042,7 +1042,7 @@ def lowbit_cpu_isa(flags: set[str] | frozenset[str] | None = None) -> str:
         fp8_amx = amx_ready and fp8_amx_env != "0" and (fp8_amx_env == "1" or not forced_route)
         amx_kernels = ([f"int4 bf16 {'at every M' if int4_amx_env == '1' else 'M = 5-256'}"] if int4_amx else []) + (
             [f"int8 weight-only bf16 {'at every M' if int8_amx_env == '1' else 'from M = 5'}"] if int8_amx else []) + (
-            ["fp8 (bf16 weight-only, W8A8; vector scales) at every M"] if fp8_amx else []) + (
+            [f"fp8 (bf16 weight-only, W8A8; vector scales) {'at every M' if fp8_amx_env == '1' else 'from M = 2'}"] if fp8_amx else []) + (
             [f"codebook bf16 {'at every M' if cb_amx_env == '1' else 'M = 10-96'}"] if cb_amx else [])
         if amx_kernels:
             notes.append(" and ".join(amx_kernels) + " on lowbit's AMX kernels")

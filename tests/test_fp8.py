@@ -42,23 +42,24 @@ def bits(t: torch.Tensor) -> torch.Tensor:
     return t.cpu().contiguous().view(torch.int32 if t.dtype == torch.float32 else torch.uint8)
 
 
-def fp8_amx_runs() -> bool:
-    """Whether fp8 CPU GEMMs take the AMX kernel (csrc/cpu/fp8.cpp, use_fp8_amx: every M with
-    vector scales where AMX-BF16 is ready, unless LOWBIT_FP8_AMX=0 or LOWBIT_DECODED_GEMM=1)."""
+def fp8_amx_runs(M: int = 2) -> bool:
+    """Whether fp8 CPU GEMMs of M rows take the AMX kernel (csrc/cpu/fp8.cpp, use_fp8_amx: from
+    M = 2 with vector scales where AMX-BF16 is ready, unless LOWBIT_FP8_AMX=0 or
+    LOWBIT_DECODED_GEMM=1; every M with LOWBIT_FP8_AMX=1)."""
     env = os.environ.get("LOWBIT_FP8_AMX", "")[:1]
     if not cpu_routes.amx_bf16_ready() or env == "0":
         return False
-    return env == "1" or os.environ.get("LOWBIT_DECODED_GEMM", "")[:1] != "1"
+    return env == "1" or (M >= 2 and os.environ.get("LOWBIT_DECODED_GEMM", "")[:1] != "1")
 
 
-def assert_decoded(out: torch.Tensor, expected: torch.Tensor):
+def assert_decoded(out: torch.Tensor, expected: torch.Tensor, amx: bool = False):
     """Decoded values equal torch's conversion bit for bit on the CPU.
 
     GPU tensor cores and CPU AMX tiles canonicalize NaN payloads and start their sums from +0, so
     there the NaN codes must decode to NaN and every other code to exactly the same value (+0 ==
-    -0 is checked separately by the CPU run without AMX).
+    -0 is checked separately by the CPU run without AMX). amx: out came from the AMX kernel.
     """
-    if out.device.type == "cpu" and not fp8_amx_runs():
+    if out.device.type == "cpu" and not amx:
         assert torch.equal(bits(out), bits(expected))
         return
     out, expected = out.cpu(), expected.cpu()
@@ -133,19 +134,19 @@ def test_every_code_decodes_bit_exactly_in_scaled_mm(monkeypatch, target, fmt_a,
     # a in chunks of 16 rows (the small-M kernel, whose sums start from -0 and so keep -0.0)
     out_a = torch.cat([ops.fp8_scaled_mm(chunk, one(fmt_b), s, s) for chunk in codes_a.split(16)])
     out_b = ops.fp8_scaled_mm(one(fmt_a), codes_b, s, s)  # [1, 256]: decodes b
-    assert_decoded(out_a, codes_a.cpu().float())
-    assert_decoded(out_b, codes_b.cpu().float().T)
+    assert_decoded(out_a, codes_a.cpu().float(), amx=fp8_amx_runs(16))
+    assert_decoded(out_b, codes_b.cpu().float().T, amx=fp8_amx_runs(1))
     # All 256 rows at once take the decode + BLAS path (or AMX): exact too, except that their
     # sums start from +0, so a lone -0.0 product comes out +0.0 (as torch.mm gives).
     out = ops.fp8_scaled_mm(codes_a, one(fmt_b), s, s).cpu()
-    if fp8_amx_runs():
-        assert_decoded(out + 0.0, codes_a.cpu().float() + 0.0)
+    if fp8_amx_runs(256):
+        assert_decoded(out + 0.0, codes_a.cpu().float() + 0.0, amx=True)
     else:
         assert torch.equal(bits(out + 0.0), bits(codes_a.cpu().float() + 0.0))
 
 
 @pytest.mark.parametrize("env", ["0", "1", None], ids=["never", "always", "auto"])
-@pytest.mark.parametrize("M", [1, 20])
+@pytest.mark.parametrize("M", [1, 2, 20])
 def test_cpu_fp8_amx_route(monkeypatch, env, M):
     """Where the AMX kernel runs it counts subnormal bf16 activations as zero (documented): a
     subnormal x times a weight of 1 tells the routes apart; the other rows check the values, and
@@ -163,7 +164,7 @@ def test_cpu_fp8_amx_route(monkeypatch, env, M):
     w = (torch.randn(N, K, generator=g) * 4).to(torch.float8_e4m3fn)
     w[:, 3] = 1.0
     out = ops.fp8_weight_only_mm(x, w, torch.ones(N))
-    amx = fp8_amx_runs()
+    amx = fp8_amx_runs(M)
     assert torch.equal(out[0], torch.zeros(N, dtype=torch.bfloat16) if amx else x[0, 3].expand(N))
     exact = x[1:].double() @ w.double().T
     bound = (K + 2) * torch.finfo(torch.float32).eps * (x[1:].double().abs() @ w.double().abs().T)

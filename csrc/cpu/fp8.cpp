@@ -448,15 +448,16 @@ void apply_epilogue(const Epilogue& e, const float* acc, int64_t lda, int64_t m0
 }
 
 constexpr int64_t kGemvMaxM = 16;
-// On CPUs with AMX-BF16, every M takes the AMX kernel (fp8_amx; bf16 x for fp8_weight_only_mm,
-// any fp8_scaled_mm), vector scales only. Measured on the 2-vCPU AMX Xeon VM (e4m3, N = K = 4096,
+// On CPUs with AMX-BF16, from M = 2 the AMX kernel (fp8_amx; bf16 x for fp8_weight_only_mm, any
+// fp8_scaled_mm), vector scales only. Measured on the 2-vCPU AMX Xeon VM (e4m3, N = K = 4096,
 // 2 threads, 1 GiB read before each call, median of 11, speed over fp32 F.linear), weight-only
 // with bf16 x, AMX vs the GEMV tiles / decoded blocks: M = 1 1.68-1.77x / 1.04-1.07x, 4 3.46-3.57
 // / 1.81-1.83, 8 4.66 / 1.70, 16 4.53 / 1.44, 64 4.12 / 0.70, 256 2.69 / 0.83; fp8_scaled_mm
 // (W8A8) M = 1 1.64-1.70 / 1.02-1.07, 16 4.02 / 1.44, 256 2.19 / 0.81. (On this VM the AVX-512
 // GEMV tiles ran at half the speed they had in session 10's measurements, 2.07x at M = 1, while
-// fp32 F.linear did not change: the AMX path wins either way.)
-constexpr int64_t kFp8AmxMinM = 1;
+// fp32 F.linear did not change. In a later run on the same VM, at that speed again, M = 1 gave
+// GEMV 1.10 ms / AMX 1.24 ms and M = 4 1.33 / 1.22: M = 1 stays on the GEMV tiles.)
+constexpr int64_t kFp8AmxMinM = 2;
 constexpr int64_t kFp8AmxMaxM = INT64_MAX;
 constexpr int64_t kGemvCols = 36;     // weight rows per small-M task: a multiple of every tile width
 constexpr int64_t kDecodeRows = 256;  // weight rows decoded per at::mm call (large M)
