@@ -656,18 +656,14 @@ void dequant_panel_bf16_avx512(const Problem& p, int64_t n0, int64_t n1, uint16_
 #pragma GCC pop_options
 
 // ----------------------------------------------------------------------------- AMX-BF16 small M
-// bf16 x on CPUs with AMX-BF16, from M = kAmxMinM: the weight is decoded to bf16 by table lookup
-// into 1 KiB tiles (16 weight rows x one 32-block) that AMX multiplies with x; the full weight is
-// never materialized. Per group and weight row, the 16 dequantized weights (float(u) - zero) *
+// bf16 x on CPUs with AMX-BF16, kAmxMinM to kAmxMaxM rows: lowbit/cpu/amx.h's tile loop, fed by a
+// table-lookup decoder. Per group and weight row, the 16 dequantized weights (float(u) - zero) *
 // scale are rounded once to bf16 (as the Triton kernel and the decoded-GEMM route round them for
 // bf16 x) and stored twice over in one 32-word table. Per 32-block and row: the block's 16 bytes
 // broadcast to the four 128-bit lanes, one variable word shift (lane L: 4L bits) and one vpermw
 // (which reads bits 0-4 of each index: bit 4 is another nibble's, hence the doubled table) give
-// the row's 32 weights, stored as one 64-byte tile row. The tiles compute the transposed product,
-// out^T [16 weight rows, 16 rows of x] += W [16, 32] x^T [32, 16] (W is then the A operand, row
-// for row as it decodes, and x^T the B operand, whose pair-interleaved layout x_to_amx_b builds
-// once per call), accumulating in fp32. AMX treats subnormal bf16 inputs and fp32 results as
-// zero (magnitudes below 1.2e-38), as oneDNN's bf16 GEMM on the decoded-GEMM route does.
+// the row's 32 weights, one 64-byte tile row. Decode steps end at group boundaries (one table per
+// row and step).
 // Tried and not kept: the same table lookup feeding vdpbf16ps (AVX512-BF16; one instruction per
 // 32 weights and row of x instead of two FMAs) ran no faster than lut_tile_avx512's FMAs on the
 // AMX Xeon VM: one vdpbf16ps issues at half the FMA rate there (warm, 1 thread, N = 1024, K =
@@ -685,7 +681,7 @@ inline __m512i bf16_table_twice(__m512 t) { return (__m512i)_mm512_cvtne2ps_pbh(
 // bf16 x of M rows through cpu::amx_weight_gemm, decoding 16 weight rows per tile by table lookup.
 void small_m_amx(const Problem& p, const at::Tensor& xb) {
   const int64_t row_bytes = p.Kp / 2;
-  auto step_end = [&](int64_t b0) {  // steps end at group boundaries: one table per row and step
+  auto step_end = [&](int64_t b0) {
     const int64_t g1 = group_end(p, b0 / p.blocks_per_group);
     return std::min(g1, b0 + cpu::kAmxStep);
   };
