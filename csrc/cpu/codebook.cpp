@@ -953,12 +953,7 @@ void decoded_gemm(const Problem& p, const at::Tensor& x32, cpu::DecodedGemm rout
 // whole, unscaled and rounded once to bf16 (decode_panel_avx2, as for the bf16 decoded-GEMM
 // route), into a per-thread buffer that the tile steps then copy from; the row's scale and the
 // bias are applied to the fp32 product, which is rounded once to x's dtype.
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512bf16,amx-tile,amx-bf16,avx2,fma,f16c,bmi,bmi2")
-#pragma GCC diagnostic push
-// GCC 12's own avx512fintrin.h trips these (_mm512_undefined_*).
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#pragma GCC diagnostic ignored "-Wuninitialized"
+LOWBIT_AMX_CODE_BEGIN
 void amx_mm(const Problem& p, const at::Tensor& x32) {
   const int64_t nblocks = (p.Kp + cpu::kAmxK - 1) / cpu::kAmxK, ld = nblocks * cpu::kAmxK;
   int column_of_word[cpu::kAmxK];
@@ -988,8 +983,7 @@ void amx_mm(const Problem& p, const at::Tensor& x32) {
   };
   cpu::amx_weight_gemm(p.M, p.N, nblocks, xb, decode, step_end, finish);
 }
-#pragma GCC diagnostic pop
-#pragma GCC pop_options
+LOWBIT_AMX_CODE_END
 #endif
 
 at::Tensor codebook_mm_cpu(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& codebooks,

@@ -875,17 +875,8 @@ void fp8_gemm(const at::Tensor& x32, const at::Tensor& w, const float* wscale, c
 // bound holds (AMX counts subnormal bf16 activations, below 1.2e-38, as zero; fp8 activations
 // widened to bf16 have none). Per 32 codes: zero-extended to words, two vpermi2w look the low 7
 // bits up in a 128-entry bf16 table (which of the two by bit 6), bit 7 becomes the sign.
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512bf16,amx-tile,amx-bf16,avx2,fma,f16c")
-#pragma GCC diagnostic push
-// GCC 12's own avx512fintrin.h trips these in its conversions (_mm512_undefined_*).
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#pragma GCC diagnostic ignored "-Wuninitialized"
+LOWBIT_AMX_CODE_BEGIN
 void fp8_amx(const at::Tensor& x, const uint8_t* w, int64_t N, int64_t K, Format f, const Epilogue& e) {
-  const int64_t M = x.size(0), nblocks = cdiv(K, cpu::kAmxK);
-  int column_of_word[cpu::kAmxK];
-  for (int i = 0; i < cpu::kAmxK; ++i) column_of_word[i] = i;
-  const at::Tensor xb = cpu::x_to_amx_b(x, nblocks, column_of_word);
   alignas(64) uint16_t bf16_of_code[128];  // |value| of codes 0..127 as bf16 bits (exact: <= 3 mantissa bits)
   const std::array<float, 256>& values = decode_table(f);
   for (int c = 0; c < 128; ++c) {
@@ -895,37 +886,19 @@ void fp8_amx(const at::Tensor& x, const uint8_t* w, int64_t N, int64_t K, Format
   }
   const __m512i t0 = _mm512_load_si512(bf16_of_code), t1 = _mm512_load_si512(bf16_of_code + 32);
   const __m512i t2 = _mm512_load_si512(bf16_of_code + 64), t3 = _mm512_load_si512(bf16_of_code + 96);
-  auto step_end = [&](int64_t b0) { return std::min(nblocks, b0 + cpu::kAmxStep); };
-  auto decode = [&](int64_t n0, int rows, int64_t b0, int64_t b1, cpu::AmxStepBuffer& a) {
-    const __m512i bit6 = _mm512_set1_epi16(0x40), sign = _mm512_set1_epi16(static_cast<int16_t>(0x8000));
-    for (int r = 0; r < rows; ++r) {
-      const uint8_t* row = w + (n0 + r) * K;
-      for (int64_t b = b0; b < b1; ++b) {
-        const int64_t k0 = b * cpu::kAmxK, width = std::min<int64_t>(cpu::kAmxK, K - k0);
-        if (b % 2 == 0)  // the next tile's row, one 64-byte line ahead
-          _mm_prefetch(reinterpret_cast<const char*>(row + cpu::kAmxRows * K + k0), _MM_HINT_T0);
-        // A partial last block reads only its own bytes (masked: no read past the weight).
-        const __m256i v = width == cpu::kAmxK
-                              ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + k0))
-                              : _mm256_maskz_loadu_epi8(static_cast<__mmask32>((uint64_t(1) << width) - 1), row + k0);
-        const __m512i codes = _mm512_cvtepu8_epi16(v);
-        const __m512i low = _mm512_permutex2var_epi16(t0, codes, t1);   // codes & 63 from entries 0..63
-        const __m512i high = _mm512_permutex2var_epi16(t2, codes, t3);  // ... from entries 64..127
-        const __m512i mag = _mm512_mask_blend_epi16(_mm512_test_epi16_mask(codes, bit6), low, high);
-        _mm512_store_si512(a[b - b0][r], _mm512_or_si512(mag, _mm512_and_si512(_mm512_slli_epi16(codes, 8), sign)));
-      }
-    }
+  const __m512i bit6 = _mm512_set1_epi16(0x40), sign = _mm512_set1_epi16(static_cast<int16_t>(0x8000));
+  auto look_up = [&](__m256i v) {
+    const __m512i codes = _mm512_cvtepu8_epi16(v);
+    const __m512i low = _mm512_permutex2var_epi16(t0, codes, t1);   // codes & 63 from entries 0..63
+    const __m512i high = _mm512_permutex2var_epi16(t2, codes, t3);  // ... from entries 64..127
+    const __m512i mag = _mm512_mask_blend_epi16(_mm512_test_epi16_mask(codes, bit6), low, high);
+    return _mm512_or_si512(mag, _mm512_and_si512(_mm512_slli_epi16(codes, 8), sign));
   };
-  auto finish = [&](int64_t m0, int64_t n0, int rows, int64_t mrows, const float* c) {
-    alignas(64) float acc[cpu::kAmxCols * cpu::kAmxRows];  // [m][n], as apply_epilogue reads it
-    for (int64_t m = 0; m < mrows; ++m)
-      for (int r = 0; r < rows; ++r) acc[m * cpu::kAmxRows + r] = c[r * cpu::kAmxCols + m];
-    apply_epilogue(e, static_cast<const float*>(acc), cpu::kAmxRows, m0, m0 + mrows, n0, n0 + rows);
-  };
-  cpu::amx_weight_gemm(M, N, nblocks, xb, decode, step_end, finish);
+  cpu::amx_byte_weight_gemm(x, w, N, K, look_up, [&](const float* acc, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+    apply_epilogue(e, acc, cpu::kAmxRows, m0, m1, n0, n1);
+  });
 }
-#pragma GCC diagnostic pop
-#pragma GCC pop_options
+LOWBIT_AMX_CODE_END
 #endif
 
 // Whether M rows take fp8_amx (bf16 activations, or fp8 ones widened to bf16; no 128x128 block

@@ -668,11 +668,7 @@ void dequant_panel_bf16_avx512(const Problem& p, int64_t n0, int64_t n1, uint16_
 // 32 weights and row of x instead of two FMAs) ran no faster than lut_tile_avx512's FMAs on the
 // AMX Xeon VM: one vdpbf16ps issues at half the FMA rate there (warm, 1 thread, N = 1024, K =
 // 4096, ms, vdpbf16ps / FMA: M = 8 0.95 / 0.95, M = 16 1.89 / 1.79).
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512bf16,amx-tile,amx-bf16,avx2,fma,f16c")
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#pragma GCC diagnostic ignored "-Wuninitialized"
+LOWBIT_AMX_CODE_BEGIN
 
 // t (16 fp32) -> 32 words: t rounded to bf16 (to nearest even), twice. The conversion treats
 // subnormal inputs as zero, which AMX would do with their bf16 roundings anyway.
@@ -714,8 +710,7 @@ void small_m_amx(const Problem& p, const at::Tensor& xb) {
   cpu::amx_weight_gemm(p.M, p.N, p.nblocks, xb, decode, step_end, finish);
 }
 
-#pragma GCC diagnostic pop
-#pragma GCC pop_options
+LOWBIT_AMX_CODE_END
 
 // bf16 x [M, K] -> AMX B tiles in the order the weights decode (lut_bf16_column).
 at::Tensor x_to_amx_b(const at::Tensor& x, int64_t nblocks) {

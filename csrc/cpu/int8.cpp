@@ -875,45 +875,19 @@ void wo_dot_block_scalar(const float* x, int64_t ldx, int64_t M, const int8_t* w
 // widened int8 -> fp32 -> bf16, exact (|q| <= 128 has 8 significant bits), so the products are
 // exact in fp32 and accumulate in fp32 as the reference's: the fp32 bound holds, and the usual
 // epilogue follows (AMX counts subnormal bf16 activations, below 1.2e-38, as zero).
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512bf16,amx-tile,amx-bf16,avx2,fma,f16c")
-#pragma GCC diagnostic push
-// GCC 12's own avx512fintrin.h trips these in its conversions (_mm512_undefined_*).
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#pragma GCC diagnostic ignored "-Wuninitialized"
+LOWBIT_AMX_CODE_BEGIN
 void wo_amx(const at::Tensor& x, const int8_t* w, int64_t N, int64_t K, const GemmEpilogue& epi) {
-  const int64_t M = x.size(0), nblocks = ceil_div(K, cpu::kAmxK);
-  int column_of_word[cpu::kAmxK];
-  for (int i = 0; i < cpu::kAmxK; ++i) column_of_word[i] = i;
-  const at::Tensor xb = cpu::x_to_amx_b(x, nblocks, column_of_word);
-  auto step_end = [&](int64_t b0) { return std::min(nblocks, b0 + cpu::kAmxStep); };
-  auto decode = [&](int64_t n0, int rows, int64_t b0, int64_t b1, cpu::AmxStepBuffer& a) {
-    for (int r = 0; r < rows; ++r) {
-      const int8_t* row = w + (n0 + r) * K;
-      for (int64_t b = b0; b < b1; ++b) {
-        const int64_t k0 = b * cpu::kAmxK, width = std::min<int64_t>(cpu::kAmxK, K - k0);
-        if (b % 2 == 0)  // the next tile's row, one 64-byte line ahead
-          _mm_prefetch(reinterpret_cast<const char*>(row + cpu::kAmxRows * K + k0), _MM_HINT_T0);
-        // A partial last block reads only its own bytes (masked: no read past the weight).
-        const __m256i v = width == cpu::kAmxK
-                              ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + k0))
-                              : _mm256_maskz_loadu_epi8(static_cast<__mmask32>((uint64_t(1) << width) - 1), row + k0);
-        const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(v)));
-        const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(v, 1)));
-        _mm512_store_si512(a[b - b0][r], (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
-      }
-    }
+  auto widen = [&](__m256i v) {  // [&]: a capture-less lambda gets a static invoker compiled without the target
+    const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(v)));
+    const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(v, 1)));
+    return (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
   };
-  auto finish = [&](int64_t m0, int64_t n0, int rows, int64_t mrows, const float* c) {
-    alignas(64) float acc[cpu::kAmxCols * cpu::kAmxRows];  // [m][n], as apply_epilogue reads it
-    for (int64_t m = 0; m < mrows; ++m)
-      for (int r = 0; r < rows; ++r) acc[m * cpu::kAmxRows + r] = c[r * cpu::kAmxCols + m];
-    apply_epilogue(epi, static_cast<const float*>(acc), cpu::kAmxRows, m0, m0 + mrows, n0, n0 + rows, true);
-  };
-  cpu::amx_weight_gemm(M, N, nblocks, xb, decode, step_end, finish);
+  cpu::amx_byte_weight_gemm(x, reinterpret_cast<const uint8_t*>(w), N, K, widen,
+                            [&](const float* acc, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+                              apply_epilogue(epi, acc, cpu::kAmxRows, m0, m1, n0, n1, true);
+                            });
 }
-#pragma GCC diagnostic pop
-#pragma GCC pop_options
+LOWBIT_AMX_CODE_END
 #endif
 
 at::Tensor int8_weight_only_mm_cpu(const at::Tensor& x_in, const at::Tensor& w_in, const at::Tensor& scale,

@@ -23,6 +23,17 @@
 
 #include "lowbit/cpu/isa.h"
 
+// Code that runs on AMX tiles is compiled between these two: the ISA lowbit's AMX kernels need
+// (AMX, and AVX-512 F/BW/VL/BF16 for their decoders), and GCC 12's own avx512fintrin.h warnings
+// (_mm512_undefined_* in its conversions and reductions) silenced there.
+#define LOWBIT_AMX_CODE_BEGIN                                                                 \
+  _Pragma("GCC push_options")                                                                 \
+  _Pragma("GCC target(\"avx512f,avx512bw,avx512vl,avx512bf16,amx-tile,amx-bf16,avx2,fma,f16c,bmi,bmi2\")") \
+  _Pragma("GCC diagnostic push")                                                              \
+  _Pragma("GCC diagnostic ignored \"-Wmaybe-uninitialized\"")                               \
+  _Pragma("GCC diagnostic ignored \"-Wuninitialized\"")
+#define LOWBIT_AMX_CODE_END _Pragma("GCC diagnostic pop") _Pragma("GCC pop_options")
+
 namespace lowbit::cpu {
 
 // One tile configuration (palette 1): per tile register, its rows and bytes per row. Loaded by
@@ -117,8 +128,7 @@ inline at::Tensor x_to_amx_b(const at::Tensor& x, int64_t nblocks, const int (&c
 }
 
 #if LOWBIT_HAVE_AVX2_KERNELS
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512bf16,amx-tile,amx-bf16,avx2,fma,f16c")
+LOWBIT_AMX_CODE_BEGIN
 
 // Weight rows n0 .. n0 + rows (rows <= 16; the rest of the tile stays zero) against MT tiles of 16
 // rows of x from m0. decode(n0, rows, b0, b1, AmxStepBuffer&) writes blocks b0..b1 of those rows,
@@ -213,7 +223,42 @@ void amx_weight_gemm(int64_t M, int64_t N, int64_t nblocks, const at::Tensor& xb
   });
 }
 
-#pragma GCC pop_options
+// out = epilogue(x @ decode(W).T) for weights of one byte each, W [N, K] row-major (int8, fp8):
+// decode32(__m256i) turns 32 weight bytes into 32 bf16 words in the same column order (x stays in
+// its own). epilogue(acc, m0, m1, n0, n1) takes the fp32 product as acc[(m - m0) * 16 + (n - n0)].
+template <typename Decode32, typename Epilogue>
+void amx_byte_weight_gemm(const at::Tensor& x, const uint8_t* w, int64_t N, int64_t K, Decode32&& decode32,
+                          Epilogue&& epilogue) {
+  const int64_t M = x.size(0), nblocks = (K + kAmxK - 1) / kAmxK;
+  int column_of_word[kAmxK];
+  for (int i = 0; i < kAmxK; ++i) column_of_word[i] = i;
+  const at::Tensor xb = x_to_amx_b(x, nblocks, column_of_word);
+  auto step_end = [&](int64_t b0) { return std::min(nblocks, b0 + kAmxStep); };
+  auto decode = [&](int64_t n0, int rows, int64_t b0, int64_t b1, AmxStepBuffer& a) {
+    for (int r = 0; r < rows; ++r) {
+      const uint8_t* row = w + (n0 + r) * K;
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t k0 = b * kAmxK, width = std::min<int64_t>(kAmxK, K - k0);
+        if (b % 2 == 0)  // the next tile's row, one 64-byte line ahead
+          _mm_prefetch(reinterpret_cast<const char*>(row + kAmxRows * K + k0), _MM_HINT_T0);
+        // A partial last block reads only its own bytes (masked: no read past the weight).
+        const __m256i v = width == kAmxK
+                              ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + k0))
+                              : _mm256_maskz_loadu_epi8(static_cast<__mmask32>((uint64_t(1) << width) - 1), row + k0);
+        _mm512_store_si512(a[b - b0][r], decode32(v));
+      }
+    }
+  };
+  auto finish = [&](int64_t m0, int64_t n0, int rows, int64_t mrows, const float* c) {
+    alignas(64) float acc[kAmxCols * kAmxRows];  // [m][n]
+    for (int64_t m = 0; m < mrows; ++m)
+      for (int r = 0; r < rows; ++r) acc[m * kAmxRows + r] = c[r * kAmxCols + m];
+    epilogue(static_cast<const float*>(acc), m0, m0 + mrows, n0, n0 + rows);
+  };
+  amx_weight_gemm(M, N, nblocks, xb, decode, step_end, finish);
+}
+
+LOWBIT_AMX_CODE_END
 #endif  // LOWBIT_HAVE_AVX2_KERNELS
 
 }  // namespace lowbit::cpu
