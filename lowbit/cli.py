@@ -46,8 +46,10 @@ def _cpu_features() -> dict:
     from .bench import cpu_flags, cpu_model, lowbit_cpu_isa
 
     flags = cpu_flags()
-    wanted = ("avx2", "fma", "f16c", "avx512f", "avx512_vpopcntdq", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8",
-              "amx_bf16")
+    # the flags lowbit's kernels act on (csrc/include/lowbit/cpu/isa.h and amx.h), and the VNNI ones
+    # torch's int8 kernels use
+    wanted = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vpopcntdq", "avx512_vnni", "avx_vnni", "avx512_bf16",
+              "amx_tile", "amx_int8", "amx_bf16")
     try:
         capability = torch.backends.cpu.get_cpu_capability()
     except Exception:  # noqa: BLE001 - old torch
