@@ -1040,10 +1040,11 @@ def lowbit_cpu_isa(flags: set[str] | frozenset[str] | None = None) -> str:
         int4_amx = amx_ready and int4_amx_env != "0" and (int4_amx_env == "1" or not forced_route)
         int8_amx = amx_ready and int8_amx_env != "0" and (int8_amx_env == "1" or not forced_route)
         fp8_amx = amx_ready and fp8_amx_env != "0" and (fp8_amx_env == "1" or not forced_route)
-        amx_kernels = ([f"int4 bf16 {'at every M' if int4_amx_env == '1' else 'M = 5-256'}"] if int4_amx else []) + (
-            [f"int8 weight-only bf16 {'at every M' if int8_amx_env == '1' else 'from M = 5'}"] if int8_amx else []) + (
-            [f"fp8 (bf16 weight-only, W8A8; vector scales) {'at every M' if fp8_amx_env == '1' else 'from M = 2'}"] if fp8_amx else []) + (
-            [f"codebook bf16 {'at every M' if cb_amx_env == '1' else 'M = 10-96'}"] if cb_amx else [])
+        amx_kernels = [f"{name} {'at every M' if env == '1' else rows}" for on, env, name, rows in (
+            (int4_amx, int4_amx_env, "int4 bf16", "M = 5-256"),
+            (int8_amx, int8_amx_env, "int8 weight-only bf16", "from M = 5"),
+            (fp8_amx, fp8_amx_env, "fp8 (bf16 weight-only, W8A8; vector scales)", "from M = 2"),
+            (cb_amx, cb_amx_env, "codebook bf16", "M = 10-96 (kmeans4-like: 2-256)")) if on]
         if amx_kernels:
             notes.append(" and ".join(amx_kernels) + " on lowbit's AMX kernels")
         if amx_bf16:

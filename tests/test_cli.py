@@ -130,9 +130,9 @@ def test_info_names_the_tier_lowbit_kernels_run_at_beside_torch_capability(monke
     assert bench.lowbit_cpu_isa(amx) == (
         "AVX2+FMA+F16C (AVX-512 for the int4 and fp8 small-M kernels and bf16 panels; int4 bf16 M = 5-256 and "
         "int8 weight-only bf16 from M = 5 and fp8 (bf16 weight-only, W8A8; vector scales) from M = 2 and codebook "
-        "bf16 M = 10-96 on lowbit's AMX kernels; int4 bf16 from M = 257, codebook bf16 from M = 97 on torch's AMX "
-        "bf16 GEMM; int4/codebook fp32/fp16 and int8 weight-only fp32/fp16 from M = 96 on torch's AVX-512 GEMM; "
-        "W8A8 from M = 10, sparse24 W8A8 from M = 20 on torch's AMX int8 GEMM)")
+        "bf16 M = 10-96 (kmeans4-like: 2-256) on lowbit's AMX kernels; int4 bf16 from M = 257, codebook bf16 "
+        "from M = 97 on torch's AMX bf16 GEMM; int4/codebook fp32/fp16 and int8 weight-only fp32/fp16 from M = 96 "
+        "on torch's AVX-512 GEMM; W8A8 from M = 10, sparse24 W8A8 from M = 20 on torch's AMX int8 GEMM)")
     monkeypatch.setenv("LOWBIT_INT4_AMX", "0")
     assert "int4 bf16 from M = 33" in bench.lowbit_cpu_isa(amx) and "int4 bf16 M" not in bench.lowbit_cpu_isa(amx)
     monkeypatch.setenv("LOWBIT_INT8_WO_AMX", "0")
@@ -147,8 +147,8 @@ def test_info_names_the_tier_lowbit_kernels_run_at_beside_torch_capability(monke
     monkeypatch.setenv("LOWBIT_DECODED_GEMM", "0")
     assert bench.lowbit_cpu_isa(amx) == (
         "AVX2+FMA+F16C (AVX-512 for the int4 and fp8 small-M kernels; int4 bf16 M = 5-256 and int8 weight-only "
-        "bf16 from M = 5 and fp8 (bf16 weight-only, W8A8; vector scales) from M = 2 and codebook bf16 M = 10-96 on "
-        "lowbit's AMX kernels)")
+        "bf16 from M = 5 and fp8 (bf16 weight-only, W8A8; vector scales) from M = 2 and codebook bf16 M = 10-96 "
+        "(kmeans4-like: 2-256) on lowbit's AMX kernels)")
     monkeypatch.setenv("LOWBIT_INT4_AMX", "0")
     monkeypatch.setenv("LOWBIT_INT8_WO_AMX", "0")
     monkeypatch.setenv("LOWBIT_FP8_AMX", "0")

@@ -60,6 +60,8 @@ def check_against_exact(x, w, bias=None):
     assert out.dtype == x.dtype and out.shape == (x.shape[0], N)
     wdeq = ref.codebook_dequant(w.packed, w.codebooks, w.scale, K)
     exact, bound = codebook_bound(x.float(), wdeq, bias, K, w.num_codebooks, x.dtype)
+    if takes_amx(x.dtype, x.shape[0], os.environ.get("LOWBIT_DECODED_GEMM"), w):
+        bound = bound + torch.finfo(torch.bfloat16).eps * (x.double().abs() @ wdeq.double().abs().T)
     err = (out.double() - exact).abs()
     assert (err <= bound).all(), f"max err {err.max()} at bound {bound.flatten()[err.argmax()]}"
     return out
@@ -255,21 +257,32 @@ ROUTE_LAYOUTS = [  # (d, C, bits, R, G, K): every decoder (nibble planes, byte v
 ]
 
 
-# bf16 x of AMX_M rows takes lowbit's AMX kernel where AMX-BF16 is ready (kAmxMinM, kAmxMaxM):
-# each weight rounded once to bf16, as on the bf16 route, then fp32 accumulation.
+# bf16 x takes lowbit's AMX kernels where AMX-BF16 is ready, each weight rounded once to bf16 (as
+# on the bf16 route), then fp32 accumulation: scalar 4-bit codebooks (d = 1, C = 1, groups of a
+# multiple of 32 columns) for AMX_NIBBLE_M rows (kAmxNibbleMinM/MaxM), other layouts for AMX_M
+# rows (kAmxMinM/MaxM).
 AMX_M = range(10, 97)
+AMX_NIBBLE_M = range(2, 257)
 
 
-def takes_amx(x_dtype, M, env=None):
-    """Whether the AMX kernel runs, with LOWBIT_DECODED_GEMM=env and LOWBIT_CODEBOOK_AMX as set now."""
+def nibble_layout(w) -> bool:
+    R, G, C, E, d = w.codebooks.shape
+    return E == 16 and d == 1 and C == 1 and (G == 1 or (w.in_features // G) % 32 == 0)
+
+
+def takes_amx(x_dtype, M, env=None, w=None):
+    """Whether an AMX kernel runs for weight w, with LOWBIT_DECODED_GEMM=env and
+    LOWBIT_CODEBOOK_AMX as set now (w=None: a layout other than the scalar 4-bit one)."""
     forced = os.environ.get("LOWBIT_CODEBOOK_AMX", "")[:1]
     if not cpu_routes.amx_bf16_ready() or x_dtype != torch.bfloat16 or forced == "0":
         return False
-    return forced == "1" or (env != "1" and M in AMX_M)
+    if forced == "1":
+        return True
+    return env != "1" and M in (AMX_NIBBLE_M if w is not None and nibble_layout(w) else AMX_M)
 
 
-def decoded_gemm_route(x_dtype, M, env):
-    if takes_amx(x_dtype, M, env):
+def decoded_gemm_route(x_dtype, M, env, w=None):
+    if takes_amx(x_dtype, M, env, w):
         return None
     return cpu_routes.decoded_gemm_route(x_dtype, M, env, small_m=SMALL_M, min_m_bf16=DECODED_GEMM_MIN_M["bf16"],
                                          min_m_fp32=DECODED_GEMM_MIN_M["fp32"])
@@ -299,11 +312,11 @@ def test_decoded_gemm_routes_stay_within_their_bounds(monkeypatch, env, M, x_dty
     x = torch.randn(M, K, generator=g).to(x_dtype)
     bias = torch.randn(21, generator=g)
     out, took_mm = cpu_routes.runs_aten_mm(lambda: ops.codebook_mm(x, w.packed, w.codebooks, w.scale, bias))
-    route = decoded_gemm_route(x_dtype, M, env)
+    route = decoded_gemm_route(x_dtype, M, env, w)
     assert took_mm == (route is not None), f"route {route}"
     wdeq = ref.codebook_dequant(w.packed, w.codebooks, w.scale, K)
     exact, bound = codebook_bound(x.float(), wdeq, bias, K, C, x_dtype)
-    if route == "bf16" or takes_amx(x_dtype, M, env):
+    if route == "bf16" or takes_amx(x_dtype, M, env, w):
         bound = bound + torch.finfo(torch.bfloat16).eps * (x.double().abs() @ wdeq.double().abs().T)
     err = (out.double() - exact).abs()
     assert (err <= bound).all(), f"max err {err.max()} at bound {bound.flatten()[err.argmax()]}"
@@ -321,7 +334,7 @@ def test_amx_one_hot_rows_give_the_bf16_weights_exactly(monkeypatch, layout):
     w, _ = make_weight(21, K, d, C, bits, R, G, cb_dtype=torch.float16, seed=3)
     unscaled = ref.codebook_dequant(w.packed, w.codebooks, None, K)
     rows = min(64, K)
-    assert takes_amx(torch.bfloat16, rows)
+    assert takes_amx(torch.bfloat16, rows, None, w)
     for c0 in range(0, K, rows):
         cols = torch.arange(c0, c0 + rows) if c0 + rows <= K else torch.arange(K - rows, K)
         x = torch.zeros(rows, K, dtype=torch.bfloat16)
