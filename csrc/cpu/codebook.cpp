@@ -960,6 +960,21 @@ void decoded_gemm(const Problem& p, const at::Tensor& x32, cpu::DecodedGemm rout
 // route), into a per-thread buffer that the tile steps then copy from; the row's scale and the
 // bias are applied to the fp32 product, which is rounded once to x's dtype.
 LOWBIT_AMX_CODE_BEGIN
+// The AMX kernels' epilogue: out[m, n] = C[n - n0, m - m0] * scale[n] + bias[n], rounded once to
+// x's dtype (the row's scale on the product, as the tiles and the decoded-GEMM route apply it).
+auto amx_epilogue(const Problem& p) {
+  return [&p](int64_t m0, int64_t n0, int rows, int64_t mrows, const float* c) {
+    for (int r = 0; r < rows; ++r) {
+      const int64_t n = n0 + r;
+      for (int64_t m = 0; m < mrows; ++m) {
+        float v = c[r * cpu::kAmxCols + m];
+        if (p.scale) v *= p.scale[n];
+        store_out(p, (m0 + m) * p.N + n, p.bias ? v + p.bias[n] : v);
+      }
+    }
+  };
+}
+
 void amx_mm(const Problem& p, const at::Tensor& x32) {
   const int64_t nblocks = (p.Kp + cpu::kAmxK - 1) / cpu::kAmxK, ld = nblocks * cpu::kAmxK;
   int column_of_word[cpu::kAmxK];
@@ -977,18 +992,9 @@ void amx_mm(const Problem& p, const at::Tensor& x32) {
       for (int64_t b = b0; b < b1; ++b)
         _mm512_store_si512(a[b - b0][r], _mm512_loadu_si512(decoded.data() + r * ld + b * cpu::kAmxK));
   };
-  auto finish = [&](int64_t m0, int64_t n0, int rows, int64_t mrows, const float* c) {
-    for (int r = 0; r < rows; ++r) {
-      const int64_t n = n0 + r;
-      for (int64_t m = 0; m < mrows; ++m) {
-        float v = c[r * cpu::kAmxCols + m];
-        if (p.scale) v *= p.scale[n];
-        store_out(p, (m0 + m) * p.N + n, p.bias ? v + p.bias[n] : v);
-      }
-    }
-  };
-  cpu::amx_weight_gemm(p.M, p.N, nblocks, xb, decode, step_end, finish);
+  cpu::amx_weight_gemm(p.M, p.N, nblocks, xb, decode, step_end, amx_epilogue(p));
 }
+
 // Scalar 4-bit codebooks (d = 1, C = 1, 16 entries: k-means weight sharing): the row's 16
 // entries, rounded once to bf16, are a table that vpermw looks the codes up in, as int4 does: per
 // 32 columns, 16 code bytes zero-extended to words, low nibbles (even columns) in words 0-15 and
@@ -1034,17 +1040,7 @@ void amx_nibble_mm(const Problem& p, const at::Tensor& x) {
       }
     }
   };
-  auto finish = [&](int64_t m0, int64_t n0, int rows, int64_t mrows, const float* c) {
-    for (int r = 0; r < rows; ++r) {
-      const int64_t n = n0 + r;
-      for (int64_t m = 0; m < mrows; ++m) {
-        float v = c[r * cpu::kAmxCols + m];
-        if (p.scale) v *= p.scale[n];
-        store_out(p, (m0 + m) * p.N + n, p.bias ? v + p.bias[n] : v);
-      }
-    }
-  };
-  cpu::amx_weight_gemm(p.M, p.N, nblocks, xb, decode, step_end, finish);
+  cpu::amx_weight_gemm(p.M, p.N, nblocks, xb, decode, step_end, amx_epilogue(p));
 }
 LOWBIT_AMX_CODE_END
 #endif
