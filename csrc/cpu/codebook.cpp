@@ -983,11 +983,16 @@ void amx_mm(const Problem& p, const at::Tensor& x32) {
   const at::Tensor xb = cpu::x_to_amx_b(x32.to(at::kBFloat16), nblocks, column_of_word);
   auto step_end = [&](int64_t b0) { return std::min(nblocks, b0 + cpu::kAmxStep); };
   auto decode = [&](int64_t n0, int rows, int64_t b0, int64_t b1, cpu::AmxStepBuffer& a) {
-    // [16, ld] bf16 rows; columns Kp..ld stay zero (the decoder writes up to Kp).
+    // [16, ld] bf16 rows, decoded at a tile's first step; the decoder writes columns up to Kp and
+    // the rest is zeroed here (the buffer outlives calls of other shapes).
     thread_local std::vector<c10::BFloat16> decoded;
-    if (static_cast<int64_t>(decoded.size()) != cpu::kAmxRows * ld) decoded.assign(cpu::kAmxRows * ld, c10::BFloat16(0.0f));
+    if (static_cast<int64_t>(decoded.size()) < cpu::kAmxRows * ld) decoded.resize(cpu::kAmxRows * ld);
     if (b0 == 0)
-      for (int r = 0; r < rows; ++r) decode_panel_avx2(p, n0 + r, n0 + r + 1, decoded.data() + r * ld);
+      for (int r = 0; r < rows; ++r) {
+        c10::BFloat16* row = decoded.data() + r * ld;
+        decode_panel_avx2(p, n0 + r, n0 + r + 1, row);
+        std::fill(row + p.Kp, row + ld, c10::BFloat16(0.0f));
+      }
     for (int r = 0; r < rows; ++r)
       for (int64_t b = b0; b < b1; ++b)
         _mm512_store_si512(a[b - b0][r], _mm512_loadu_si512(decoded.data() + r * ld + b * cpu::kAmxK));

@@ -767,10 +767,10 @@ at::Tensor x_to_fp32(const at::Tensor& x, int64_t Kp, XOrder order) {
   return out;
 }
 
-// bf16 x [M, K] -> bf16 [M, Kp] in `order`, zero-padded (exact copies).
-at::Tensor x_to_bf16(const at::Tensor& x, int64_t Kp, XOrder order) {
+// bf16 x [M, K] -> bf16 [M, Kp] in the permuted column order, zero-padded (exact copies).
+at::Tensor x_to_bf16_permuted(const at::Tensor& x, int64_t Kp) {
   at::Tensor out = at::empty({x.size(0), Kp}, x.options().dtype(at::kBFloat16));
-  fill_x<c10::BFloat16>(x, Kp, order, out.mutable_data_ptr<c10::BFloat16>());
+  fill_x<c10::BFloat16>(x, Kp, XOrder::kNibbleLanes, out.mutable_data_ptr<c10::BFloat16>());
   return out;
 }
 
@@ -779,7 +779,7 @@ at::Tensor x_to_bf16(const at::Tensor& x, int64_t Kp, XOrder order) {
 // panel's product y [M, n1 - n0] (bf16 or fp32) gets the bias in fp32 and x's dtype here.
 void decoded_gemm(const Problem& p, const at::Tensor& x, cpu::DecodedGemm route, const at::Tensor& out) {
   const bool bf16 = route == cpu::DecodedGemm::kBFloat16;
-  const at::Tensor xd = bf16 ? x_to_bf16(x, p.Kp, XOrder::kNibbleLanes) : x_to_fp32(x, p.Kp, XOrder::kNibbleLanes);
+  const at::Tensor xd = bf16 ? x_to_bf16_permuted(x, p.Kp) : x_to_fp32(x, p.Kp, XOrder::kNibbleLanes);
   auto decode = [&](int64_t n0, int64_t n1, void* panel) {
     if (bf16 && cpu::has_avx512f())
       dequant_panel_bf16_avx512(p, n0, n1, static_cast<uint16_t*>(panel));

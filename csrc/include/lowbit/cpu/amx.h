@@ -1,10 +1,10 @@
 // AMX tiles for lowbit's own CPU kernels: the process-wide permission Linux asks for before any
 // thread may touch the tile registers, and the tile configuration every kernel loads first.
-// Kernels that use AMX compile their bodies with target("amx-tile,amx-bf16") and call
-// amx_bf16_ready() on the dispatching thread; it is false on CPUs without AMX-BF16 (or without the
-// AVX-512 BW and BF16 the decoders use), on kernels
-// older than Linux 5.16 (no permission call), and under LOWBIT_CPU_ISA=avx2 (has_avx512f is false
-// then, and every AMX CPU has AVX-512F), so the callers' other paths stay reachable in tests.
+// Kernels that use AMX compile their bodies between LOWBIT_AMX_CODE_BEGIN and _END and dispatch
+// through use_amx_bf16(); amx_bf16_ready() is false on CPUs without AMX-BF16 (or without the
+// AVX-512 BW and BF16 the decoders use), on Linux kernels older than 5.16 (no permission call), and
+// under LOWBIT_CPU_ISA=avx2 (has_avx512f is false then, and every AMX CPU has AVX-512F), so the
+// callers' other paths stay reachable in tests. Also here: the tile loop the families share.
 #pragma once
 
 #include <ATen/ATen.h>
