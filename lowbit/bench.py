@@ -253,6 +253,21 @@ class CudaTimer:
         return sum(a.elapsed_time(b) for a, b in events) / 1e3 / inner
 
 
+def cold_call_floor(device: torch.device, reps: int = 21) -> float:
+    """Median seconds of a one-element torch op timed cold, as every candidate is. On a CPU the
+    eviction also evicts the interpreter's and the dispatcher's code and data, so any op call pays
+    this much before its kernel reads a byte (measured ~0.11-0.14 ms on the 2-vCPU Xeon VM, where
+    the same call takes 3 us warm). Every cold time includes it: int4 at M = 1, 4096^2 (~0.6 ms
+    cold) spends about a fifth of its time here, fp32 F.linear (~2.4 ms) a twentieth, so speed
+    ratios at M = 1 are capped by it. Reported beside the results, never subtracted from them."""
+    timer = timer_for(device, cold=True)
+    one = torch.zeros(1, device=device)
+    fn = lambda: one.add_(0)  # noqa: E731
+    fn()
+    timer.sync()
+    return median_time([timer(fn, 1) for _ in range(reps)])
+
+
 def timer_for(device: torch.device, cold: bool = True):
     return CudaTimer(device, cold) if device.type == "cuda" else CpuTimer(cold)
 

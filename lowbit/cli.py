@@ -285,6 +285,10 @@ def cmd_bench(args) -> int:
     if "peers" in meta:
         print(f"peer libraries: {meta['peers']}", flush=True)
     roof = bench.measure_roofline(device, quick=args.quick)
+    if plan.cold:
+        meta["cold_floor_ms"] = round(bench.cold_call_floor(device) * 1e3, 4)
+        meta["cache"] += (f"; a one-element torch op then takes {meta['cold_floor_ms']:.3f} ms (the floor under "
+                          "every cold time: code and data of the call path are evicted too)")
     print(f"roofline: bandwidth {roof.bandwidth_gbs:.1f} GB/s [{roof.how['bandwidth']}]; peaks "
           + ", ".join(f"{k} {v:.0f} GOP/s [{roof.how[k]}]" for k, v in roof.peak_gops.items()), flush=True)
     print(f"vs ctrl: speed over {control}; vs best: over the fastest baseline of the family and shape (*); "

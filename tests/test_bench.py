@@ -247,3 +247,34 @@ def test_cold_cache_makes_a_cache_resident_weight_slower_than_warm():
     finally:
         torch.set_num_threads(threads)
     assert t_cold > 1.2 * t_warm, (t_cold, t_warm)
+
+
+def test_cold_call_floor_is_the_median_of_cold_timings_of_a_one_element_op(monkeypatch):
+    """The floor is timed exactly as candidates are (a cold timer, one call per sample) and
+    reported as the median; the op it times really runs (the tensor it adds 0 to stays 0)."""
+    seen = {}
+    times = iter([5.0, 1.0, 3.0, 2.0, 4.0])
+
+    class FakeTimer:
+        def sync(self):
+            pass
+
+        def __call__(self, fn, inner):
+            assert inner == 1
+            fn()
+            return next(times)
+
+    def fake_timer_for(device, cold=True):
+        seen["cold"] = cold
+        return FakeTimer()
+
+    monkeypatch.setattr(bench, "timer_for", fake_timer_for)
+    assert bench.cold_call_floor(torch.device("cpu"), reps=5) == 3.0
+    assert seen["cold"] is True
+
+
+def test_cold_call_floor_exceeds_the_warm_call():
+    """On a real CPU the floor is what the eviction costs a trivial call: far above its warm time."""
+    one = torch.zeros(1)
+    warm = min(bench.CpuTimer(cold=False)(lambda: one.add_(0), 1) for _ in range(21))
+    assert bench.cold_call_floor(torch.device("cpu"), reps=11) > 2 * warm
