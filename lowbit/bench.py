@@ -1043,15 +1043,17 @@ def lowbit_cpu_isa(flags: set[str] | frozenset[str] | None = None) -> str:
                          + (", binary vpopcntq" if "avx512_vpopcntdq" in flags
                             and os.environ.get("LOWBIT_BINARY_LOOP") is None else ""))
         # cpu::amx_bf16_ready() and use_amx_bf16() in csrc/include/lowbit/cpu/amx.h, with the
-        # families' thresholds (kAmxMinM/kAmxMaxM in int4.cpp and codebook.cpp, kWoAmxMinM in
-        # int8.cpp, kFp8AmxMinM in fp8.cpp)
-        amx_ready = avx512 and {"amx_bf16", "amx_tile", "avx512bw", "avx512_bf16"} <= flags
+        # families' thresholds (kAmxMinM/kAmxMaxM in int4.cpp, codebook.cpp and sparse24.cpp,
+        # kWoAmxMinM in int8.cpp, kFp8AmxMinM in fp8.cpp)
+        amx_ready = avx512 and {"amx_bf16", "amx_tile", "avx512bw", "avx512_bf16", "avx512_vbmi2"} <= flags
         forced_route = os.environ.get("LOWBIT_DECODED_GEMM", "")[:1] == "1"
         int4_amx_env = os.environ.get("LOWBIT_INT4_AMX", "")[:1]
         int8_amx_env = os.environ.get("LOWBIT_INT8_WO_AMX", "")[:1]
         fp8_amx_env = os.environ.get("LOWBIT_FP8_AMX", "")[:1]
         cb_amx_env = os.environ.get("LOWBIT_CODEBOOK_AMX", "")[:1]
+        s24_amx_env = os.environ.get("LOWBIT_SPARSE24_AMX", "")[:1]
         cb_amx = amx_ready and cb_amx_env != "0" and (cb_amx_env == "1" or not forced_route)
+        s24_amx = amx_ready and s24_amx_env != "0" and (s24_amx_env == "1" or not forced_route)
         int4_amx = amx_ready and int4_amx_env != "0" and (int4_amx_env == "1" or not forced_route)
         int8_amx = amx_ready and int8_amx_env != "0" and (int8_amx_env == "1" or not forced_route)
         fp8_amx = amx_ready and fp8_amx_env != "0" and (fp8_amx_env == "1" or not forced_route)
@@ -1059,7 +1061,8 @@ def lowbit_cpu_isa(flags: set[str] | frozenset[str] | None = None) -> str:
             (int4_amx, int4_amx_env, "int4 bf16", "M = 5-256"),
             (int8_amx, int8_amx_env, "int8 weight-only bf16", "from M = 5"),
             (fp8_amx, fp8_amx_env, "fp8 (bf16 weight-only, W8A8; vector scales)", "from M = 2"),
-            (cb_amx, cb_amx_env, "codebook bf16", "M = 10-96 (kmeans4-like: 2-256)")) if on]
+            (cb_amx, cb_amx_env, "codebook bf16", "M = 10-96 (kmeans4-like: 2-256)"),
+            (s24_amx, s24_amx_env, "sparse24 bf16 values", "from M = 3")) if on]
         if amx_kernels:
             notes.append(" and ".join(amx_kernels) + " on lowbit's AMX kernels")
         if amx_bf16:

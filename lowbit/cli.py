@@ -49,6 +49,7 @@ def _cpu_features() -> dict:
     # the flags lowbit's kernels act on (csrc/include/lowbit/cpu/isa.h and amx.h), and the VNNI ones
     # torch's int8 kernels use
     wanted = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vpopcntdq", "avx512_vnni", "avx_vnni", "avx512_bf16",
+              "avx512_vbmi2",
               "amx_tile", "amx_int8", "amx_bf16")
     try:
         capability = torch.backends.cpu.get_cpu_capability()

@@ -27,11 +27,11 @@ def visible_cpu_flags() -> set[str]:
 
 
 def amx_bf16_ready() -> bool:
-    """cpu::amx_bf16_ready (csrc/include/lowbit/cpu/amx.h): AMX-BF16 with the AVX-512 F, BW and BF16
-    its decoders use, visible to lowbit (not under LOWBIT_CPU_ISA=avx2 or scalar)."""
+    """cpu::amx_bf16_ready (csrc/include/lowbit/cpu/amx.h): AMX-BF16 with the AVX-512 F, BW, BF16 and
+    VBMI2 its decoders use, visible to lowbit (not under LOWBIT_CPU_ISA=avx2 or scalar)."""
     if os.environ.get("LOWBIT_CPU_ISA") == "scalar":
         return False
-    return {"amx_bf16", "amx_tile", "avx512f", "avx512bw", "avx512_bf16"} <= visible_cpu_flags()
+    return {"amx_bf16", "amx_tile", "avx512f", "avx512bw", "avx512_bf16", "avx512_vbmi2"} <= visible_cpu_flags()
 
 
 def decoded_gemm_route(x_dtype, M, env, *, small_m, min_m_bf16, min_m_fp32):

@@ -16,6 +16,7 @@ import sys
 import pytest
 import torch
 
+import cpu_routes
 import lowbit  # noqa: F401
 from lowbit import _extension, bench, ops
 from lowbit.backends.reference import sparse24 as ref
@@ -247,6 +248,94 @@ def test_dtypes_and_bias(M, x_dtype, values_dtype, bias_dtype):
     W = make_weight(N, K, values_dtype)
     bias = None if bias_dtype is None else torch.randn(N).to(bias_dtype)
     check_against_exact(torch.randn(M, K).to(x_dtype), W, bias)
+
+
+# ---- the AMX kernel: bf16 values and bf16 x (csrc/cpu/sparse24.cpp, float_amx)
+AMX_MIN_M = 3
+
+
+def takes_amx(M, values_dtype=torch.bfloat16, x_dtype=torch.bfloat16, env=None):
+    """Whether sparse24_mm takes the AMX kernel: bf16 values and x, from AMX_MIN_M rows where
+    AMX-BF16 is ready, unless LOWBIT_SPARSE24_AMX=0 or LOWBIT_DECODED_GEMM=1; every M with =1."""
+    if values_dtype != torch.bfloat16 or x_dtype != torch.bfloat16 or not cpu_routes.amx_bf16_ready():
+        return False
+    if env in ("0", "1"):
+        return env == "1"
+    return M >= AMX_MIN_M and os.environ.get("LOWBIT_DECODED_GEMM", "")[:1] != "1"
+
+
+def _set_amx_env(monkeypatch, env):
+    if env is None:
+        monkeypatch.delenv("LOWBIT_SPARSE24_AMX", raising=False)
+    else:
+        monkeypatch.setenv("LOWBIT_SPARSE24_AMX", env)
+
+
+@pytest.mark.parametrize("env", ["0", "1", None], ids=["never", "always", "auto"])
+@pytest.mark.parametrize("M", [1, 2, 3, 17, 64, 65, 130])
+@pytest.mark.parametrize("N,K", [(16, 32), (37, 100), (33, 4096 + 16), (20, 48)])
+def test_bf16_amx_route_within_the_fp32_bound(monkeypatch, env, M, N, K):
+    """Every route for bf16 values and x stays within the fp32 accumulation bound: the AMX kernel
+    multiplies exactly (bf16 x bf16) and accumulates in fp32. K = 100, 48, 4112: a last block of
+    16 columns (Kp % 32 == 16); N not a multiple of the 16-row tile; M past one and two passes of
+    64 rows of x. Scale and bias go through the epilogue."""
+    _set_amx_env(monkeypatch, env)
+    W = make_weight(N, K, torch.bfloat16, seed=N + K)
+    x = torch.randn(M, K).bfloat16()
+    check_against_exact(x, W, bias=torch.randn(N))
+    scale = torch.rand(N) + 0.5
+    out = ops.sparse24_mm(x, W.values, W.meta, scale)
+    w = fmt.decompress(W.values, W.meta, K, torch.float32)
+    exact, bound = exact_and_bound(x.float(), w, scale, None, fmt.padded_k(K) // 2, x.dtype)
+    assert ((out.double() - exact).abs() <= bound).all()
+
+
+@pytest.mark.parametrize("env", ["0", "1"], ids=["never", "always"])
+@pytest.mark.parametrize("N,K", [(16, 64), (19, 112)])
+def test_bf16_one_hot_rows_give_the_weight_bit_for_bit(monkeypatch, env, N, K):
+    """x = rows of the identity: out[k, n] is the dense weight w[n, k] itself, so any value landing in
+    the wrong column, row or block, or a kept value dropped, shows. Every column of K, both routes."""
+    _set_amx_env(monkeypatch, env)
+    W = make_weight(N, K, torch.bfloat16, seed=7)
+    x = torch.eye(K, dtype=torch.bfloat16)
+    out = ops.sparse24_mm(x, W.values, W.meta)
+    want = fmt.decompress(W.values, W.meta, K, torch.float32).T.bfloat16()
+    assert torch.equal(out, want)
+
+
+@pytest.mark.parametrize("env", ["0", "1", None], ids=["never", "always", "auto"])
+@pytest.mark.parametrize("M", [1, 3, 70])
+def test_bf16_amx_route_counts_subnormal_activations_as_zero(monkeypatch, env, M):
+    """The documented AMX convention: a subnormal bf16 activation (1e-39) times a kept value of
+    2^100 is ~7.9e-9 on the other routes and 0 on AMX. Tells the routes apart (takes_amx)."""
+    _set_amx_env(monkeypatch, env)
+    N, K = 16, 64
+    W = make_weight(N, K, torch.bfloat16, seed=1)
+    values = W.values.clone()
+    values[3, 0] = 2.0 ** 100
+    k0 = int(W.meta[3, 0]) & 3  # column of row 3's first kept value (group 0's i0)
+    x = torch.zeros(M, K, dtype=torch.bfloat16)
+    x[:, k0] = 1e-39
+    assert x[0, k0] != 0
+    out = ops.sparse24_mm(x, values, W.meta)
+    want = 0.0 if takes_amx(M, env=env) else float((x[0, k0].double() * 2.0 ** 100).bfloat16())
+    assert float(out[0, 3]) == want
+
+
+@pytest.mark.parametrize("M", [3, 64])
+@pytest.mark.parametrize("row,col", [(37, 3), (39, 2 * (2048 + 16) // 16 - 1)])
+def test_bf16_amx_route_refuses_bad_meta(monkeypatch, M, row, col):
+    """The C++ op validates the metadata before the AMX kernel reads it (a bad nibble would give
+    the wrong number of kept columns to vpexpandw), in any row and in a row's last byte."""
+    monkeypatch.setenv("LOWBIT_SPARSE24_AMX", "1")
+    N, K = 40, 2048 + 16
+    W = make_weight(N, K, torch.bfloat16)
+    meta = W.meta.clone()
+    meta[row, col] = (meta[row, col] & 0xF0) | 0x7
+    x = torch.randn(M, K).bfloat16()
+    torch.ops.lowbit.sparse24_mm(x, W.values, W.meta, None, None)
+    with pytest.raises(ValueError, match=rf"lowbit\.sparse24_mm: meta\[{row}, {col}\]="):
+        torch.ops.lowbit.sparse24_mm(x, W.values, meta, None, None)
 
 
 @pytest.mark.parametrize("M", [1, 9])

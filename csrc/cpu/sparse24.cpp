@@ -1,10 +1,10 @@
 // SPARSE24 family, CPU kernels: dense activations times a compressed 2:4 weight (format:
 // lowbit/formats/sparse24.py, spec: lowbit/backends/reference/sparse24.py).
 //
-// The weight is not decompressed (except for sparse24_mm from 64 rows of x, below): each kept
-// value is multiplied by the activation its metadata names, gathered in registers, so the
-// kernel streams half the values of the dense weight plus 1 bit of metadata per weight, and
-// does half the multiply-adds.
+// The weight is not decompressed (except by sparse24_mm from 64 rows of x, and for bf16 values
+// and x on AMX-BF16 CPUs; below): each kept value is multiplied by the activation its metadata
+// names, gathered in registers, so the kernel streams half the values of the dense weight plus
+// 1 bit of metadata per weight, and does half the multiply-adds.
 //
 // Float values (sparse24_mm). x is copied once per call into fp32 with the middle two column
 // quads of every 16 swapped: A = columns 0-3 | 8-11, B = 4-7 | 12-15. A vector of 8 kept values
@@ -26,7 +26,9 @@
 // metadata validated just before its use; for M > 4 the float kernel splits K into chunks so a
 // block's values stay in L1/L2 while every row of x passes. From M = 64 sparse24_mm instead
 // decompresses the weight into dense fp32 panels and calls torch's GEMM (see kDenseMinM): the
-// in-register gather costs as much as the multiply-adds it saves once x rows are many.
+// in-register gather costs as much as the multiply-adds it saves once x rows are many. bf16 values
+// with bf16 x from M = 3, on CPUs with AMX-BF16, expand 16 rows x 32 columns at a time into AMX
+// tiles instead (float_amx, kAmxMinM).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -40,9 +42,11 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <optional>
 
 #include "lowbit/checks.h"
+#include "lowbit/cpu/amx.h"
 #include "lowbit/cpu/isa.h"
 #include "lowbit/cpu/vec_avx2.h"
 #include "lowbit/sparse24_layout.h"
@@ -538,6 +542,15 @@ at::Tensor x_to_fp32(const at::Tensor& x, int64_t Kp, bool permute) {
 // M = 16 1.45-1.68 / 0.92-1.05, M = 32 1.16-1.26 / 0.98-0.99, M = 64 0.87-0.97 / 1.07,
 // M = 128 0.73-0.75 / 0.98-1.02, M = 256 0.58-0.59 / 0.94-0.95 (decompressing costs ~5%).
 constexpr int64_t kDenseMinM = 64;
+// bf16 values and bf16 x from this M, on CPUs with AMX-BF16: the AMX kernel (float_amx), at
+// every larger M too (it replaces the fp32 dense panels there). Measured on the 2-vCPU AMX Xeon
+// VM (N = K = 4096, 2 threads, 1 GiB read before each call, median of 21 or 9, ms), AMX vs the
+// AVX2 gather (from M = 64 the fp32 dense panels) vs bf16 F.linear on the dense weight: M = 1
+// 1.21 / 0.93 / 1.84, 2 1.21 / 1.08 / 1.82, 3 1.24 / 1.39 / 1.84, 4 1.20 / 1.64 / 1.86, 8 1.30 /
+// 3.16 / 1.98, 16 1.40 / 5.93 / 1.98, 64 2.69 / 15.3 / 2.93, 256 11.0 / 31.8 / 5.24 (at 256 the
+// AMX kernel decodes the weight once per 64 rows of x: a decoded bf16 panel for torch's GEMM
+// would take the dense GEMM's time plus one decode).
+constexpr int64_t kAmxMinM = 3;
 // Panel rows: 16 MiB of fp32 (1024 rows at K = 4096). Fewer, larger panels: each costs two
 // parallel regions (decompress, GEMM), and on a loaded machine every region waits for a thread.
 constexpr int64_t kDensePanelFloats = int64_t(1) << 22;
@@ -674,6 +687,73 @@ void int8_dense_panels(const Int8Problem& p, const at::Tensor& a) {
 }
 #endif  // LOWBIT_HAVE_AVX2_KERNELS
 
+// ---- sparse24_mm with bf16 values and bf16 x on CPUs with AMX-BF16 (see kAmxMinM).
+// lowbit/cpu/amx.h's tile loop, fed by a decoder that expands each weight row's kept values into
+// its dense 32-column tile row: the row's 4 metadata bytes of the block give, through a 256-entry
+// table, the 32-bit mask of its kept columns, and one vpexpandw (AVX512-VBMI2) writes the 16
+// values to the set bits in order, zeros elsewhere; valid metadata (i0 < i1, checked before) names
+// two distinct columns per group in increasing order, which is the order the values are stored
+// in. Values and activations are bf16, so every product is exact and only the fp32 accumulation
+// (AMX's) rounds; AMX treats subnormal bf16 inputs as zero (lowbit/cpu/amx.h).
+LOWBIT_AMX_CODE_BEGIN
+
+// For each metadata byte (groups 2j and 2j + 1 of a 32-column block): the 8-bit mask of the
+// columns it keeps. Invalid nibbles never reach it (the metadata is validated first).
+struct KeptColumnMasks {
+  uint8_t bits[256];
+  KeptColumnMasks() {
+    for (int b = 0; b < 256; ++b) {
+      bits[b] = 0;
+      for (int h = 0; h < 2; ++h) {
+        const int nibble = (b >> (4 * h)) & 0xF;
+        bits[b] |= static_cast<uint8_t>(((1 << (nibble & 3)) | (1 << (nibble >> 2))) << (4 * h));
+      }
+    }
+  }
+};
+
+void float_amx(const FloatProblem& p, const at::Tensor& xb) {
+  static const KeptColumnMasks masks;
+  const int64_t nblocks = (p.Kp + cpu::kAmxK - 1) / cpu::kAmxK;
+  const int64_t row_values = p.Kp / 2, row_meta = p.Kp / 8;
+  // Kp is a multiple of 16: the last block may hold 16 columns only (8 values, 2 metadata bytes).
+  const bool half_last = p.Kp % cpu::kAmxK != 0;
+  const uint16_t* values = static_cast<const uint16_t*>(p.values);
+  auto step_end = [&](int64_t b0) { return std::min(nblocks, b0 + cpu::kAmxStep); };
+  auto decode = [&](int64_t n0, int rows, int64_t b0, int64_t b1, cpu::AmxStepBuffer& a) {
+    const int64_t full_end = half_last && b1 == nblocks ? b1 - 1 : b1;
+    for (int r = 0; r < rows; ++r) {
+      const uint16_t* v = values + (n0 + r) * row_values;
+      const uint8_t* m = p.meta + (n0 + r) * row_meta;
+      int64_t b = b0;
+      for (; b < full_end; ++b) {
+        if (b % 2 == 0)  // the next tile's row, one 64-byte line of values ahead
+          _mm_prefetch(reinterpret_cast<const char*>(v + cpu::kAmxRows * row_values + 16 * b), _MM_HINT_T0);
+        if (b % 16 == 0)
+          _mm_prefetch(reinterpret_cast<const char*>(m + cpu::kAmxRows * row_meta + 4 * b), _MM_HINT_T0);
+        uint32_t meta4;
+        std::memcpy(&meta4, m + 4 * b, 4);
+        const uint32_t kept = masks.bits[meta4 & 0xFF] | uint32_t(masks.bits[(meta4 >> 8) & 0xFF]) << 8 |
+                              uint32_t(masks.bits[(meta4 >> 16) & 0xFF]) << 16 | uint32_t(masks.bits[meta4 >> 24]) << 24;
+        const __m256i vals = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v + 16 * b));
+        _mm512_store_si512(a[b - b0][r], _mm512_maskz_expand_epi16(kept, _mm512_castsi256_si512(vals)));
+      }
+      if (b < b1) {  // the half block: 8 values, 2 metadata bytes, columns 16-31 zero
+        const uint32_t kept = masks.bits[m[4 * b]] | uint32_t(masks.bits[m[4 * b + 1]]) << 8;
+        const __m256i vals = _mm256_maskz_loadu_epi16(0xFF, v + 16 * b);
+        _mm512_store_si512(a[b - b0][r], _mm512_maskz_expand_epi16(kept, _mm512_castsi256_si512(vals)));
+      }
+    }
+  };
+  auto finish = [&](int64_t m0, int64_t n0, int rows, int64_t mrows, const float* c) {
+    for (int r = 0; r < rows; ++r)
+      for (int64_t m = 0; m < mrows; ++m) float_epilogue(p, m0 + m, n0 + r, c[r * cpu::kAmxCols + m]);
+  };
+  cpu::amx_weight_gemm(p.M, p.N, nblocks, xb, decode, step_end, finish);
+}
+
+LOWBIT_AMX_CODE_END
+
 // On CPUs with AMX-INT8, from this M sparse24_int8_scaled_mm decompresses its weight into dense
 // int8 panels and takes the exact int32 product from at::_int_mm, as W8A8 does from M = 10
 // (csrc/cpu/int8.cpp): on AMX tiles the dense GEMM does twice the multiply-adds and is still far
@@ -697,8 +777,14 @@ at::Tensor sparse24_mm_cpu(const at::Tensor& x, const at::Tensor& values, const 
   const at::Tensor b32 = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
   at::Tensor out = at::empty({M, N}, x.options());
   const bool avx2 = use_avx2();
-  const bool dense = avx2 && M >= kDenseMinM;
-  const at::Tensor x32 = x_to_fp32(x, Kp, avx2 && !dense);
+#if LOWBIT_HAVE_AVX2_KERNELS
+  const bool amx = avx2 && x.scalar_type() == at::kBFloat16 && v.scalar_type() == at::kBFloat16 &&
+                   cpu::use_amx_bf16(M, kAmxMinM, std::numeric_limits<int64_t>::max(), "LOWBIT_SPARSE24_AMX");
+#else
+  const bool amx = false;
+#endif
+  const bool dense = avx2 && !amx && M >= kDenseMinM;
+  const at::Tensor x32 = amx ? at::Tensor() : x_to_fp32(x, Kp, avx2 && !dense);
 
   FloatProblem p;
   p.M = M;
@@ -710,7 +796,7 @@ at::Tensor sparse24_mm_cpu(const at::Tensor& x, const at::Tensor& values, const 
   p.meta = meta_c.const_data_ptr<uint8_t>();
   p.scale = s.defined() ? s.const_data_ptr<float>() : nullptr;
   p.bias = b32.defined() ? b32.const_data_ptr<float>() : nullptr;
-  p.x = x32.const_data_ptr<float>();
+  p.x = amx ? nullptr : x32.const_data_ptr<float>();
   p.partial = nullptr;
   p.out = out.mutable_data_ptr();
   p.out_type = out.scalar_type();
@@ -720,6 +806,14 @@ at::Tensor sparse24_mm_cpu(const at::Tensor& x, const at::Tensor& values, const 
     return out;
   }
 #if LOWBIT_HAVE_AVX2_KERNELS
+  if (amx) {
+    if (!meta_check.known_valid && !meta_valid_avx2(p.meta, meta_c.numel())) fail_bad_meta(op, meta_c);
+    meta_check.passed(meta);
+    int column_of_word[cpu::kAmxK];
+    for (int w = 0; w < cpu::kAmxK; ++w) column_of_word[w] = w;
+    float_amx(p, cpu::x_to_amx_b(x, (Kp + cpu::kAmxK - 1) / cpu::kAmxK, column_of_word));
+    return out;
+  }
   if (dense) {
     if (!meta_check.known_valid && !meta_valid_avx2(p.meta, meta_c.numel())) fail_bad_meta(op, meta_c);
     meta_check.passed(meta);
