@@ -120,39 +120,46 @@ def test_info_names_the_tier_lowbit_kernels_run_at_beside_torch_capability(monke
     monkeypatch.delenv("LOWBIT_INT8_WO_AMX", raising=False)
     monkeypatch.delenv("LOWBIT_FP8_AMX", raising=False)
     monkeypatch.delenv("LOWBIT_CODEBOOK_AMX", raising=False)
+    monkeypatch.delenv("LOWBIT_SPARSE24_AMX", raising=False)
     amx = {"avx2", "fma", "f16c", "avx512f", "amx_int8", "amx_bf16"}
     assert bench.lowbit_cpu_isa(amx) == (
         "AVX2+FMA+F16C (AVX-512 for the int4 and fp8 small-M kernels and bf16 panels; int4 bf16 from M = 33, codebook "
         f"bf16 from M = 24 on torch's AMX bf16 GEMM; {fp32_route}; W8A8 from M = 10, sparse24 W8A8 from M = 20 "
         "on torch's AMX int8 GEMM)")
-    # With the AVX-512 BW and BF16 that lowbit's own AMX kernel decodes with (every AMX CPU so far).
-    amx = amx | {"amx_tile", "avx512bw", "avx512_bf16"}
+    # Without VBMI2, lowbit's own AMX kernels stay off (amx_bf16_ready needs it, and BW and BF16).
+    assert "lowbit's AMX kernels" not in bench.lowbit_cpu_isa(amx | {"amx_tile", "avx512bw", "avx512_bf16"})
+    # With the AVX-512 BW, BF16 and VBMI2 that lowbit's own AMX kernels decode with (every AMX CPU so far).
+    amx = amx | {"amx_tile", "avx512bw", "avx512_bf16", "avx512_vbmi2"}
     assert bench.lowbit_cpu_isa(amx) == (
         "AVX2+FMA+F16C (AVX-512 for the int4 and fp8 small-M kernels and bf16 panels; int4 bf16 M = 5-256 and "
         "int8 weight-only bf16 from M = 5 and fp8 (bf16 weight-only, W8A8; vector scales) from M = 2 and codebook "
-        "bf16 M = 10-96 (kmeans4-like: 2-256) on lowbit's AMX kernels; int4 bf16 from M = 257, codebook bf16 "
-        "from M = 97 on torch's AMX bf16 GEMM; int4/codebook fp32/fp16 and int8 weight-only fp32/fp16 from M = 96 "
-        "on torch's AVX-512 GEMM; W8A8 from M = 10, sparse24 W8A8 from M = 20 on torch's AMX int8 GEMM)")
+        "bf16 M = 10-96 (kmeans4-like: 2-256) and sparse24 bf16 values M = 3-223 on lowbit's AMX kernels; int4 "
+        "bf16 from M = 257, codebook bf16 from M = 97, sparse24 bf16 values from M = 224 on torch's AMX bf16 GEMM; "
+        "int4/codebook fp32/fp16 and int8 weight-only fp32/fp16 from M = 96 on torch's AVX-512 GEMM; W8A8 from "
+        "M = 10, sparse24 W8A8 from M = 20 on torch's AMX int8 GEMM)")
     monkeypatch.setenv("LOWBIT_INT4_AMX", "0")
     assert "int4 bf16 from M = 33" in bench.lowbit_cpu_isa(amx) and "int4 bf16 M" not in bench.lowbit_cpu_isa(amx)
     monkeypatch.setenv("LOWBIT_INT8_WO_AMX", "0")
     monkeypatch.setenv("LOWBIT_FP8_AMX", "0")
     monkeypatch.setenv("LOWBIT_CODEBOOK_AMX", "0")
+    monkeypatch.setenv("LOWBIT_SPARSE24_AMX", "0")
     assert "AMX kernels" not in bench.lowbit_cpu_isa(amx) and fp32_route in bench.lowbit_cpu_isa(amx)
     monkeypatch.delenv("LOWBIT_INT4_AMX")
     monkeypatch.delenv("LOWBIT_INT8_WO_AMX")
     monkeypatch.delenv("LOWBIT_FP8_AMX")
     monkeypatch.delenv("LOWBIT_CODEBOOK_AMX")
+    monkeypatch.delenv("LOWBIT_SPARSE24_AMX")
     monkeypatch.setenv("LOWBIT_INT8_ONEDNN", "0")
     monkeypatch.setenv("LOWBIT_DECODED_GEMM", "0")
     assert bench.lowbit_cpu_isa(amx) == (
         "AVX2+FMA+F16C (AVX-512 for the int4 and fp8 small-M kernels; int4 bf16 M = 5-256 and int8 weight-only "
         "bf16 from M = 5 and fp8 (bf16 weight-only, W8A8; vector scales) from M = 2 and codebook bf16 M = 10-96 "
-        "(kmeans4-like: 2-256) on lowbit's AMX kernels)")
+        "(kmeans4-like: 2-256) and sparse24 bf16 values from M = 3 on lowbit's AMX kernels)")
     monkeypatch.setenv("LOWBIT_INT4_AMX", "0")
     monkeypatch.setenv("LOWBIT_INT8_WO_AMX", "0")
     monkeypatch.setenv("LOWBIT_FP8_AMX", "0")
     monkeypatch.setenv("LOWBIT_CODEBOOK_AMX", "0")
+    monkeypatch.setenv("LOWBIT_SPARSE24_AMX", "0")
     assert bench.lowbit_cpu_isa(amx) == "AVX2+FMA+F16C (AVX-512 for the int4 and fp8 small-M kernels)"
     assert bench.lowbit_cpu_isa(amx | {"avx512_vpopcntdq"}) == (
         "AVX2+FMA+F16C (AVX-512 for the int4 and fp8 small-M kernels, binary vpopcntq)")

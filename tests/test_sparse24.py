@@ -38,21 +38,24 @@ def make_weight(N, K, values_dtype=torch.float32, seed=0):
     return fmt.from_dense(nm_prune(w), values_dtype=values_dtype)
 
 
-def exact_and_bound(x, w, scale, bias, terms, out_dtype):
+def exact_and_bound(x, w, scale, bias, terms, out_dtype, bf16_product=False):
     """(exact result, worst-case |error|) for fp32 accumulation of `terms` products in any order.
 
     terms + 3 roundings per output (terms - 1 additions, the products, scale, bias), each at most
-    eps32 times the sum of magnitudes; then half an ulp of out_dtype.
+    eps32 times the sum of magnitudes; then half an ulp of out_dtype. bf16_product: the product
+    is also rounded to bf16 before scale and bias (the bf16 panels route): eps_bf16 times the
+    sum of the products' magnitudes more.
     """
     x64, w64 = x.double(), w.double()
     if scale is not None:
         w64 = w64 * scale.double().unsqueeze(1)
     exact = x64 @ w64.T
     mag = x64.abs() @ w64.abs().T
+    extra = torch.finfo(torch.bfloat16).eps * mag if bf16_product else 0.0
     if bias is not None:
         exact = exact + bias.double()
         mag = mag + bias.double().abs()
-    acc = (terms + 3) * torch.finfo(torch.float32).eps * mag
+    acc = (terms + 3) * torch.finfo(torch.float32).eps * mag + extra
     out = torch.finfo(out_dtype)
     return exact, acc + out.eps * (exact.abs() + acc) + out.tiny
 
@@ -250,18 +253,30 @@ def test_dtypes_and_bias(M, x_dtype, values_dtype, bias_dtype):
     check_against_exact(torch.randn(M, K).to(x_dtype), W, bias)
 
 
-# ---- the AMX kernel: bf16 values and bf16 x (csrc/cpu/sparse24.cpp, float_amx)
+# ---- bf16 values and bf16 x on AMX CPUs (csrc/cpu/sparse24.cpp): the AMX kernel (float_amx)
+# from AMX_MIN_M rows, bf16 panels for torch's GEMM from DECODED_MIN_M
 AMX_MIN_M = 3
+DECODED_MIN_M = 224
 
 
 def takes_amx(M, values_dtype=torch.bfloat16, x_dtype=torch.bfloat16, env=None):
-    """Whether sparse24_mm takes the AMX kernel: bf16 values and x, from AMX_MIN_M rows where
-    AMX-BF16 is ready, unless LOWBIT_SPARSE24_AMX=0 or LOWBIT_DECODED_GEMM=1; every M with =1."""
+    """Whether sparse24_mm takes the AMX kernel: bf16 values and x, AMX_MIN_M to DECODED_MIN_M - 1
+    rows where AMX-BF16 is ready (from AMX_MIN_M with LOWBIT_DECODED_GEMM=0), unless
+    LOWBIT_SPARSE24_AMX=0 or LOWBIT_DECODED_GEMM=1; every M with LOWBIT_SPARSE24_AMX=1."""
     if values_dtype != torch.bfloat16 or x_dtype != torch.bfloat16 or not cpu_routes.amx_bf16_ready():
         return False
     if env in ("0", "1"):
         return env == "1"
-    return M >= AMX_MIN_M and os.environ.get("LOWBIT_DECODED_GEMM", "")[:1] != "1"
+    decoded = os.environ.get("LOWBIT_DECODED_GEMM", "")[:1]
+    return M >= AMX_MIN_M and decoded != "1" and (M < DECODED_MIN_M or decoded == "0")
+
+
+def takes_bf16_panels(M, env=None):
+    """Whether bf16 values and x take the bf16 panels: from DECODED_MIN_M rows on AMX-ready CPUs,
+    unless LOWBIT_DECODED_GEMM=0 or LOWBIT_SPARSE24_AMX=1."""
+    if env == "1" or not cpu_routes.amx_bf16_ready():
+        return False
+    return M >= DECODED_MIN_M and os.environ.get("LOWBIT_DECODED_GEMM", "")[:1] != "0"
 
 
 def _set_amx_env(monkeypatch, env):
@@ -336,6 +351,44 @@ def test_bf16_amx_route_refuses_bad_meta(monkeypatch, M, row, col):
     torch.ops.lowbit.sparse24_mm(x, W.values, W.meta, None, None)
     with pytest.raises(ValueError, match=rf"lowbit\.sparse24_mm: meta\[{row}, {col}\]="):
         torch.ops.lowbit.sparse24_mm(x, W.values, meta, None, None)
+
+
+@pytest.mark.parametrize("amx_env", ["0", None], ids=["no-amx", "auto"])
+@pytest.mark.parametrize("decoded_env", ["0", None], ids=["no-panels", "auto"])
+@pytest.mark.parametrize("M", [223, 224, 300])
+@pytest.mark.parametrize("with_scale", [False, True])
+def test_bf16_large_m_routes_stay_within_their_bounds(monkeypatch, amx_env, decoded_env, M, with_scale):
+    """From 224 rows, bf16 values and x take bf16 panels and torch's GEMM: without scale and bias
+    at::mm's rounding to bf16 is the only one (the fp32 bound); with them the bf16 product is
+    scaled and biased in fp32 and rounded again (eps_bf16 more). LOWBIT_DECODED_GEMM=0: the fp32
+    dense panels; LOWBIT_SPARSE24_AMX=0 below 224: the AVX2 gather. K = 100: a half last block."""
+    _set_amx_env(monkeypatch, amx_env)
+    if decoded_env is None:
+        monkeypatch.delenv("LOWBIT_DECODED_GEMM", raising=False)
+    else:
+        monkeypatch.setenv("LOWBIT_DECODED_GEMM", decoded_env)
+    N, K = 37, 100
+    W = make_weight(N, K, torch.bfloat16, seed=M)
+    x = torch.randn(M, K).bfloat16()
+    w = fmt.decompress(W.values, W.meta, K, torch.float32)
+    panels = takes_bf16_panels(M, env=amx_env)
+    out = ops.sparse24_mm(x, W.values, W.meta)
+    exact, bound = exact_and_bound(x.float(), w, None, None, fmt.padded_k(K) // 2, x.dtype)
+    assert ((out.double() - exact).abs() <= bound).all()
+    scale = torch.rand(N) + 0.5 if with_scale else None
+    bias = torch.randn(N)
+    out = ops.sparse24_mm(x, W.values, W.meta, scale, bias)
+    exact, bound = exact_and_bound(x.float(), w, scale, bias, fmt.padded_k(K) // 2, x.dtype, bf16_product=panels)
+    assert ((out.double() - exact).abs() <= bound).all()
+
+
+def test_bf16_panels_one_hot_rows_give_the_weight_bit_for_bit():
+    """K = 240 rows of the identity (240 >= 224: the bf16 panels where AMX is ready), a half last
+    block: out is the dense weight's transpose, exactly."""
+    N, K = 19, 240
+    W = make_weight(N, K, torch.bfloat16, seed=5)
+    out = ops.sparse24_mm(torch.eye(K, dtype=torch.bfloat16), W.values, W.meta)
+    assert torch.equal(out, fmt.decompress(W.values, W.meta, K, torch.float32).T.bfloat16())
 
 
 @pytest.mark.parametrize("M", [1, 9])

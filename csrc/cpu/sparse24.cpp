@@ -47,6 +47,7 @@
 
 #include "lowbit/checks.h"
 #include "lowbit/cpu/amx.h"
+#include "lowbit/cpu/decoded_gemm.h"
 #include "lowbit/cpu/isa.h"
 #include "lowbit/cpu/vec_avx2.h"
 #include "lowbit/sparse24_layout.h"
@@ -542,8 +543,8 @@ at::Tensor x_to_fp32(const at::Tensor& x, int64_t Kp, bool permute) {
 // M = 16 1.45-1.68 / 0.92-1.05, M = 32 1.16-1.26 / 0.98-0.99, M = 64 0.87-0.97 / 1.07,
 // M = 128 0.73-0.75 / 0.98-1.02, M = 256 0.58-0.59 / 0.94-0.95 (decompressing costs ~5%).
 constexpr int64_t kDenseMinM = 64;
-// bf16 values and bf16 x from this M, on CPUs with AMX-BF16: the AMX kernel (float_amx), at
-// every larger M too (it replaces the fp32 dense panels there). Measured on the 2-vCPU AMX Xeon
+// bf16 values and bf16 x from this M, on CPUs with AMX-BF16: the AMX kernel (float_amx), up to
+// kDecodedMinM (it replaces the fp32 dense panels there). Measured on the 2-vCPU AMX Xeon
 // VM (N = K = 4096, 2 threads, 1 GiB read before each call, median of 21 or 9, ms), AMX vs the
 // AVX2 gather (from M = 64 the fp32 dense panels) vs bf16 F.linear on the dense weight: M = 1
 // 1.21 / 0.93 / 1.84, 2 1.21 / 1.08 / 1.82, 3 1.24 / 1.39 / 1.84, 4 1.20 / 1.64 / 1.86, 8 1.30 /
@@ -551,6 +552,15 @@ constexpr int64_t kDenseMinM = 64;
 // AMX kernel decodes the weight once per 64 rows of x: a decoded bf16 panel for torch's GEMM
 // would take the dense GEMM's time plus one decode).
 constexpr int64_t kAmxMinM = 3;
+// From this M (bf16 values and x, AMX-BF16) the weight is expanded into dense bf16 panels for
+// torch's bf16 GEMM (oneDNN on AMX) instead: the AMX kernel moves 5 tiles from L2 per 4 tile
+// multiplies (lowbit/cpu/amx.h) and oneDNN does about twice its FLOP/s at large M. The product
+// is rounded to bf16 by at::mm before scale and bias (then rounded again): eps_bf16 * |x||w| more
+// than the fp32 bound where there is a scale or a bias, nothing more without. Measured as for
+// kAmxMinM (median of 7, ms), AMX kernel vs bf16 panels vs bf16 F.linear on the dense weight:
+// M = 192 7.43 / 8.35 / 4.76, 256 10.8 / 8.47 / 5.60, 512 24.0 / 12.6 / 9.93, 1024 47.1 / 20.0 /
+// 16.8 (with a bias the panels' epilogue adds 1-4 ms).
+constexpr int64_t kDecodedMinM = 224;
 // Panel rows: 16 MiB of fp32 (1024 rows at K = 4096). Fewer, larger panels: each costs two
 // parallel regions (decompress, GEMM), and on a loaded machine every region waits for a thread.
 constexpr int64_t kDensePanelFloats = int64_t(1) << 22;
@@ -712,44 +722,60 @@ struct KeptColumnMasks {
   }
 };
 
+// Blocks b0..b1 of weight row n as dense bf16: block b's 32 words at dst + (b - b0) * dst_step.
+// Kp is a multiple of 16: the last block may hold 16 columns only (8 values, 2 metadata bytes),
+// and then its columns 16-31 are zero.
+inline void expand_row_blocks(const FloatProblem& p, const KeptColumnMasks& masks, int64_t n, int64_t b0, int64_t b1,
+                              uint16_t* dst, int64_t dst_step, bool prefetch_next_tile) {
+  const int64_t row_values = p.Kp / 2, row_meta = p.Kp / 8, full_blocks = p.Kp / cpu::kAmxK;
+  const uint16_t* v = static_cast<const uint16_t*>(p.values) + n * row_values;
+  const uint8_t* m = p.meta + n * row_meta;
+  const int64_t full_end = std::min(b1, full_blocks);
+  int64_t b = b0;
+  for (; b < full_end; ++b) {
+    if (prefetch_next_tile) {  // the next tile's row, one 64-byte line of values ahead
+      if (b % 2 == 0)
+        _mm_prefetch(reinterpret_cast<const char*>(v + cpu::kAmxRows * row_values + 16 * b), _MM_HINT_T0);
+      if (b % 16 == 0) _mm_prefetch(reinterpret_cast<const char*>(m + cpu::kAmxRows * row_meta + 4 * b), _MM_HINT_T0);
+    }
+    uint32_t meta4;
+    std::memcpy(&meta4, m + 4 * b, 4);
+    const uint32_t kept = masks.bits[meta4 & 0xFF] | uint32_t(masks.bits[(meta4 >> 8) & 0xFF]) << 8 |
+                          uint32_t(masks.bits[(meta4 >> 16) & 0xFF]) << 16 | uint32_t(masks.bits[meta4 >> 24]) << 24;
+    const __m256i vals = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v + 16 * b));
+    _mm512_storeu_si512(dst + (b - b0) * dst_step, _mm512_maskz_expand_epi16(kept, _mm512_castsi256_si512(vals)));
+  }
+  if (b < b1) {  // the half block
+    const uint32_t kept = masks.bits[m[4 * b]] | uint32_t(masks.bits[m[4 * b + 1]]) << 8;
+    const __m256i vals = _mm256_maskz_loadu_epi16(0xFF, v + 16 * b);
+    _mm512_storeu_si512(dst + (b - b0) * dst_step, _mm512_maskz_expand_epi16(kept, _mm512_castsi256_si512(vals)));
+  }
+}
+
 void float_amx(const FloatProblem& p, const at::Tensor& xb) {
   static const KeptColumnMasks masks;
   const int64_t nblocks = (p.Kp + cpu::kAmxK - 1) / cpu::kAmxK;
-  const int64_t row_values = p.Kp / 2, row_meta = p.Kp / 8;
-  // Kp is a multiple of 16: the last block may hold 16 columns only (8 values, 2 metadata bytes).
-  const bool half_last = p.Kp % cpu::kAmxK != 0;
-  const uint16_t* values = static_cast<const uint16_t*>(p.values);
   auto step_end = [&](int64_t b0) { return std::min(nblocks, b0 + cpu::kAmxStep); };
   auto decode = [&](int64_t n0, int rows, int64_t b0, int64_t b1, cpu::AmxStepBuffer& a) {
-    const int64_t full_end = half_last && b1 == nblocks ? b1 - 1 : b1;
-    for (int r = 0; r < rows; ++r) {
-      const uint16_t* v = values + (n0 + r) * row_values;
-      const uint8_t* m = p.meta + (n0 + r) * row_meta;
-      int64_t b = b0;
-      for (; b < full_end; ++b) {
-        if (b % 2 == 0)  // the next tile's row, one 64-byte line of values ahead
-          _mm_prefetch(reinterpret_cast<const char*>(v + cpu::kAmxRows * row_values + 16 * b), _MM_HINT_T0);
-        if (b % 16 == 0)
-          _mm_prefetch(reinterpret_cast<const char*>(m + cpu::kAmxRows * row_meta + 4 * b), _MM_HINT_T0);
-        uint32_t meta4;
-        std::memcpy(&meta4, m + 4 * b, 4);
-        const uint32_t kept = masks.bits[meta4 & 0xFF] | uint32_t(masks.bits[(meta4 >> 8) & 0xFF]) << 8 |
-                              uint32_t(masks.bits[(meta4 >> 16) & 0xFF]) << 16 | uint32_t(masks.bits[meta4 >> 24]) << 24;
-        const __m256i vals = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v + 16 * b));
-        _mm512_store_si512(a[b - b0][r], _mm512_maskz_expand_epi16(kept, _mm512_castsi256_si512(vals)));
-      }
-      if (b < b1) {  // the half block: 8 values, 2 metadata bytes, columns 16-31 zero
-        const uint32_t kept = masks.bits[m[4 * b]] | uint32_t(masks.bits[m[4 * b + 1]]) << 8;
-        const __m256i vals = _mm256_maskz_loadu_epi16(0xFF, v + 16 * b);
-        _mm512_store_si512(a[b - b0][r], _mm512_maskz_expand_epi16(kept, _mm512_castsi256_si512(vals)));
-      }
-    }
+    for (int r = 0; r < rows; ++r)
+      expand_row_blocks(p, masks, n0 + r, b0, b1, a[0][r], cpu::kAmxRows * cpu::kAmxK, /*prefetch_next_tile=*/true);
   };
   auto finish = [&](int64_t m0, int64_t n0, int rows, int64_t mrows, const float* c) {
     for (int r = 0; r < rows; ++r)
       for (int64_t m = 0; m < mrows; ++m) float_epilogue(p, m0 + m, n0 + r, c[r * cpu::kAmxCols + m]);
   };
   cpu::amx_weight_gemm(p.M, p.N, nblocks, xb, decode, step_end, finish);
+}
+
+// From kDecodedMinM rows (bf16 values and x, AMX-BF16): rows n0..n1 expanded into dense bf16
+// panel rows of Kd = 32 * nblocks columns, for torch's bf16 GEMM (cpu::gemm_over_decoded_panels).
+void expand_panel_bf16(const FloatProblem& p, int64_t n0, int64_t n1, uint16_t* panel) {
+  static const KeptColumnMasks masks;
+  const int64_t nblocks = (p.Kp + cpu::kAmxK - 1) / cpu::kAmxK;
+  at::parallel_for(n0, n1, 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t n = r0; n < r1; ++n)
+      expand_row_blocks(p, masks, n, 0, nblocks, panel + (n - n0) * nblocks * cpu::kAmxK, cpu::kAmxK, false);
+  });
 }
 
 LOWBIT_AMX_CODE_END
@@ -778,13 +804,21 @@ at::Tensor sparse24_mm_cpu(const at::Tensor& x, const at::Tensor& values, const 
   at::Tensor out = at::empty({M, N}, x.options());
   const bool avx2 = use_avx2();
 #if LOWBIT_HAVE_AVX2_KERNELS
-  const bool amx = avx2 && x.scalar_type() == at::kBFloat16 && v.scalar_type() == at::kBFloat16 &&
+  const bool bf16_pair = avx2 && x.scalar_type() == at::kBFloat16 && v.scalar_type() == at::kBFloat16;
+  // The panels' decoder is the AMX kernel's (AVX512-VBMI2): only where that one could run. With
+  // the panels off (LOWBIT_DECODED_GEMM=0) the AMX kernel takes every M from kAmxMinM; with
+  // LOWBIT_SPARSE24_AMX=1, every M.
+  const char* amx_env = std::getenv("LOWBIT_SPARSE24_AMX");
+  const bool panels_bf16 = bf16_pair && !(amx_env && amx_env[0] == '1') && cpu::amx_bf16_ready() &&
+                           cpu::decoded_gemm_route(at::kBFloat16, M, N, K, kDecodedMinM,
+                                                   std::numeric_limits<int64_t>::max()) == cpu::DecodedGemm::kBFloat16;
+  const bool amx = bf16_pair && !panels_bf16 &&
                    cpu::use_amx_bf16(M, kAmxMinM, std::numeric_limits<int64_t>::max(), "LOWBIT_SPARSE24_AMX");
 #else
-  const bool amx = false;
+  const bool amx = false, panels_bf16 = false;
 #endif
-  const bool dense = avx2 && !amx && M >= kDenseMinM;
-  const at::Tensor x32 = amx ? at::Tensor() : x_to_fp32(x, Kp, avx2 && !dense);
+  const bool dense = avx2 && !amx && !panels_bf16 && M >= kDenseMinM;
+  const at::Tensor x32 = amx || panels_bf16 ? at::Tensor() : x_to_fp32(x, Kp, avx2 && !dense);
 
   FloatProblem p;
   p.M = M;
@@ -796,7 +830,7 @@ at::Tensor sparse24_mm_cpu(const at::Tensor& x, const at::Tensor& values, const 
   p.meta = meta_c.const_data_ptr<uint8_t>();
   p.scale = s.defined() ? s.const_data_ptr<float>() : nullptr;
   p.bias = b32.defined() ? b32.const_data_ptr<float>() : nullptr;
-  p.x = amx ? nullptr : x32.const_data_ptr<float>();
+  p.x = x32.defined() ? x32.const_data_ptr<float>() : nullptr;
   p.partial = nullptr;
   p.out = out.mutable_data_ptr();
   p.out_type = out.scalar_type();
@@ -812,6 +846,20 @@ at::Tensor sparse24_mm_cpu(const at::Tensor& x, const at::Tensor& values, const 
     int column_of_word[cpu::kAmxK];
     for (int w = 0; w < cpu::kAmxK; ++w) column_of_word[w] = w;
     float_amx(p, cpu::x_to_amx_b(x, (Kp + cpu::kAmxK - 1) / cpu::kAmxK, column_of_word));
+    return out;
+  }
+  if (panels_bf16) {
+    if (!meta_check.known_valid && !meta_valid_avx2(p.meta, meta_c.numel())) fail_bad_meta(op, meta_c);
+    meta_check.passed(meta);
+    const int64_t Kd = (Kp + cpu::kAmxK - 1) / cpu::kAmxK * cpu::kAmxK;
+    at::Tensor xd = at::zeros({M, Kd}, x.options());
+    xd.narrow(1, 0, K).copy_(x);
+    auto decode = [&](int64_t n0, int64_t n1, void* panel) { expand_panel_bf16(p, n0, n1, static_cast<uint16_t*>(panel)); };
+    auto finish = [&](const at::Tensor& y, int64_t n0, int64_t /*n1*/) {
+      cpu::for_each_panel_product(y, n0, [&](int64_t m, int64_t n, float val) { float_epilogue(p, m, n, val); });
+    };
+    // No scale or bias: at::mm's own rounding of the fp32 sum to bf16 is the only one.
+    cpu::gemm_over_decoded_panels(xd, N, decode, finish, p.scale || p.bias ? at::Tensor() : out);
     return out;
   }
   if (dense) {
