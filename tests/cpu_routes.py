@@ -34,6 +34,14 @@ def amx_bf16_ready() -> bool:
     return {"amx_bf16", "amx_tile", "avx512f", "avx512bw", "avx512_bf16", "avx512_vbmi2"} <= visible_cpu_flags()
 
 
+def set_switch(monkeypatch, name: str, value: str | None) -> None:
+    """Sets the environment switch `name` for one test, or removes it (None: the automatic choice)."""
+    if value is None:
+        monkeypatch.delenv(name, raising=False)
+    else:
+        monkeypatch.setenv(name, value)
+
+
 def decoded_gemm_route(x_dtype, M, env, *, small_m, min_m_bf16, min_m_fp32):
     """decoded_gemm_route() for M rows of x_dtype and LOWBIT_DECODED_GEMM=env (None: unset);
     "bf16", "fp32", or None (the family's own kernels; also for M <= small_m)."""

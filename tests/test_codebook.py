@@ -289,10 +289,7 @@ def decoded_gemm_route(x_dtype, M, env, w=None):
 
 
 def set_route_env(monkeypatch, env):
-    if env is None:
-        monkeypatch.delenv("LOWBIT_DECODED_GEMM", raising=False)
-    else:
-        monkeypatch.setenv("LOWBIT_DECODED_GEMM", env)
+    cpu_routes.set_switch(monkeypatch, "LOWBIT_DECODED_GEMM", env)
 
 
 @pytest.mark.parametrize("env", ["0", "1", None], ids=["never", "always", "auto"])

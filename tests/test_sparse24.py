@@ -280,10 +280,7 @@ def takes_bf16_panels(M, env=None):
 
 
 def _set_amx_env(monkeypatch, env):
-    if env is None:
-        monkeypatch.delenv("LOWBIT_SPARSE24_AMX", raising=False)
-    else:
-        monkeypatch.setenv("LOWBIT_SPARSE24_AMX", env)
+    cpu_routes.set_switch(monkeypatch, "LOWBIT_SPARSE24_AMX", env)
 
 
 @pytest.mark.parametrize("env", ["0", "1", None], ids=["never", "always", "auto"])
@@ -363,10 +360,7 @@ def test_bf16_large_m_routes_stay_within_their_bounds(monkeypatch, amx_env, deco
     scaled and biased in fp32 and rounded again (eps_bf16 more). LOWBIT_DECODED_GEMM=0: the fp32
     dense panels; LOWBIT_SPARSE24_AMX=0 below 224: the AVX2 gather. K = 100: a half last block."""
     _set_amx_env(monkeypatch, amx_env)
-    if decoded_env is None:
-        monkeypatch.delenv("LOWBIT_DECODED_GEMM", raising=False)
-    else:
-        monkeypatch.setenv("LOWBIT_DECODED_GEMM", decoded_env)
+    cpu_routes.set_switch(monkeypatch, "LOWBIT_DECODED_GEMM", decoded_env)
     N, K = 37, 100
     W = make_weight(N, K, torch.bfloat16, seed=M)
     x = torch.randn(M, K).bfloat16()
