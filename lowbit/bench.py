@@ -1062,13 +1062,13 @@ def lowbit_cpu_isa(flags: set[str] | frozenset[str] | None = None) -> str:
             (int8_amx, int8_amx_env, "int8 weight-only bf16", "from M = 5"),
             (fp8_amx, fp8_amx_env, "fp8 (bf16 weight-only, W8A8; vector scales)", "from M = 2"),
             (cb_amx, cb_amx_env, "codebook bf16", "M = 10-96 (kmeans4-like: 2-256)"),
-            (s24_amx, s24_amx_env, "sparse24 bf16 values", "M = 3-223" if decoded else "from M = 3")) if on]
+            (s24_amx, s24_amx_env, "sparse24 bf16 x (bf16/int8 values)", "M = 3-223" if decoded else "from M = 3")) if on]
         if amx_kernels:
             notes.append(" and ".join(amx_kernels) + " on lowbit's AMX kernels")
         if amx_bf16:
             from_m = [] if int4_amx_env == "1" else [f"int4 bf16 from M = {257 if int4_amx else 33}"]
             from_m += [] if cb_amx_env == "1" else [f"codebook bf16 from M = {97 if cb_amx else 24}"]
-            from_m += [] if s24_amx_env == "1" or not amx_ready else ["sparse24 bf16 values from M = 224"]
+            from_m += [] if s24_amx_env == "1" or not amx_ready else ["sparse24 bf16 x from M = 224"]
             if from_m:
                 notes.append(", ".join(from_m) + " on torch's AMX bf16 GEMM")
         if decoded and avx512:

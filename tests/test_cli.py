@@ -133,8 +133,9 @@ def test_info_names_the_tier_lowbit_kernels_run_at_beside_torch_capability(monke
     assert bench.lowbit_cpu_isa(amx) == (
         "AVX2+FMA+F16C (AVX-512 for the int4 and fp8 small-M kernels and bf16 panels; int4 bf16 M = 5-256 and "
         "int8 weight-only bf16 from M = 5 and fp8 (bf16 weight-only, W8A8; vector scales) from M = 2 and codebook "
-        "bf16 M = 10-96 (kmeans4-like: 2-256) and sparse24 bf16 values M = 3-223 on lowbit's AMX kernels; int4 "
-        "bf16 from M = 257, codebook bf16 from M = 97, sparse24 bf16 values from M = 224 on torch's AMX bf16 GEMM; "
+        "bf16 M = 10-96 (kmeans4-like: 2-256) and sparse24 bf16 x (bf16/int8 values) M = 3-223 on lowbit's AMX "
+        "kernels; int4 bf16 from M = 257, codebook bf16 from M = 97, sparse24 bf16 x from M = 224 on torch's AMX "
+        "bf16 GEMM; "
         "int4/codebook fp32/fp16 and int8 weight-only fp32/fp16 from M = 96 on torch's AVX-512 GEMM; W8A8 from "
         "M = 10, sparse24 W8A8 from M = 20 on torch's AMX int8 GEMM)")
     monkeypatch.setenv("LOWBIT_INT4_AMX", "0")
@@ -154,7 +155,7 @@ def test_info_names_the_tier_lowbit_kernels_run_at_beside_torch_capability(monke
     assert bench.lowbit_cpu_isa(amx) == (
         "AVX2+FMA+F16C (AVX-512 for the int4 and fp8 small-M kernels; int4 bf16 M = 5-256 and int8 weight-only "
         "bf16 from M = 5 and fp8 (bf16 weight-only, W8A8; vector scales) from M = 2 and codebook bf16 M = 10-96 "
-        "(kmeans4-like: 2-256) and sparse24 bf16 values from M = 3 on lowbit's AMX kernels)")
+        "(kmeans4-like: 2-256) and sparse24 bf16 x (bf16/int8 values) from M = 3 on lowbit's AMX kernels)")
     monkeypatch.setenv("LOWBIT_INT4_AMX", "0")
     monkeypatch.setenv("LOWBIT_INT8_WO_AMX", "0")
     monkeypatch.setenv("LOWBIT_FP8_AMX", "0")

@@ -257,13 +257,14 @@ def test_dtypes_and_bias(M, x_dtype, values_dtype, bias_dtype):
 # from AMX_MIN_M rows, bf16 panels for torch's GEMM from DECODED_MIN_M
 AMX_MIN_M = 3
 DECODED_MIN_M = 224
+AMX_VALUE_DTYPES = (torch.bfloat16, torch.int8)  # values exact in bf16 (int8 with its row scale)
 
 
 def takes_amx(M, values_dtype=torch.bfloat16, x_dtype=torch.bfloat16, env=None):
-    """Whether sparse24_mm takes the AMX kernel: bf16 values and x, AMX_MIN_M to DECODED_MIN_M - 1
+    """Whether sparse24_mm takes the AMX kernel: bf16 or int8 values and bf16 x, AMX_MIN_M to DECODED_MIN_M - 1
     rows where AMX-BF16 is ready (from AMX_MIN_M with LOWBIT_DECODED_GEMM=0), unless
     LOWBIT_SPARSE24_AMX=0 or LOWBIT_DECODED_GEMM=1; every M with LOWBIT_SPARSE24_AMX=1."""
-    if values_dtype != torch.bfloat16 or x_dtype != torch.bfloat16 or not cpu_routes.amx_bf16_ready():
+    if values_dtype not in AMX_VALUE_DTYPES or x_dtype != torch.bfloat16 or not cpu_routes.amx_bf16_ready():
         return False
     if env in ("0", "1"):
         return env == "1"
@@ -272,7 +273,7 @@ def takes_amx(M, values_dtype=torch.bfloat16, x_dtype=torch.bfloat16, env=None):
 
 
 def takes_bf16_panels(M, env=None):
-    """Whether bf16 values and x take the bf16 panels: from DECODED_MIN_M rows on AMX-ready CPUs,
+    """Whether bf16 x with bf16 or int8 values takes the bf16 panels: from DECODED_MIN_M rows on AMX CPUs,
     unless LOWBIT_DECODED_GEMM=0 or LOWBIT_SPARSE24_AMX=1."""
     if env == "1" or not cpu_routes.amx_bf16_ready():
         return False
@@ -286,16 +287,17 @@ def _set_amx_env(monkeypatch, env):
 @pytest.mark.parametrize("env", ["0", "1", None], ids=["never", "always", "auto"])
 @pytest.mark.parametrize("M", [1, 2, 3, 17, 64, 65, 130])
 @pytest.mark.parametrize("N,K", [(16, 32), (37, 100), (33, 4096 + 16), (20, 48)])
-def test_bf16_amx_route_within_the_fp32_bound(monkeypatch, env, M, N, K):
-    """Every route for bf16 values and x stays within the fp32 accumulation bound: the AMX kernel
-    multiplies exactly (bf16 x bf16) and accumulates in fp32. K = 100, 48, 4112: a last block of
-    16 columns (Kp % 32 == 16); N not a multiple of the 16-row tile; M past one and two passes of
-    64 rows of x. Scale and bias go through the epilogue."""
+@pytest.mark.parametrize("values_dtype", AMX_VALUE_DTYPES, ids=dtype_id)
+def test_bf16_amx_route_within_the_fp32_bound(monkeypatch, env, M, N, K, values_dtype):
+    """Every route for bf16 x with bf16 or int8 values stays within the fp32 accumulation bound:
+    the AMX kernel multiplies exactly (bf16 x bf16; int8 values widen exactly) and accumulates in
+    fp32. K = 100, 48, 4112: a last block of 16 columns (Kp % 32 == 16); N not a multiple of the
+    16-row tile; M past one and two passes of 64 rows of x. Scale and bias go through the epilogue."""
     _set_amx_env(monkeypatch, env)
-    W = make_weight(N, K, torch.bfloat16, seed=N + K)
+    W = make_weight(N, K, values_dtype, seed=N + K)
     x = torch.randn(M, K).bfloat16()
     check_against_exact(x, W, bias=torch.randn(N))
-    scale = torch.rand(N) + 0.5
+    scale = W.scale if W.scale is not None else torch.rand(N) + 0.5
     out = ops.sparse24_mm(x, W.values, W.meta, scale)
     w = fmt.decompress(W.values, W.meta, K, torch.float32)
     exact, bound = exact_and_bound(x.float(), w, scale, None, fmt.padded_k(K) // 2, x.dtype)
@@ -304,15 +306,17 @@ def test_bf16_amx_route_within_the_fp32_bound(monkeypatch, env, M, N, K):
 
 @pytest.mark.parametrize("env", ["0", "1"], ids=["never", "always"])
 @pytest.mark.parametrize("N,K", [(16, 64), (19, 112)])
-def test_bf16_one_hot_rows_give_the_weight_bit_for_bit(monkeypatch, env, N, K):
-    """x = rows of the identity: out[k, n] is the dense weight w[n, k] itself, so any value landing in
-    the wrong column, row or block, or a kept value dropped, shows. Every column of K, both routes."""
+@pytest.mark.parametrize("values_dtype", AMX_VALUE_DTYPES, ids=dtype_id)
+def test_bf16_one_hot_rows_give_the_weight_bit_for_bit(monkeypatch, env, N, K, values_dtype):
+    """x = rows of the identity: out[k, n] is the dense weight w[n, k] itself (times the row scale
+    of int8 values, rounded as the reference rounds it), so any value landing in the wrong column,
+    row or block, or a kept value dropped, shows. Every column of K, both routes."""
     _set_amx_env(monkeypatch, env)
-    W = make_weight(N, K, torch.bfloat16, seed=7)
+    W = make_weight(N, K, values_dtype, seed=7)
     x = torch.eye(K, dtype=torch.bfloat16)
-    out = ops.sparse24_mm(x, W.values, W.meta)
-    want = fmt.decompress(W.values, W.meta, K, torch.float32).T.bfloat16()
-    assert torch.equal(out, want)
+    out = ops.sparse24_mm(x, W.values, W.meta, W.scale)
+    assert torch.equal(out, ref.sparse24_mm(x, W.values, W.meta, W.scale))
+    assert (out != 0).sum() >= N * K // 2 - N  # the kept values are (almost all) nonzero
 
 
 @pytest.mark.parametrize("env", ["0", "1", None], ids=["never", "always", "auto"])
@@ -334,27 +338,31 @@ def test_bf16_amx_route_counts_subnormal_activations_as_zero(monkeypatch, env, M
     assert float(out[0, 3]) == want
 
 
-@pytest.mark.parametrize("M", [3, 64])
+@pytest.mark.parametrize("M", [3, 64, 300])
 @pytest.mark.parametrize("row,col", [(37, 3), (39, 2 * (2048 + 16) // 16 - 1)])
-def test_bf16_amx_route_refuses_bad_meta(monkeypatch, M, row, col):
-    """The C++ op validates the metadata before the AMX kernel reads it (a bad nibble would give
-    the wrong number of kept columns to vpexpandw), in any row and in a row's last byte."""
-    monkeypatch.setenv("LOWBIT_SPARSE24_AMX", "1")
+@pytest.mark.parametrize("values_dtype", AMX_VALUE_DTYPES, ids=dtype_id)
+def test_bf16_amx_routes_refuse_bad_meta(monkeypatch, M, row, col, values_dtype):
+    """The C++ op validates the metadata before the AMX kernel or the bf16 panels read it (a bad
+    nibble would give the wrong number of kept columns to vpexpandw), in any row and in a row's
+    last byte."""
+    monkeypatch.delenv("LOWBIT_SPARSE24_AMX", raising=False)
     N, K = 40, 2048 + 16
-    W = make_weight(N, K, torch.bfloat16)
+    W = make_weight(N, K, values_dtype)
     meta = W.meta.clone()
     meta[row, col] = (meta[row, col] & 0xF0) | 0x7
     x = torch.randn(M, K).bfloat16()
-    torch.ops.lowbit.sparse24_mm(x, W.values, W.meta, None, None)
+    torch.ops.lowbit.sparse24_mm(x, W.values, W.meta, W.scale, None)
     with pytest.raises(ValueError, match=rf"lowbit\.sparse24_mm: meta\[{row}, {col}\]="):
-        torch.ops.lowbit.sparse24_mm(x, W.values, meta, None, None)
+        torch.ops.lowbit.sparse24_mm(x, W.values, meta, W.scale, None)
 
 
 @pytest.mark.parametrize("amx_env", ["0", None], ids=["no-amx", "auto"])
 @pytest.mark.parametrize("decoded_env", ["0", None], ids=["no-panels", "auto"])
 @pytest.mark.parametrize("M", [223, 224, 300])
 @pytest.mark.parametrize("with_scale", [False, True])
-def test_bf16_large_m_routes_stay_within_their_bounds(monkeypatch, amx_env, decoded_env, M, with_scale):
+@pytest.mark.parametrize("values_dtype", AMX_VALUE_DTYPES, ids=dtype_id)
+def test_bf16_large_m_routes_stay_within_their_bounds(monkeypatch, amx_env, decoded_env, M, with_scale,
+                                                      values_dtype):
     """From 224 rows, bf16 values and x take bf16 panels and torch's GEMM: without scale and bias
     at::mm's rounding to bf16 is the only one (the fp32 bound); with them the bf16 product is
     scaled and biased in fp32 and rounded again (eps_bf16 more). LOWBIT_DECODED_GEMM=0: the fp32
@@ -362,14 +370,15 @@ def test_bf16_large_m_routes_stay_within_their_bounds(monkeypatch, amx_env, deco
     _set_amx_env(monkeypatch, amx_env)
     cpu_routes.set_switch(monkeypatch, "LOWBIT_DECODED_GEMM", decoded_env)
     N, K = 37, 100
-    W = make_weight(N, K, torch.bfloat16, seed=M)
+    W = make_weight(N, K, values_dtype, seed=M)
     x = torch.randn(M, K).bfloat16()
     w = fmt.decompress(W.values, W.meta, K, torch.float32)
     panels = takes_bf16_panels(M, env=amx_env)
-    out = ops.sparse24_mm(x, W.values, W.meta)
-    exact, bound = exact_and_bound(x.float(), w, None, None, fmt.padded_k(K) // 2, x.dtype)
-    assert ((out.double() - exact).abs() <= bound).all()
-    scale = torch.rand(N) + 0.5 if with_scale else None
+    if W.scale is None:  # int8 values always have a scale
+        out = ops.sparse24_mm(x, W.values, W.meta)
+        exact, bound = exact_and_bound(x.float(), w, None, None, fmt.padded_k(K) // 2, x.dtype)
+        assert ((out.double() - exact).abs() <= bound).all()
+    scale = W.scale if W.scale is not None else (torch.rand(N) + 0.5 if with_scale else None)
     bias = torch.randn(N)
     out = ops.sparse24_mm(x, W.values, W.meta, scale, bias)
     exact, bound = exact_and_bound(x.float(), w, scale, bias, fmt.padded_k(K) // 2, x.dtype, bf16_product=panels)

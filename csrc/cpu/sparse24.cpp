@@ -26,9 +26,9 @@
 // metadata validated just before its use; for M > 4 the float kernel splits K into chunks so a
 // block's values stay in L1/L2 while every row of x passes. From M = 64 sparse24_mm instead
 // decompresses the weight into dense fp32 panels and calls torch's GEMM (see kDenseMinM): the
-// in-register gather costs as much as the multiply-adds it saves once x rows are many. bf16 values
-// with bf16 x from M = 3, on CPUs with AMX-BF16, expand 16 rows x 32 columns at a time into AMX
-// tiles instead (float_amx, kAmxMinM).
+// in-register gather costs as much as the multiply-adds it saves once x rows are many. bf16 or
+// int8 values with bf16 x from M = 3, on CPUs with AMX-BF16, expand 16 rows x 32 columns at a
+// time into AMX tiles instead (float_amx, kAmxMinM), and from M = 224 into bf16 panels.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -543,17 +543,16 @@ at::Tensor x_to_fp32(const at::Tensor& x, int64_t Kp, bool permute) {
 // M = 16 1.45-1.68 / 0.92-1.05, M = 32 1.16-1.26 / 0.98-0.99, M = 64 0.87-0.97 / 1.07,
 // M = 128 0.73-0.75 / 0.98-1.02, M = 256 0.58-0.59 / 0.94-0.95 (decompressing costs ~5%).
 constexpr int64_t kDenseMinM = 64;
-// bf16 values and bf16 x from this M, on CPUs with AMX-BF16: the AMX kernel (float_amx), up to
-// kDecodedMinM (it replaces the fp32 dense panels there). Measured on the 2-vCPU AMX Xeon
-// VM (N = K = 4096, 2 threads, 1 GiB read before each call, median of 21 or 9, ms), AMX vs the
-// AVX2 gather (from M = 64 the fp32 dense panels) vs bf16 F.linear on the dense weight: M = 1
-// 1.21 / 0.93 / 1.84, 2 1.21 / 1.08 / 1.82, 3 1.24 / 1.39 / 1.84, 4 1.20 / 1.64 / 1.86, 8 1.30 /
-// 3.16 / 1.98, 16 1.40 / 5.93 / 1.98, 64 2.69 / 15.3 / 2.93, 256 11.0 / 31.8 / 5.24 (at 256 the
-// AMX kernel decodes the weight once per 64 rows of x: a decoded bf16 panel for torch's GEMM
-// would take the dense GEMM's time plus one decode).
+// bf16 x with bf16 or int8 values from this M, on CPUs with AMX-BF16: the AMX kernel
+// (float_amx), up to kDecodedMinM (it replaces the fp32 dense panels there). Measured on the
+// 2-vCPU AMX Xeon VM (bf16 values, N = K = 4096, 2 threads, 1 GiB read before each call, median
+// of 21 or 9, ms), AMX vs the AVX2 gather (from M = 64 the fp32 dense panels) vs bf16 F.linear
+// on the dense weight: M = 1 1.21 / 0.93 / 1.84, 2 1.21 / 1.08 / 1.82, 3 1.24 / 1.39 / 1.84, 4
+// 1.20 / 1.64 / 1.86, 8 1.30 / 3.16 / 1.98, 16 1.40 / 5.93 / 1.98, 64 2.69 / 15.3 / 2.93, 256
+// 11.0 / 31.8 / 5.24 (the AMX kernel then decoded the weight once per 64 rows of x).
 constexpr int64_t kAmxMinM = 3;
-// From this M (bf16 values and x, AMX-BF16) the weight is expanded into dense bf16 panels for
-// torch's bf16 GEMM (oneDNN on AMX) instead: the AMX kernel moves 5 tiles from L2 per 4 tile
+// From this M (bf16 x, bf16 or int8 values, AMX-BF16) the weight is expanded into dense bf16
+// panels for torch's bf16 GEMM (oneDNN on AMX) instead: the AMX kernel moves 5 tiles from L2 per 4 tile
 // multiplies (lowbit/cpu/amx.h) and oneDNN does about twice its FLOP/s at large M. The product
 // is rounded to bf16 by at::mm before scale and bias (then rounded again): eps_bf16 * |x||w| more
 // than the fp32 bound where there is a scale or a bias, nothing more without. Measured as for
@@ -697,14 +696,15 @@ void int8_dense_panels(const Int8Problem& p, const at::Tensor& a) {
 }
 #endif  // LOWBIT_HAVE_AVX2_KERNELS
 
-// ---- sparse24_mm with bf16 values and bf16 x on CPUs with AMX-BF16 (see kAmxMinM).
+// ---- sparse24_mm with bf16 x and bf16 or int8 values on CPUs with AMX-BF16 (see kAmxMinM).
 // lowbit/cpu/amx.h's tile loop, fed by a decoder that expands each weight row's kept values into
 // its dense 32-column tile row: the row's 4 metadata bytes of the block give, through a 256-entry
 // table, the 32-bit mask of its kept columns, and one vpexpandw (AVX512-VBMI2) writes the 16
 // values to the set bits in order, zeros elsewhere; valid metadata (i0 < i1, checked before) names
 // two distinct columns per group in increasing order, which is the order the values are stored
-// in. Values and activations are bf16, so every product is exact and only the fp32 accumulation
-// (AMX's) rounds; AMX treats subnormal bf16 inputs as zero (lowbit/cpu/amx.h).
+// in. Activations are bf16 and the values bf16 or int8 (widened to bf16 exactly; their row
+// scale goes in the epilogue), so every product is exact and only the fp32 accumulation (AMX's)
+// rounds; AMX treats subnormal bf16 inputs as zero (lowbit/cpu/amx.h).
 LOWBIT_AMX_CODE_BEGIN
 
 // For each metadata byte (groups 2j and 2j + 1 of a 32-column block): the 8-bit mask of the
@@ -722,19 +722,32 @@ struct KeptColumnMasks {
   }
 };
 
+// A block's kept values (16, or 8 for a half block: the rest zero) as bf16 words: bf16 values
+// as they are; int8 values widened, exactly (|v| <= 128 has 8 significant bits).
+inline __m256i kept_values_bf16(const uint16_t* v, bool half) {
+  return half ? _mm256_maskz_loadu_epi16(0xFF, v) : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v));
+}
+inline __m256i kept_values_bf16(const int8_t* v, bool half) {
+  const __m128i bytes = half ? _mm_maskz_loadu_epi8(0xFF, v) : _mm_loadu_si128(reinterpret_cast<const __m128i*>(v));
+  return (__m256i)_mm512_cvtneps_pbh(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(bytes)));
+}
+
 // Blocks b0..b1 of weight row n as dense bf16: block b's 32 words at dst + (b - b0) * dst_step.
 // Kp is a multiple of 16: the last block may hold 16 columns only (8 values, 2 metadata bytes),
-// and then its columns 16-31 are zero.
+// and then its columns 16-31 are zero. V: the values' type (bf16 as uint16_t, or int8).
+template <typename V>
 inline void expand_row_blocks(const FloatProblem& p, const KeptColumnMasks& masks, int64_t n, int64_t b0, int64_t b1,
                               uint16_t* dst, int64_t dst_step, bool prefetch_next_tile) {
   const int64_t row_values = p.Kp / 2, row_meta = p.Kp / 8, full_blocks = p.Kp / cpu::kAmxK;
-  const uint16_t* v = static_cast<const uint16_t*>(p.values) + n * row_values;
+  const V* v = static_cast<const V*>(p.values) + n * row_values;
   const uint8_t* m = p.meta + n * row_meta;
   const int64_t full_end = std::min(b1, full_blocks);
+  // One 64-byte line of values covers 64 / (16 sizeof(V)) blocks.
+  constexpr int64_t kBlocksPerLine = 64 / (16 * sizeof(V));
   int64_t b = b0;
   for (; b < full_end; ++b) {
-    if (prefetch_next_tile) {  // the next tile's row, one 64-byte line of values ahead
-      if (b % 2 == 0)
+    if (prefetch_next_tile) {  // the next tile's row, one line ahead
+      if (b % kBlocksPerLine == 0)
         _mm_prefetch(reinterpret_cast<const char*>(v + cpu::kAmxRows * row_values + 16 * b), _MM_HINT_T0);
       if (b % 16 == 0) _mm_prefetch(reinterpret_cast<const char*>(m + cpu::kAmxRows * row_meta + 4 * b), _MM_HINT_T0);
     }
@@ -742,23 +755,24 @@ inline void expand_row_blocks(const FloatProblem& p, const KeptColumnMasks& mask
     std::memcpy(&meta4, m + 4 * b, 4);
     const uint32_t kept = masks.bits[meta4 & 0xFF] | uint32_t(masks.bits[(meta4 >> 8) & 0xFF]) << 8 |
                           uint32_t(masks.bits[(meta4 >> 16) & 0xFF]) << 16 | uint32_t(masks.bits[meta4 >> 24]) << 24;
-    const __m256i vals = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v + 16 * b));
+    const __m256i vals = kept_values_bf16(v + 16 * b, false);
     _mm512_storeu_si512(dst + (b - b0) * dst_step, _mm512_maskz_expand_epi16(kept, _mm512_castsi256_si512(vals)));
   }
   if (b < b1) {  // the half block
     const uint32_t kept = masks.bits[m[4 * b]] | uint32_t(masks.bits[m[4 * b + 1]]) << 8;
-    const __m256i vals = _mm256_maskz_loadu_epi16(0xFF, v + 16 * b);
+    const __m256i vals = kept_values_bf16(v + 16 * b, true);
     _mm512_storeu_si512(dst + (b - b0) * dst_step, _mm512_maskz_expand_epi16(kept, _mm512_castsi256_si512(vals)));
   }
 }
 
+template <typename V>
 void float_amx(const FloatProblem& p, const at::Tensor& xb) {
   static const KeptColumnMasks masks;
   const int64_t nblocks = (p.Kp + cpu::kAmxK - 1) / cpu::kAmxK;
   auto step_end = [&](int64_t b0) { return std::min(nblocks, b0 + cpu::kAmxStep); };
   auto decode = [&](int64_t n0, int rows, int64_t b0, int64_t b1, cpu::AmxStepBuffer& a) {
     for (int r = 0; r < rows; ++r)
-      expand_row_blocks(p, masks, n0 + r, b0, b1, a[0][r], cpu::kAmxRows * cpu::kAmxK, /*prefetch_next_tile=*/true);
+      expand_row_blocks<V>(p, masks, n0 + r, b0, b1, a[0][r], cpu::kAmxRows * cpu::kAmxK, /*prefetch_next_tile=*/true);
   };
   auto finish = [&](int64_t m0, int64_t n0, int rows, int64_t mrows, const float* c) {
     for (int r = 0; r < rows; ++r)
@@ -767,14 +781,15 @@ void float_amx(const FloatProblem& p, const at::Tensor& xb) {
   cpu::amx_weight_gemm(p.M, p.N, nblocks, xb, decode, step_end, finish);
 }
 
-// From kDecodedMinM rows (bf16 values and x, AMX-BF16): rows n0..n1 expanded into dense bf16
+// From kDecodedMinM rows (bf16 x, bf16 or int8 values, AMX-BF16): rows n0..n1 expanded into dense bf16
 // panel rows of Kd = 32 * nblocks columns, for torch's bf16 GEMM (cpu::gemm_over_decoded_panels).
+template <typename V>
 void expand_panel_bf16(const FloatProblem& p, int64_t n0, int64_t n1, uint16_t* panel) {
   static const KeptColumnMasks masks;
   const int64_t nblocks = (p.Kp + cpu::kAmxK - 1) / cpu::kAmxK;
   at::parallel_for(n0, n1, 16, [&](int64_t r0, int64_t r1) {
     for (int64_t n = r0; n < r1; ++n)
-      expand_row_blocks(p, masks, n, 0, nblocks, panel + (n - n0) * nblocks * cpu::kAmxK, cpu::kAmxK, false);
+      expand_row_blocks<V>(p, masks, n, 0, nblocks, panel + (n - n0) * nblocks * cpu::kAmxK, cpu::kAmxK, false);
   });
 }
 
@@ -804,7 +819,9 @@ at::Tensor sparse24_mm_cpu(const at::Tensor& x, const at::Tensor& values, const 
   at::Tensor out = at::empty({M, N}, x.options());
   const bool avx2 = use_avx2();
 #if LOWBIT_HAVE_AVX2_KERNELS
-  const bool bf16_pair = avx2 && x.scalar_type() == at::kBFloat16 && v.scalar_type() == at::kBFloat16;
+  // bf16 x with values exact in bf16: bf16 ones, or int8 ones (times their per-row scale).
+  const bool bf16_pair = avx2 && x.scalar_type() == at::kBFloat16 &&
+                         (v.scalar_type() == at::kBFloat16 || v.scalar_type() == at::kChar);
   // The panels' decoder is the AMX kernel's (AVX512-VBMI2): only where that one could run. With
   // the panels off (LOWBIT_DECODED_GEMM=0) the AMX kernel takes every M from kAmxMinM; with
   // LOWBIT_SPARSE24_AMX=1, every M.
@@ -845,7 +862,11 @@ at::Tensor sparse24_mm_cpu(const at::Tensor& x, const at::Tensor& values, const 
     meta_check.passed(meta);
     int column_of_word[cpu::kAmxK];
     for (int w = 0; w < cpu::kAmxK; ++w) column_of_word[w] = w;
-    float_amx(p, cpu::x_to_amx_b(x, (Kp + cpu::kAmxK - 1) / cpu::kAmxK, column_of_word));
+    const at::Tensor xb = cpu::x_to_amx_b(x, (Kp + cpu::kAmxK - 1) / cpu::kAmxK, column_of_word);
+    if (p.kind == ValueKind::kInt8)
+      float_amx<int8_t>(p, xb);
+    else
+      float_amx<uint16_t>(p, xb);
     return out;
   }
   if (panels_bf16) {
@@ -854,7 +875,12 @@ at::Tensor sparse24_mm_cpu(const at::Tensor& x, const at::Tensor& values, const 
     const int64_t Kd = (Kp + cpu::kAmxK - 1) / cpu::kAmxK * cpu::kAmxK;
     at::Tensor xd = at::zeros({M, Kd}, x.options());
     xd.narrow(1, 0, K).copy_(x);
-    auto decode = [&](int64_t n0, int64_t n1, void* panel) { expand_panel_bf16(p, n0, n1, static_cast<uint16_t*>(panel)); };
+    auto decode = [&](int64_t n0, int64_t n1, void* panel) {
+      if (p.kind == ValueKind::kInt8)
+        expand_panel_bf16<int8_t>(p, n0, n1, static_cast<uint16_t*>(panel));
+      else
+        expand_panel_bf16<uint16_t>(p, n0, n1, static_cast<uint16_t*>(panel));
+    };
     auto finish = [&](const at::Tensor& y, int64_t n0, int64_t /*n1*/) {
       cpu::for_each_panel_product(y, n0, [&](int64_t m, int64_t n, float val) { float_epilogue(p, m, n, val); });
     };
