@@ -3,8 +3,8 @@
 // Kernels that use AMX compile their bodies between LOWBIT_AMX_CODE_BEGIN and _END and dispatch
 // through use_amx_bf16(); amx_bf16_ready() is false on CPUs without AMX-BF16 (or without the
 // AVX-512 BW, BF16 and VBMI2 the decoders use), on Linux kernels older than 5.16 (no permission
-// call), and under LOWBIT_CPU_ISA=avx2 (has_avx512f is false then, and every AMX CPU has AVX-512F), so the
-// callers' other paths stay reachable in tests. Also here: the tile loop the families share.
+// call), and under LOWBIT_CPU_ISA=avx2 (has_avx512f is false then, and every AMX CPU has
+// AVX-512F), so the callers' other paths stay reachable in tests. Also here: the tile loop the families share.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -25,8 +25,8 @@
 #include "lowbit/cpu/isa.h"
 
 // Code that runs on AMX tiles is compiled between these two: the ISA lowbit's AMX kernels need
-// (AMX, and AVX-512 F/BW/VL/BF16/VBMI2 for their decoders), and GCC 12's own avx512fintrin.h warnings
-// (_mm512_undefined_* in its conversions and reductions) silenced there.
+// (AMX, and AVX-512 F/BW/VL/BF16/VBMI2 for their decoders), and GCC 12's own avx512fintrin.h
+// warnings (_mm512_undefined_* in its conversions and reductions) silenced there.
 #define LOWBIT_AMX_CODE_BEGIN                                                                 \
   _Pragma("GCC push_options")                                                                 \
   _Pragma("GCC target(\"avx512f,avx512bw,avx512vl,avx512bf16,avx512vbmi2,amx-tile,amx-bf16,avx2,fma,f16c,bmi,bmi2\")") \
@@ -138,12 +138,6 @@ inline at::Tensor x_to_amx_b(const at::Tensor& x, int64_t nblocks, const int (&c
 #if LOWBIT_HAVE_AVX2_KERNELS
 LOWBIT_AMX_CODE_BEGIN
 
-// Weight rows n0 .. n0 + rows (rows <= 16; the rest of the tile stays zero) against MT tiles of 16
-// rows of x from m0. decode(n0, rows, b0, b1, AmxStepBuffer&) writes blocks b0..b1 of those rows,
-// block b0 + j at [j][row]; step_end(b0) is where a step from block b0 must end (at most kAmxStep
-// blocks on, and at a boundary the family needs, as int4's groups). finish(t, c) takes the fp32
-// product of the rows with x tile t, c[r * 16 + m] for weight row n0 + r and row of x m0 + 16 t + m.
-// Tiles: 0..MT-1 accumulate, 4 holds W, 5-7 hold x^T.
 // Blocks b0..b1 of a decoded weight tile (block b0 at a0, blocks [16 rows][32] words apart)
 // times MT tiles of x^T from x0 (16-row tiles bstride words apart), into tiles 0..MT-1.
 template <int MT>
@@ -190,6 +184,12 @@ inline void amx_finish_accumulators(float* c, Finish& finish) {
   }
 }
 
+// Weight rows n0 .. n0 + rows (rows <= 16; the rest of the tile stays zero) against MT tiles of 16
+// rows of x from m0. decode(n0, rows, b0, b1, AmxStepBuffer&) writes blocks b0..b1 of those rows,
+// block b0 + j at [j][row]; step_end(b0) is where a step from block b0 must end (at most kAmxStep
+// blocks on, and at a boundary the family needs, as int4's groups). finish(t, c) takes the fp32
+// product of the rows with x tile t, c[r * 16 + m] for weight row n0 + r and row of x m0 + 16 t + m.
+// Tiles: 0..MT-1 accumulate, 4 holds W, 5-7 hold x^T.
 template <int MT, typename Decode, typename StepEnd, typename Finish>
 void amx_weight_tile(int64_t nblocks, const uint16_t* xb, int64_t m0, int64_t n0, int rows, AmxStepBuffer (&a)[2],
                      float* c, Decode& decode, StepEnd& step_end, Finish& finish) {
