@@ -708,7 +708,8 @@ void int8_dense_panels(const Int8Problem& p, const at::Tensor& a) {
 LOWBIT_AMX_CODE_BEGIN
 
 // For each metadata byte (groups 2j and 2j + 1 of a 32-column block): the 8-bit mask of the
-// columns it keeps. Invalid nibbles never reach it (the metadata is validated first).
+// columns it keeps (kept_column_masks()). Invalid nibbles never reach it (the metadata is
+// validated first).
 struct KeptColumnMasks {
   uint8_t bits[256];
   KeptColumnMasks() {
@@ -721,6 +722,14 @@ struct KeptColumnMasks {
     }
   }
 };
+
+const KeptColumnMasks& kept_column_masks() {
+  static const KeptColumnMasks masks;
+  return masks;
+}
+
+// 32-column blocks of an AMX row (Kp is a multiple of 16 only: the last may be half a block).
+inline int64_t amx_blocks(int64_t Kp) { return (Kp + cpu::kAmxK - 1) / cpu::kAmxK; }
 
 // A block's kept values (16, or 8 for a half block: the rest zero) as bf16 words: bf16 values
 // as they are; int8 values widened, exactly (|v| <= 128 has 8 significant bits).
@@ -736,8 +745,9 @@ inline __m256i kept_values_bf16(const int8_t* v, bool half) {
 // Kp is a multiple of 16: the last block may hold 16 columns only (8 values, 2 metadata bytes),
 // and then its columns 16-31 are zero. V: the values' type (bf16 as uint16_t, or int8).
 template <typename V>
-inline void expand_row_blocks(const FloatProblem& p, const KeptColumnMasks& masks, int64_t n, int64_t b0, int64_t b1,
-                              uint16_t* dst, int64_t dst_step, bool prefetch_next_tile) {
+inline void expand_row_blocks(const FloatProblem& p, int64_t n, int64_t b0, int64_t b1, uint16_t* dst,
+                              int64_t dst_step, bool prefetch_next_tile) {
+  const KeptColumnMasks& masks = kept_column_masks();
   const int64_t row_values = p.Kp / 2, row_meta = p.Kp / 8, full_blocks = p.Kp / cpu::kAmxK;
   const V* v = static_cast<const V*>(p.values) + n * row_values;
   const uint8_t* m = p.meta + n * row_meta;
@@ -767,12 +777,11 @@ inline void expand_row_blocks(const FloatProblem& p, const KeptColumnMasks& mask
 
 template <typename V>
 void float_amx(const FloatProblem& p, const at::Tensor& xb) {
-  static const KeptColumnMasks masks;
-  const int64_t nblocks = (p.Kp + cpu::kAmxK - 1) / cpu::kAmxK;
+  const int64_t nblocks = amx_blocks(p.Kp);
   auto step_end = [&](int64_t b0) { return std::min(nblocks, b0 + cpu::kAmxStep); };
   auto decode = [&](int64_t n0, int rows, int64_t b0, int64_t b1, cpu::AmxStepBuffer& a) {
     for (int r = 0; r < rows; ++r)
-      expand_row_blocks<V>(p, masks, n0 + r, b0, b1, a[0][r], cpu::kAmxRows * cpu::kAmxK, /*prefetch_next_tile=*/true);
+      expand_row_blocks<V>(p, n0 + r, b0, b1, a[0][r], cpu::kAmxRows * cpu::kAmxK, /*prefetch_next_tile=*/true);
   };
   auto finish = [&](int64_t m0, int64_t n0, int rows, int64_t mrows, const float* c) {
     for (int r = 0; r < rows; ++r)
@@ -781,15 +790,15 @@ void float_amx(const FloatProblem& p, const at::Tensor& xb) {
   cpu::amx_weight_gemm(p.M, p.N, nblocks, xb, decode, step_end, finish);
 }
 
-// From kDecodedMinM rows (bf16 x, bf16 or int8 values, AMX-BF16): rows n0..n1 expanded into dense bf16
-// panel rows of Kd = 32 * nblocks columns, for torch's bf16 GEMM (cpu::gemm_over_decoded_panels).
+// From kDecodedMinM rows (bf16 x, bf16 or int8 values, AMX-BF16): rows n0..n1 expanded into
+// dense bf16 panel rows of 32 * amx_blocks(Kp) columns, for torch's bf16 GEMM
+// (cpu::gemm_over_decoded_panels).
 template <typename V>
 void expand_panel_bf16(const FloatProblem& p, int64_t n0, int64_t n1, uint16_t* panel) {
-  static const KeptColumnMasks masks;
-  const int64_t nblocks = (p.Kp + cpu::kAmxK - 1) / cpu::kAmxK;
+  const int64_t nblocks = amx_blocks(p.Kp);
   at::parallel_for(n0, n1, 16, [&](int64_t r0, int64_t r1) {
     for (int64_t n = r0; n < r1; ++n)
-      expand_row_blocks<V>(p, masks, n, 0, nblocks, panel + (n - n0) * nblocks * cpu::kAmxK, cpu::kAmxK, false);
+      expand_row_blocks<V>(p, n, 0, nblocks, panel + (n - n0) * nblocks * cpu::kAmxK, cpu::kAmxK, false);
   });
 }
 
@@ -857,12 +866,15 @@ at::Tensor sparse24_mm_cpu(const at::Tensor& x, const at::Tensor& values, const 
     return out;
   }
 #if LOWBIT_HAVE_AVX2_KERNELS
-  if (amx) {
+  // These routes read the whole metadata up front (the gather kernels check it block by block).
+  if (amx || panels_bf16 || dense) {
     if (!meta_check.known_valid && !meta_valid_avx2(p.meta, meta_c.numel())) fail_bad_meta(op, meta_c);
     meta_check.passed(meta);
+  }
+  if (amx) {
     int column_of_word[cpu::kAmxK];
     for (int w = 0; w < cpu::kAmxK; ++w) column_of_word[w] = w;
-    const at::Tensor xb = cpu::x_to_amx_b(x, (Kp + cpu::kAmxK - 1) / cpu::kAmxK, column_of_word);
+    const at::Tensor xb = cpu::x_to_amx_b(x, amx_blocks(Kp), column_of_word);
     if (p.kind == ValueKind::kInt8)
       float_amx<int8_t>(p, xb);
     else
@@ -870,9 +882,7 @@ at::Tensor sparse24_mm_cpu(const at::Tensor& x, const at::Tensor& values, const 
     return out;
   }
   if (panels_bf16) {
-    if (!meta_check.known_valid && !meta_valid_avx2(p.meta, meta_c.numel())) fail_bad_meta(op, meta_c);
-    meta_check.passed(meta);
-    const int64_t Kd = (Kp + cpu::kAmxK - 1) / cpu::kAmxK * cpu::kAmxK;
+    const int64_t Kd = amx_blocks(Kp) * cpu::kAmxK;
     at::Tensor xd = at::zeros({M, Kd}, x.options());
     xd.narrow(1, 0, K).copy_(x);
     auto decode = [&](int64_t n0, int64_t n1, void* panel) {
@@ -889,8 +899,6 @@ at::Tensor sparse24_mm_cpu(const at::Tensor& x, const at::Tensor& values, const 
     return out;
   }
   if (dense) {
-    if (!meta_check.known_valid && !meta_valid_avx2(p.meta, meta_c.numel())) fail_bad_meta(op, meta_c);
-    meta_check.passed(meta);
     float_dense_panels(p, x32);
     return out;
   }
