@@ -669,6 +669,11 @@ def test_opcheck():
         s["bias"] = torch.randn(N)
         torch.library.opcheck(torch.ops.lowbit.sparse24_mm.default,
                               (s["x"], s["values"], s["meta"], s["scale"], s["bias"]))
+    # bf16 x: the AMX kernel (M = 7) and the bf16 panels (M = 230) on AMX CPUs
+    for M, vd in [(7, torch.bfloat16), (7, torch.int8), (230, torch.bfloat16)]:
+        s = _good(M, 9, 100, vd)
+        torch.library.opcheck(torch.ops.lowbit.sparse24_mm.default,
+                              (s["x"].bfloat16(), s["values"], s["meta"], s["scale"], torch.randn(9)))
     W = make_weight(6, 50, torch.int8)
     a = torch.randint(-128, 128, (3, 50), dtype=torch.int8)
     torch.library.opcheck(torch.ops.lowbit.sparse24_int8_scaled_mm.default,
